@@ -1,0 +1,42 @@
+# make paper   regenerate tables/ and figures/ (PROFILE=toy by default; voc and coco need a GPU)
+# make test    the test suite and the notebook tests
+# make lab     JupyterLab on notebooks/
+# The first target run creates .venv and installs the pinned requirements (about 2 minutes).
+
+PROFILE ?= toy
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.cpfcte-installed
+TEST_RUNS := runs/_test
+
+# notebooks run in the venv's python3 kernel, whatever kernels the user has elsewhere
+export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv paper test lab report clean-runs
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+paper: $(STAMP)
+	$(PY) -m cpfcte paper --profile $(PROFILE)
+
+report: $(STAMP)
+	$(PY) -m cpfcte report --profile $(PROFILE)
+
+test: $(STAMP)
+	rm -rf $(TEST_RUNS)
+	CPFCTE_RUNS=$(abspath $(TEST_RUNS)) $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,3 @@
+from cpfcte.cli import main
+
+main()

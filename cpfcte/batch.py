@@ -1,0 +1,212 @@
+"""The batch runner behind `make paper`: papermill executes each run of the batch file.
+
+The batch file (``notebooks/batches.yaml``) declares runs (a notebook, its parameters, the runs
+it needs) and groups (which runs feed which table or figure). For each run, in file order:
+
+* its *stamp* hashes the notebook, the parameters, the profile file, the library's code and the
+  stamps of the runs it needs;
+* a run whose ``run.json`` says ``done`` with the same stamp is skipped;
+* a run folder with another stamp is stale and is cleared; one with the same stamp that did not
+  finish (killed, failed) is executed again and resumes (training from its checkpoint, pseudo
+  labels from the PNGs already written);
+* a failing run is recorded (``run.json``: status ``failed`` and the error) and the batch goes
+  on; runs that need it are marked ``blocked``. The summary at the end lists them.
+
+Results pass between runs as files in the run folders, never as notebook outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpfcte.config import PROFILE_DIR
+from cpfcte.errors import CpfcteError
+from cpfcte.io import read_json, write_json
+from cpfcte.paths import project_root, runs_dir
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Run:
+    name: str
+    notebook: str
+    params: dict[str, Any] = field(default_factory=dict)
+    needs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    runs: dict[str, Run]
+    groups: dict[str, dict[str, Any]]
+    path: Path
+
+
+def batch_file() -> Path:
+    return project_root() / "notebooks" / "batches.yaml"
+
+
+def load_batch(path: str | Path | None = None) -> Batch:
+    path = Path(path) if path else batch_file()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CpfcteError(f"{path}: batch file not found") from None
+    except yaml.YAMLError as e:
+        raise CpfcteError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict) or "runs" not in raw:
+        raise CpfcteError(f"{path}: a batch file needs a 'runs' mapping")
+    runs: dict[str, Run] = {}
+    for name, spec in raw["runs"].items():
+        spec = spec or {}
+        unknown = set(spec) - {"notebook", "params", "needs"}
+        if unknown or "notebook" not in spec:
+            raise CpfcteError(f"{path}: run {name!r} needs 'notebook' and may have 'params' and "
+                              f"'needs' (unknown: {sorted(unknown)})")
+        for need in spec.get("needs", []):
+            if need not in runs:
+                raise CpfcteError(f"{path}: run {name!r} needs {need!r}, which is not declared "
+                                  "above it")
+        runs[name] = Run(name, spec["notebook"], dict(spec.get("params") or {}),
+                         list(spec.get("needs") or []))
+    groups = raw.get("groups") or {}
+    for gname, group in groups.items():
+        for r in group.get("runs", []):
+            if r not in runs:
+                raise CpfcteError(f"{path}: group {gname!r} names unknown run {r!r}")
+    return Batch(runs, groups, path)
+
+
+def code_version() -> str:
+    """Hash of the library's sources and profiles: a change of code re-runs what it touches."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for p in sorted(list(pkg.rglob("*.py")) + list(PROFILE_DIR.glob("*.yaml"))):
+        h.update(str(p.relative_to(pkg)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stamp(run: Run, profile: str, notebook_dir: Path, code: str, need_stamps: list[str]) -> str:
+    h = hashlib.sha256()
+    nb = notebook_dir / run.notebook
+    if not nb.is_file():
+        raise CpfcteError(f"{nb}: notebook named by run {run.name!r} not found")
+    profile_file = PROFILE_DIR / f"{profile}.yaml"
+    for part in (nb.read_bytes(), json.dumps(run.params, sort_keys=True).encode(),
+                 profile_file.read_bytes() if profile_file.exists() else profile.encode(),
+                 code.encode(), *[s.encode() for s in need_stamps]):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def run_status(run_dir: Path) -> dict:
+    path = run_dir / RUN_FILE
+    if not path.exists():
+        return {}
+    try:
+        return read_json(path)
+    except CpfcteError:
+        return {}
+
+
+def select(batch: Batch, only: list[str] | None) -> list[str]:
+    """Run names to execute: all, or those feeding the named groups/runs plus what they need."""
+    if not only:
+        return list(batch.runs)
+    wanted: set[str] = set()
+    for item in only:
+        if item in batch.groups:
+            wanted.update(batch.groups[item].get("runs", []))
+        elif item in batch.runs:
+            wanted.add(item)
+        else:
+            raise CpfcteError(f"--only {item!r}: no such group or run in {batch.path} (groups: "
+                              f"{', '.join(batch.groups)})")
+    stack = list(wanted)
+    while stack:
+        for need in batch.runs[stack.pop()].needs:
+            if need not in wanted:
+                wanted.add(need)
+                stack.append(need)
+    return [name for name in batch.runs if name in wanted]
+
+
+def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: bool = False,
+              batch_path: str | Path | None = None, log=print) -> dict[str, dict]:
+    """Execute the batch for ``profile``; returns {run: status record}."""
+    batch = load_batch(batch_path)
+    notebook_dir = batch.path.parent
+    code = code_version()
+    root = runs_dir() / profile
+    stamps: dict[str, str] = {}
+    results: dict[str, dict] = {}
+    for name in select(batch, only):
+        run = batch.runs[name]
+        stamps[name] = _stamp(run, profile, notebook_dir, code, [stamps[n] for n in run.needs
+                                                                  if n in stamps])
+        run_dir = root / name
+        status = run_status(run_dir)
+        if status.get("stamp") == stamps[name] and status.get("status") == "done":
+            results[name] = {**status, "action": "skipped (unchanged)"}
+            log(f"[skip] {name}: unchanged")
+            continue
+        blocked = [n for n in run.needs if results.get(n, {}).get("status") != "done"]
+        if blocked:
+            results[name] = {"status": "blocked", "needs": blocked}
+            log(f"[blocked] {name}: needs {', '.join(blocked)}")
+            continue
+        if dry_run:
+            results[name] = {"status": "pending", "notebook": run.notebook}
+            log(f"[would run] {name}: {run.notebook} {run.params}")
+            continue
+        if status and status.get("stamp") != stamps[name]:
+            shutil.rmtree(run_dir, ignore_errors=True)  # stale: made by other code or params
+        results[name] = execute_run(run, profile, run_dir, notebook_dir, stamps[name], log)
+    return results
+
+
+def execute_run(run: Run, profile: str, run_dir: Path, notebook_dir: Path, stamp: str,
+                log=print) -> dict:
+    import papermill as pm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = {"profile": profile, "run_name": run.name, **run.params}
+    record = {"run": run.name, "notebook": run.notebook, "params": params, "stamp": stamp,
+              "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(run_dir / RUN_FILE, record)
+    out_nb = run_dir / run.notebook
+    log(f"[run] {run.name}: {run.notebook} {run.params}")
+    t0 = time.time()
+    try:
+        pm.execute_notebook(str(notebook_dir / run.notebook), str(out_nb), parameters=params,
+                            kernel_name="python3", cwd=str(notebook_dir), progress_bar=False)
+        record.update(status="done")
+    except Exception as e:  # a failed cell, a dead kernel, ...
+        record.update(status="failed", error=_short_error(e), executed_notebook=str(out_nb))
+        log(f"[failed] {run.name}: {record['error']} (see {out_nb})")
+    except KeyboardInterrupt:
+        record.update(status="interrupted")
+        write_json(run_dir / RUN_FILE, {**record, "seconds": round(time.time() - t0, 1)})
+        raise
+    record["seconds"] = round(time.time() - t0, 1)
+    write_json(run_dir / RUN_FILE, record)
+    if record["status"] == "done":
+        log(f"[done] {run.name} in {record['seconds']} s")
+    return record
+
+
+def _short_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    lines = [ln for ln in text if ln.strip()]
+    tail = lines[-1] if lines else traceback.format_exception_only(type(e), e)[-1].strip()
+    return f"{type(e).__name__}: {tail}"[:500]

@@ -1,0 +1,171 @@
+"""The ``cpfcte`` command line. Every stage the notebooks drive is also a command here.
+
+    cpfcte data prepare toy [--root DIR] [--seed N] [--force]
+    cpfcte data verify [--profile toy]
+    cpfcte train --profile toy --run NAME [--set key=value ...] [--max-epochs N]
+    cpfcte pseudo --profile toy --train-run NAME --run NAME [--infer-size N | --infer-scale X]
+    cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
+    cpfcte paper --profile toy [--only GROUP ...] [--dry-run]
+    cpfcte report --profile toy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cpfcte.errors import CpfcteError
+
+
+def _data(args: argparse.Namespace) -> None:
+    from cpfcte.config import load_config
+    from cpfcte.data import classes_for, dataset_root, dataset_stats
+    from cpfcte.paths import data_dir
+
+    if args.action == "prepare":
+        if args.dataset != "toy":
+            raise CpfcteError(f"`cpfcte data prepare {args.dataset}` is not available yet: the "
+                              "real-data preparation (VOC + SBD, COCO) comes with the real-data "
+                              "work; see the README's Real data section")
+        from cpfcte.data.toy import ToySpec, generate
+
+        root = Path(args.root) if args.root else data_dir() / "toy"
+        generate(root, ToySpec(seed=args.seed), force=args.force)
+        print(f"toy dataset ready at {root}")
+        return
+    cfg = load_config(args.profile)
+    root = dataset_root(cfg)
+    print(json.dumps(dataset_stats(root, classes_for(cfg.dataset),
+                                   (cfg.train_split, cfg.pseudo_split, cfg.val_split)), indent=2))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from cpfcte.config import load_config, parse_set_args
+    from cpfcte.paths import run_path
+    from cpfcte.train import train
+
+    cfg = load_config(args.profile, parse_set_args(args.set))
+    run_dir = run_path(cfg.profile, args.run)
+    summary = train(cfg, run_dir, max_epochs=args.max_epochs)
+    last = summary["history"][-1] if summary["history"] else {}
+    print(json.dumps({"run_dir": str(run_dir), "epochs_done": summary["epochs_done"],
+                      "complete": summary["complete"], "last": last}, indent=2))
+
+
+def _pseudo(args: argparse.Namespace) -> None:
+    from cpfcte.paths import run_path
+    from cpfcte.pseudo import pseudo_stage
+
+    m = pseudo_stage(run_path(args.profile, args.train_run), run_path(args.profile, args.run),
+                     infer_size=args.infer_size, infer_scale=args.infer_scale, split=args.split,
+                     device=args.device)
+    print(json.dumps({k: m[k] for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
+                     indent=2))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from cpfcte.metrics import evaluate_dirs
+
+    ids = None
+    if args.list:
+        path = Path(args.list)
+        if not path.is_file():
+            raise CpfcteError(f"{path}: list file not found")
+        ids = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+        if not ids:
+            raise CpfcteError(f"{path}: list file is empty")
+    result = evaluate_dirs(args.pred, args.gt, args.num_classes, ids=ids,
+                           ignore_index=args.ignore_index)
+    print(json.dumps(result, indent=2))
+
+
+def _paper(args: argparse.Namespace) -> None:
+    from cpfcte.batch import run_batch
+    from cpfcte.report import write_all
+
+    results = run_batch(args.profile, only=args.only, dry_run=args.dry_run)
+    if args.dry_run:
+        return
+    outputs = write_all(args.profile)
+    failed = {k: v for k, v in results.items() if v.get("status") != "done"}
+    print("\nwritten: " + ", ".join(str(p) for d in outputs.values() for p in d.values()))
+    if failed:
+        print("\nnot done: " + "; ".join(f"{k} ({v.get('status')}: {v.get('error', v.get('needs', ''))})"
+                                         for k, v in failed.items()))
+        sys.exit(1)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from cpfcte.report import write_all
+
+    for name, paths in write_all(args.profile).items():
+        print(name, " ".join(str(p) for p in paths.values()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpfcte", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare or verify a dataset")
+    dsub = data.add_subparsers(dest="action", required=True)
+    prep = dsub.add_parser("prepare", help="generate/prepare a dataset")
+    prep.add_argument("dataset", choices=["toy", "voc", "coco"])
+    prep.add_argument("--root", help="output folder (default: data/toy)")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--force", action="store_true", help="regenerate even if present")
+    prep.set_defaults(func=_data)
+    ver = dsub.add_parser("verify", help="print the counts of a profile's dataset")
+    ver.add_argument("--profile", default="toy")
+    ver.set_defaults(func=_data)
+
+    tr = sub.add_parser("train", help="stage 1: train CPF-CTE (resumes a run folder)")
+    tr.add_argument("--profile", default="toy")
+    tr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
+    tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override profile fields")
+    tr.add_argument("--max-epochs", type=int, help="stop after this many epochs (resumable)")
+    tr.set_defaults(func=_train)
+
+    ps = sub.add_parser("pseudo", help="stage 2: baseline pseudo masks (BPM) and their mIoU")
+    ps.add_argument("--profile", default="toy")
+    ps.add_argument("--train-run", required=True)
+    ps.add_argument("--run", required=True, help="output run name or folder")
+    ps.add_argument("--infer-size", type=int)
+    ps.add_argument("--infer-scale", type=float)
+    ps.add_argument("--split")
+    ps.add_argument("--device", default="auto")
+    ps.set_defaults(func=_pseudo)
+
+    ev = sub.add_parser("eval", help="mIoU of a prediction folder against ground truth")
+    ev.add_argument("--pred", required=True)
+    ev.add_argument("--gt", required=True)
+    ev.add_argument("--num-classes", type=int, required=True)
+    ev.add_argument("--ignore-index", type=int, default=255)
+    ev.add_argument("--list", help="file of image ids to score (default: every predicted PNG)")
+    ev.set_defaults(func=_eval)
+
+    pa = sub.add_parser("paper", help="run the batch of notebooks, then write tables/figures")
+    pa.add_argument("--profile", default="toy")
+    pa.add_argument("--only", nargs="*", help="groups (table1, fig5) or runs to run")
+    pa.add_argument("--dry-run", action="store_true", help="list what would run")
+    pa.set_defaults(func=_paper)
+
+    rp = sub.add_parser("report", help="write tables/ and figures/ from the run folders")
+    rp.add_argument("--profile", default="toy")
+    rp.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CpfcteError as e:
+        print(f"cpfcte: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

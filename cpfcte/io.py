@@ -1,0 +1,145 @@
+"""Atomic file writes and the label-PNG format.
+
+Every output is written to a temporary file in the destination folder and then renamed over the
+target (``os.replace`` is atomic on POSIX), so a killed run never leaves half a PNG, checkpoint or
+metrics file behind: a reader sees the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from cpfcte.errors import CpfcteError
+
+IGNORE_INDEX = 255
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it to ``target``, on any
+    exception remove it and leave ``target`` untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CpfcteError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise CpfcteError(f"{path}: not valid JSON ({e}); delete it and rerun the stage that "
+                          "writes it") from None
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB entries, flattened): index 1 = (128, 0, 0),
+    index 15 = (192, 128, 128), 255 = (224, 224, 192)."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def save_label_png(path: str | Path, labels: np.ndarray, *, palette: bool = True) -> None:
+    """Write an H×W label map atomically: a mode ``P`` PNG with the VOC palette (as VOC's
+    SegmentationClass), or a mode ``L`` grayscale PNG (as SegmentationClassAug)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise CpfcteError(f"{path}: a label map must be H×W, got shape {labels.shape}")
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise CpfcteError(f"{path}: label values must lie in 0..255")
+    img = Image.fromarray(labels.astype(np.uint8), mode="L")
+    if palette:
+        img = img.convert("P")
+        img.putpalette(voc_palette())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a label PNG as class indices: palette (``P``) PNGs by index, never by colour;
+    grayscale (``L``) PNGs by value. Anything else (RGB colour masks) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CpfcteError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise CpfcteError(
+                    f"{path}: label PNG has mode {im.mode!r}; expected a palette ('P') PNG as in "
+                    "VOC SegmentationClass or a grayscale ('L') PNG of class indices")
+            return np.array(im, dtype=np.uint8)
+    except CpfcteError:
+        raise
+    except Exception as e:  # PIL raises many types for truncated/corrupt files
+        raise CpfcteError(f"{path}: cannot read label PNG ({e}); the file is corrupt or "
+                          "truncated: regenerate or re-download it") from None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, with a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CpfcteError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as e:
+        raise CpfcteError(f"{path}: cannot decode image ({e}); the file is corrupt or "
+                          "truncated: regenerate or re-download it") from None

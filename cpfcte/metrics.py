@@ -1,0 +1,107 @@
+"""mIoU from one confusion matrix over a whole split (DESIGN note 10).
+
+Pixels whose ground truth is ``ignore_index`` (255) are skipped. A prediction of
+``ignore_index`` ("no label") on a valid pixel counts as a miss for the true class. IoU_c =
+TP / (TP + FP + FN); mIoU is the mean over the classes present in the ground truth, and classes
+absent from it have IoU ``None``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cpfcte.errors import CpfcteError
+from cpfcte.io import IGNORE_INDEX, read_label_png
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        if num_classes < 1 or num_classes > 255:
+            raise CpfcteError(f"num_classes must be in 1..255, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # [gt, pred]
+        self.unlabelled = np.zeros(num_classes, dtype=np.int64)  # gt c predicted as ignore
+
+    def update(self, pred: np.ndarray, gt: np.ndarray, name: str = "prediction") -> None:
+        pred = np.asarray(pred)
+        gt = np.asarray(gt)
+        if pred.shape != gt.shape:
+            raise CpfcteError(f"{name}: prediction size {pred.shape} differs from the ground "
+                              f"truth's {gt.shape}")
+        n = self.num_classes
+        valid = gt != self.ignore_index
+        g = gt[valid].astype(np.int64)
+        p = pred[valid].astype(np.int64)
+        if g.size and g.max() >= n:
+            raise CpfcteError(f"{name}: ground truth holds label {int(g.max())} ≥ num_classes "
+                              f"{n}; wrong --num-classes or a corrupt mask")
+        unl = p == self.ignore_index
+        bad = (p >= n) & ~unl
+        if bad.any():
+            raise CpfcteError(f"{name}: prediction holds label {int(p[bad].max())} ≥ num_classes "
+                              f"{n}")
+        self.unlabelled += np.bincount(g[unl], minlength=n)
+        self.matrix += np.bincount(g[~unl] * n + p[~unl], minlength=n * n).reshape(n, n)
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        self.matrix += other.matrix
+        self.unlabelled += other.unlabelled
+
+    def iou(self) -> list[float | None]:
+        tp = np.diag(self.matrix).astype(np.float64)
+        gt_count = self.matrix.sum(axis=1) + self.unlabelled
+        pred_count = self.matrix.sum(axis=0)
+        union = gt_count + pred_count - tp
+        return [float(tp[c] / union[c]) if gt_count[c] > 0 else None
+                for c in range(self.num_classes)]
+
+    def miou(self) -> float:
+        present = [v for v in self.iou() if v is not None]
+        if not present:
+            raise CpfcteError("mIoU of an empty evaluation (no valid ground-truth pixel)")
+        return float(np.mean(present))
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum() + self.unlabelled.sum()
+        return float(np.trace(self.matrix) / total) if total else float("nan")
+
+    def summary(self, classes: tuple[str, ...] | None = None) -> dict:
+        out = {"miou": self.miou(), "iou": self.iou(), "pixel_accuracy": self.pixel_accuracy(),
+               "num_classes": self.num_classes, "ignore_index": self.ignore_index,
+               "pixels": int(self.matrix.sum() + self.unlabelled.sum())}
+        if classes is not None:
+            out["classes"] = list(classes)
+        return out
+
+
+def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
+                  ids: list[str] | None = None, ignore_index: int = IGNORE_INDEX,
+                  classes: tuple[str, ...] | None = None) -> dict:
+    """Score the PNGs of ``pred_dir`` against same-named PNGs of ``gt_dir`` (palette or
+    grayscale). With ``ids``, exactly those images are scored and each must exist in both."""
+    from cpfcte.guard import refuse_self_evaluation
+
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
+        if not d.is_dir():
+            raise CpfcteError(f"{d}: {what} folder not found")
+    refuse_self_evaluation(pred_dir, gt_dir)
+    if ids is None:
+        ids = sorted(p.stem for p in pred_dir.glob("*.png"))
+        if not ids:
+            raise CpfcteError(f"{pred_dir}: no PNG predictions to evaluate")
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for image_id in ids:
+        pred_path = pred_dir / f"{image_id}.png"
+        gt_path = gt_dir / f"{image_id}.png"
+        if not pred_path.is_file():
+            raise CpfcteError(f"{pred_path}: prediction missing for image {image_id}")
+        if not gt_path.is_file():
+            raise CpfcteError(f"{gt_path}: ground truth missing for image {image_id}")
+        cm.update(read_label_png(pred_path), read_label_png(gt_path), name=str(pred_path))
+    result = cm.summary(classes)
+    result["images"] = len(ids)
+    return result

@@ -1,0 +1,49 @@
+"""Where things live: the project root, the data folder and the runs folder.
+
+Notebooks run with their own folder as working directory (JupyterLab, nbval, papermill), so
+every default path is resolved from the project root, found by walking up to ``pyproject.toml``.
+``CPFCTE_DATA`` and ``CPFCTE_RUNS`` override the two data-carrying folders (tests use them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding the project's ``pyproject.toml`` (searched from ``start`` or the cwd
+    upwards, then from this file); falls back to the current directory."""
+    candidates = [Path(start or Path.cwd()).resolve(), Path(__file__).resolve().parent]
+    for here in candidates:
+        for folder in (here, *here.parents):
+            if (folder / "pyproject.toml").is_file() and (folder / "cpfcte").is_dir():
+                return folder
+    return Path.cwd().resolve()
+
+
+def data_dir() -> Path:
+    """Root of the datasets (``data/`` in the project unless ``CPFCTE_DATA`` is set)."""
+    env = os.environ.get("CPFCTE_DATA")
+    return Path(env).resolve() if env else project_root() / "data"
+
+
+def runs_dir() -> Path:
+    """Root of the run folders (``runs/`` in the project unless ``CPFCTE_RUNS`` is set)."""
+    env = os.environ.get("CPFCTE_RUNS")
+    return Path(env).resolve() if env else project_root() / "runs"
+
+
+def resolve(path: str | Path, base: Path) -> Path:
+    """``path`` as given if absolute, else relative to ``base``."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def run_path(profile: str, run_name: str) -> Path:
+    """``runs/<profile>/<run_name>``; a run name with a slash or an absolute path is taken as
+    a folder."""
+    p = Path(run_name)
+    if p.is_absolute() or len(p.parts) > 1:
+        return p
+    return runs_dir() / profile / run_name

@@ -1,0 +1,157 @@
+"""Stage 2 without CRF: the baseline pseudo mask (BPM) of Sec. 3.4 (Eq. 10; DESIGN note 7).
+
+For each image: resize to infer_size × infer_size (the ViT's position embeddings are
+interpolated by timm), Z = softmax over classes per patch, zero the classes absent from the
+image label (background is always kept), bilinear upsample to the original size, argmax. The
+masks are written as palette PNGs, atomically, and images already done are skipped, so a killed
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cpfcte.data.voc import VOCDataset
+from cpfcte.guard import refuse_ground_truth
+from cpfcte.io import save_label_png
+from cpfcte.model import CPFCTE, upsample_probs
+
+BASELINES = ("background", "uniform")
+
+
+def mask_absent_classes(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Zero the probability maps (B, C, h, w) of classes absent from the image labels (B, C)."""
+    return probs * labels[:, :, None, None].to(probs.dtype)
+
+
+def bpm_from_probs(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One image: patch-grid probabilities (C, h, w) → H×W label map (uint8)."""
+    masked = mask_absent_classes(probs[None], labels[None])
+    up = torch.nn.functional.interpolate(masked, size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def patch_probs(model: CPFCTE, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32."""
+    out = model(images)
+    z, (h, w) = out["z"], out["grid"]
+    return z.float().transpose(1, 2).reshape(z.shape[0], z.shape[2], h, w)
+
+
+def baseline_mask(kind: str, labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Reference masks scored beside the model (they need no model):
+
+    * ``background``: every pixel background.
+    * ``uniform``: Z uniform over the image's labels, then argmax with ties broken towards
+      foreground, i.e. every pixel gets the image's first foreground class.
+    """
+    if kind == "background":
+        return np.zeros(size, dtype=np.uint8)
+    if kind == "uniform":
+        fg = np.flatnonzero(labels[1:] > 0)
+        return np.full(size, fg[0] + 1 if fg.size else 0, dtype=np.uint8)
+    raise ValueError(kind)
+
+
+def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, infer_size: int,
+                       batch_size: int = 8, progress: bool = True) -> dict:
+    """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png``; skip those present."""
+    from tqdm.auto import tqdm
+
+    out_dir = refuse_ground_truth(Path(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    todo = [i for i in range(len(voc)) if not (out_dir / f"{voc.ids[i]}.png").exists()]
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"pseudo labels @{infer_size}", disable=not progress,
+               leave=False)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        imgs = [voc.image(i) for i in chunk]
+        x = torch.stack([torch.from_numpy(np.asarray(
+            im.resize((infer_size, infer_size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1).copy())
+            for im in imgs]).to(device)
+        probs = patch_probs(model, x)
+        for j, i in enumerate(chunk):
+            labels = torch.from_numpy(voc.labels(i)).to(device)
+            w, h = imgs[j].size
+            save_label_png(out_dir / f"{voc.ids[i]}.png", bpm_from_probs(probs[j], labels, (h, w)))
+        bar.update(len(chunk))
+    bar.close()
+    return {"written": len(todo), "skipped": len(voc) - len(todo),
+            "seconds": round(time.time() - t0, 3)}
+
+
+def write_baselines(voc: VOCDataset, out_root: str | Path) -> dict[str, Path]:
+    """Write the reference masks of every image (see ``baseline_mask``) under out_root/<kind>."""
+    out = {}
+    for kind in BASELINES:
+        folder = refuse_ground_truth(Path(out_root) / kind)
+        for i, image_id in enumerate(voc.ids):
+            path = folder / f"{image_id}.png"
+            if not path.exists():
+                w, h = voc.image(i).size
+                save_label_png(path, baseline_mask(kind, voc.labels(i), (h, w)))
+        out[kind] = folder
+    return out
+
+
+def infer_size_for(cfg, patch: int, infer_scale: float | None = None,
+                   infer_size: int | None = None) -> int:
+    """The inference size: explicit, or ``infer_scale`` × the training size rounded to whole
+    patches (Fig. 5 sweeps patches per side: 24..72 for ViT-B/16 at 384), else the profile's."""
+    if infer_size:
+        size = int(infer_size)
+    elif infer_scale:
+        size = max(1, round(cfg.img_size * float(infer_scale) / patch)) * patch
+    else:
+        size = cfg.infer_size
+    if size % patch:
+        from cpfcte.errors import CpfcteError
+
+        raise CpfcteError(f"infer_size={size} is not a multiple of the patch size {patch}")
+    return size
+
+
+def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int | None = None,
+                 infer_scale: float | None = None, split: str | None = None,
+                 baselines: bool = True, device: str = "auto", progress: bool = True) -> dict:
+    """Make the BPMs of a trained run, score them, write ``metrics.json`` in ``run_dir``."""
+    from cpfcte.data import classes_for, dataset_root
+    from cpfcte.data.voc import gt_dir
+    from cpfcte.io import write_json
+    from cpfcte.metrics import evaluate_dirs
+    from cpfcte.train import load_trained
+
+    run_dir = Path(run_dir)
+    model, cfg = load_trained(train_run, device=device)
+    patch = model.patch_size[0]
+    size = infer_size_for(cfg, patch, infer_scale, infer_size)
+    split = split or cfg.pseudo_split
+    classes = classes_for(cfg.dataset)
+    root = dataset_root(cfg)
+    voc = VOCDataset(root, split, classes)
+    bpm_dir = run_dir / f"bpm_{split}_{size}"
+    timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size,
+                                batch_size=cfg.infer_batch, progress=progress)
+    gt = gt_dir(root, split)
+    scores = evaluate_dirs(bpm_dir, gt, len(classes), ids=voc.ids, classes=classes)
+    metrics = {
+        "stage": "pseudo_labels", "level": "pseudo-label (BPM, no CRF)", "profile": cfg.profile,
+        "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
+        "config_digest": cfg.digest(), "infer_size": size,
+        "patches_per_side": size // patch,
+        "bpm_dir": str(bpm_dir), **scores, "timing": timing,
+    }
+    if baselines:
+        metrics["baselines"] = {
+            kind: evaluate_dirs(folder, gt, len(classes), ids=voc.ids)["miou"]
+            for kind, folder in write_baselines(voc, run_dir / "baselines").items()}
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

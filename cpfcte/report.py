@@ -1,0 +1,217 @@
+"""Tables and figures from the run folders: ``tables/*.{md,csv}``, ``figures/*.{png,pdf}``.
+
+Every table puts the paper's value beside this run's and says which profile made it; a cell for
+a stage that has not run says so, and no number is ever invented. Toy-profile numbers come from
+a synthetic dataset and a tiny ViT and are not comparable to the paper's.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+from cpfcte import paper_values
+from cpfcte.batch import load_batch, run_status
+from cpfcte.io import atomic_path, read_json, write_text
+from cpfcte.paths import project_root, runs_dir
+
+TOY_NOTE = ("toy profile: a synthetic dataset and a tiny randomly initialised ViT on a CPU; "
+            "its numbers are not comparable to the paper's.")
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def run_metrics(profile: str, run: str) -> tuple[dict | None, str]:
+    """(metrics, note): the metrics.json of a run, or None and why it is missing."""
+    run_dir = runs_dir() / profile / run
+    status = run_status(run_dir)
+    if status.get("status") == "failed":
+        return None, f"failed: see {run_dir / status.get('notebook', '')}"
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None, f"not run (runs/{profile}/{run})"
+    return read_json(path), ""
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(),
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpfcte", "notebooks"],
+                               cwd=project_root(), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _suffix(profile: str) -> str:
+    return "" if profile == "toy" else f".{profile}"
+
+
+def write_table(name: str, profile: str, header: list[str], rows: list[list[str]],
+                title: str, notes: list[str], out_dir: Path | None = None) -> dict[str, Path]:
+    out_dir = out_dir or project_root() / "tables"
+    stem = f"{name}{_suffix(profile)}"
+    md = [f"# {title}", "", "| " + " | ".join(header) + " |",
+          "|" + "|".join("---" for _ in header) + "|"]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += [""] + [f"- {n}" for n in notes]
+    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
+    write_text(paths["md"], "\n".join(md) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(paths["csv"], buf.getvalue())
+    return paths
+
+
+def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
+    """Table 1: pseudo-label mIoU (VOC train for voc; toy train for toy)."""
+    batch = load_batch()
+    run = batch.groups["table1"]["runs"][0]
+    metrics, why = run_metrics(profile, run)
+    ours_bpm = 100 * metrics["miou"] if metrics else None
+    header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)"]
+    rows = []
+    for method, pub, backbone, value in paper_values.TABLE1:
+        if method == "CPF-CTE w/o CRF":
+            mine = _fmt(ours_bpm) if metrics else why
+        elif method == "CPF-CTE":
+            mine = "not run: the CRF stage is not implemented yet"
+        else:
+            mine = ""
+        rows.append([method, pub, backbone, _fmt(value), mine])
+    if metrics:
+        for kind, label in (("background", "all background"),
+                            ("uniform", "uniform over the image's labels, argmax")):
+            value = metrics.get("baselines", {}).get(kind)
+            rows.append([f"reference: {label}", "this run", "none", "", _fmt(
+                100 * value if value is not None else None)])
+    notes = [f"profile: {profile}; level: pseudo-label (baseline pseudo mask, BPM); split: "
+             f"{metrics['split'] if metrics else '?'} ({metrics['images'] if metrics else '?'} "
+             "images)",
+             f"inference size: {metrics['infer_size']}×{metrics['infer_size']} "
+             f"({metrics['patches_per_side']} patches per side)" if metrics else
+             "inference size: —",
+             f"run: runs/{profile}/{run}; config digest {metrics['config_digest'] if metrics else '—'};"
+             f" code {git_commit()}"]
+    if profile == "toy":
+        notes.append(TOY_NOTE)
+    return write_table("table1", profile, header, rows,
+                       "Table 1: pseudo-label quality (mIoU)", notes, out_dir)
+
+
+def save_figure(fig, name: str, profile: str, out_dir: Path | None = None) -> dict[str, Path]:
+    out_dir = out_dir or project_root() / "figures"
+    paths = {}
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{name}{_suffix(profile)}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
+        paths[ext] = path
+    return paths
+
+
+def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] | None:
+    """Fig. 5: pseudo-label mIoU against the inference size (patches per side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for run in load_batch().groups["fig5"]["runs"]:
+        m, _ = run_metrics(profile, run)
+        if m:
+            points.append((m["patches_per_side"], 100 * m["miou"], m["infer_size"]))
+    if not points:
+        return None
+    points.sort()
+    fig, ax = plt.subplots(figsize=(4.2, 3.0))
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    label = f"this run ({profile}{'; not comparable to the paper' if profile == 'toy' else ''})"
+    ax.plot(xs, ys, marker="o", color="#1f77b4", label=label)
+    for x, y, size in points:
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=8)
+    ax.set_xlabel("patches per side at inference")
+    ax.set_ylabel("pseudo-label mIoU (%)")
+    ax.set_xticks(xs)
+    ax.set_title("Fig. 5: inference size (BPM, no CRF)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if profile != "toy":
+        ax.axvline(paper_values.FIG5_PAPER_PATCHES, color="gray", ls="--", lw=1,
+                   label="paper's choice (960 px)")
+    ax.legend(fontsize=8, loc="lower right")
+    paths = save_figure(fig, "fig5", profile, out_dir)
+    plt.close(fig)
+    return paths
+
+
+def write_all(profile: str = "toy") -> dict[str, dict]:
+    out = {"table1": table1(profile)}
+    f5 = fig5(profile)
+    if f5:
+        out["fig5"] = f5
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# figures for the notebooks
+
+
+def plot_training(run_dir: str | Path):
+    """Loss and label accuracy per epoch of a training run."""
+    import matplotlib.pyplot as plt
+
+    history = read_json(Path(run_dir) / "train_summary.json")["history"]
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    axes[0].plot(epochs, [h["loss"] for h in history], marker=".")
+    axes[0].set_title("MCE loss (Eq. 9)")
+    axes[1].plot(epochs, [h["label_accuracy"] for h in history], marker=".", color="C2")
+    axes[1].set_title("image-label accuracy (p > 0.5)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for h in history:
+        if h.get("backbone_frozen"):
+            for ax in axes:
+                ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="gray", alpha=0.1)
+    fig.tight_layout()
+    return fig
+
+
+def colorize(labels) -> "object":
+    """A label map as an RGB array in the VOC palette (255 in its cream colour)."""
+    import numpy as np
+
+    from cpfcte.io import voc_palette
+
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return pal[np.asarray(labels)]
+
+
+def show_masks(rows: list[tuple[str, list]], titles: list[str]):
+    """A grid: one row per image, columns = images / label maps (H×W arrays are colourised)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n, m = len(rows), len(titles)
+    fig, axes = plt.subplots(n, m, figsize=(1.9 * m, 1.9 * n), squeeze=False)
+    for r, (name, panels) in enumerate(rows):
+        for c, panel in enumerate(panels):
+            arr = np.asarray(panel)
+            axes[r][c].imshow(colorize(arr) if arr.ndim == 2 else arr, interpolation="nearest")
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+            if r == 0:
+                axes[r][c].set_title(titles[c], fontsize=9)
+        axes[r][0].set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,230 @@
+"""Stage 1: train CPF-CTE on image-level labels (Sec. 4.2; DESIGN note 6).
+
+Adam with the paper's two-stage learning rate (``lr_warmup`` for ``warmup_epochs`` epochs, then
+``lr``), the backbone optionally frozen during the first stage, bf16 autocast on CUDA, the MCE
+loss in float32. A checkpoint is written atomically after every epoch; calling ``train`` again
+on the same run folder resumes from it (or returns at once when training is complete), and the
+result equals that of an uninterrupted run: the data order and the flips of epoch ``e`` depend
+only on (seed, e).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cpfcte.config import Config
+from cpfcte.data import classes_for, dataset_root
+from cpfcte.data.voc import VOCDataset
+from cpfcte.errors import CpfcteError
+from cpfcte.io import read_json, torch_save, write_json
+from cpfcte.losses import mce_loss
+from cpfcte.model import CPFCTE, build_model
+from cpfcte.pooling import pool
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+LOG = "train_log.jsonl"
+
+
+class ClassificationData(Dataset):
+    """Images resized to S×S (uint8, CHW) with their image-level label vectors."""
+
+    def __init__(self, voc: VOCDataset, size: int, hflip: bool, seed: int):
+        self.voc, self.size, self.hflip, self.seed = voc, size, hflip, seed
+        self.labels = voc.label_matrix()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.voc)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = self.voc.image(index).resize((self.size, self.size), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        if self.hflip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
+            arr = arr[:, ::-1]
+        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return x, torch.from_numpy(self.labels[index])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CpfcteError(f"device={name!r} but CUDA is not available here; use device=cpu")
+    return torch.device(name)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Create the run folder and its config.json; refuse a folder that holds another config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG
+    if path.exists():
+        saved = read_json(path)
+        if saved.get("digest") != cfg.digest():
+            changed = sorted(k for k, v in cfg.to_dict().items() if saved.get("config", {}).get(k) != v)
+            raise CpfcteError(f"{run_dir}: this run folder was trained with another config "
+                              f"(differs in {', '.join(changed) or 'version'}); use another run "
+                              "name or delete the folder to start over")
+    else:
+        write_json(path, {"digest": cfg.digest(), "config": cfg.to_dict()})
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_model(cfg: Config) -> CPFCTE:
+    set_seed(cfg.seed)
+    return build_model(cfg, len(classes_for(cfg.dataset)))
+
+
+def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
+          progress: bool = True) -> dict:
+    """Train (or resume) into ``run_dir``; returns the summary also written to
+    ``train_summary.json``. ``max_epochs`` stops this call after that many epochs (as a killed
+    run would; the next call resumes)."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, cfg)
+    logger = _file_logger(run_dir)
+    device = resolve_device(cfg.device)
+    classes = classes_for(cfg.dataset)
+    voc = VOCDataset(dataset_root(cfg), cfg.train_split, classes)
+    data = ClassificationData(voc, cfg.img_size, cfg.hflip, cfg.seed)
+
+    model = make_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_warmup,
+                                 weight_decay=cfg.weight_decay)
+    start_epoch, history = 0, []
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+        logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    for epoch in range(start_epoch, end_epoch):
+        warm = epoch < cfg.warmup_epochs
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_warmup if warm else cfg.lr
+        model.backbone.requires_grad_(not (warm and cfg.freeze_backbone_warmup))
+        model.train()
+        data.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                            drop_last=len(data) > cfg.batch_size,
+                            persistent_workers=False)
+        t0 = time.time()
+        total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        for x, y in bar:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(x)
+            p = pool(out["z"].float(), cfg.pooling, cfg.k)
+            loss = mce_loss(p, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(x)
+            correct += ((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum()
+            seen += len(x)
+        record = {"epoch": epoch + 1, "lr": cfg.lr_warmup if warm else cfg.lr,
+                  "backbone_frozen": bool(warm and cfg.freeze_backbone_warmup),
+                  "loss": float(total) / seen, "label_accuracy": float(correct) / seen,
+                  "seconds": round(time.time() - t0, 3)}
+        history.append(record)
+        torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1, "history": history, "digest": cfg.digest()}, ckpt_path)
+        logger.info(json.dumps(record))
+        with open(run_dir / LOG, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    summary = {"epochs_done": len(history), "epochs": cfg.epochs,
+               "complete": len(history) >= cfg.epochs, "history": history,
+               "digest": cfg.digest(), "device": str(device)}
+    write_json(run_dir / "train_summary.json", summary)
+    return summary
+
+
+def load_checkpoint(path: Path, cfg: Config | None = None) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CpfcteError(f"{path}: cannot read checkpoint ({e}); delete it to retrain") from None
+    if cfg is not None and state.get("digest") != cfg.digest():
+        raise CpfcteError(f"{path}: checkpoint was trained with another config; use another "
+                          "run folder")
+    return state
+
+
+def load_trained(run_dir: str | Path, device: str = "auto") -> tuple[CPFCTE, Config]:
+    """The trained model of a run folder (config from its config.json), in eval mode."""
+    run_dir = Path(run_dir)
+    saved = read_json(run_dir / CONFIG)
+    cfg = Config(**saved["config"])
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.exists():
+        raise CpfcteError(f"{run_dir}: no {CHECKPOINT}; train this run first "
+                          f"(cpfcte train --run {run_dir})")
+    state = load_checkpoint(ckpt, cfg)
+    if state["epoch"] < cfg.epochs:
+        raise CpfcteError(f"{ckpt}: training stopped at epoch {state['epoch']} of {cfg.epochs}; "
+                          "resume it before making pseudo labels")
+    # the architecture only: weights come from the checkpoint, never from the hub
+    arch = Config(**{**cfg.to_dict(), "pretrained": False, "weights": None,
+                     "random_init_ok": True})
+    model = make_model(arch)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def _file_logger(run_dir: Path) -> logging.Logger:
+    logger = logging.getLogger(f"cpfcte.run.{run_dir.resolve()}")
+    if not logger.handlers:
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = None,
+                   progress: bool = True) -> Path:
+    """Make sure ``run_dir`` holds a complete training run: train it (profile + overrides) when
+    it has no config yet, resume it when it stopped early, do nothing when it is complete."""
+    from cpfcte.config import load_config
+
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists():
+        cfg = Config(**read_json(run_dir / CONFIG)["config"])
+    else:
+        cfg = load_config(profile, overrides)
+    train(cfg, run_dir, progress=progress)
+    return run_dir
