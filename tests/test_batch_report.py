@@ -1,0 +1,132 @@
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cpfcte.batch import load_batch, run_batch, select
+from cpfcte.errors import CpfcteError
+from cpfcte.io import write_json
+from cpfcte.paths import runs_dir
+
+
+def _notebook(path: Path, code: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nfail = False')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def mini_batch(tmp_path):
+    """A batch of three tiny notebooks: a → b, and c which fails on request."""
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    code = ("import os, pathlib\n"
+            "d = pathlib.Path(os.environ['CPFCTE_RUNS']) / profile / run_name\n"
+            "d.mkdir(parents=True, exist_ok=True)\n"
+            "n = d / 'count.txt'\n"
+            "n.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
+            "assert not fail, 'asked to fail'\n")
+    _notebook(nbdir / "step.ipynb", code)
+    (nbdir / "batches.yaml").write_text(
+        "runs:\n"
+        "  a: {notebook: step.ipynb}\n"
+        "  b: {notebook: step.ipynb, needs: [a]}\n"
+        "  c: {notebook: step.ipynb, params: {fail: true}}\n"
+        "  d: {notebook: step.ipynb, needs: [c]}\n"
+        "groups:\n  g1: {runs: [b]}\n")
+    return nbdir / "batches.yaml"
+
+
+def test_batch_runs_skips_unchanged_and_isolates_failures(mini_batch):
+    logs = []
+    res = run_batch("toy", batch_path=mini_batch, log=logs.append)
+    assert res["a"]["status"] == "done" and res["b"]["status"] == "done"
+    assert res["c"]["status"] == "failed" and "asked to fail" in res["c"]["error"]
+    assert res["d"] == {"status": "blocked", "needs": ["c"]}
+    root = runs_dir() / "toy"
+    assert (root / "a" / "step.ipynb").exists()                     # executed copy in runs/
+    assert json.loads((root / "c" / "run.json").read_text())["status"] == "failed"
+    res2 = run_batch("toy", batch_path=mini_batch, log=logs.append)
+    assert res2["a"]["action"] == "skipped (unchanged)" and res2["b"]["action"].startswith("skip")
+    assert (root / "a" / "count.txt").read_text() == "1"            # not executed again
+    assert (root / "c" / "count.txt").read_text() == "2"            # the failed one is retried
+
+
+def test_an_unfinished_run_is_resumed_and_a_stale_one_cleared(mini_batch):
+    run_batch("toy", batch_path=mini_batch, only=["a"], log=lambda *_: None)
+    root = runs_dir() / "toy" / "a"
+    status = json.loads((root / "run.json").read_text())
+    write_json(root / "run.json", {**status, "status": "running"})  # killed midway
+    (root / "partial.txt").write_text("kept")
+    run_batch("toy", batch_path=mini_batch, only=["a"], log=lambda *_: None)
+    assert (root / "count.txt").read_text() == "2" and (root / "partial.txt").exists()
+    write_json(root / "run.json", {**status, "stamp": "other-code"})   # made by other code
+    run_batch("toy", batch_path=mini_batch, only=["a"], log=lambda *_: None)
+    assert (root / "count.txt").read_text() == "1" and not (root / "partial.txt").exists()
+
+
+def test_select_follows_needs(mini_batch):
+    batch = load_batch(mini_batch)
+    assert select(batch, ["g1"]) == ["a", "b"]
+    assert select(batch, ["d"]) == ["c", "d"]
+    with pytest.raises(CpfcteError, match="no such group or run"):
+        select(batch, ["table9"])
+
+
+def test_bad_batch_files_are_refused(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("runs:\n  b: {notebook: x.ipynb, needs: [a]}\n")
+    with pytest.raises(CpfcteError, match="needs 'a', which is not declared"):
+        load_batch(p)
+    p.write_text("runs:\n  a: {notebok: x.ipynb}\n")
+    with pytest.raises(CpfcteError, match="needs 'notebook'"):
+        load_batch(p)
+
+
+def test_project_batch_declares_table1_and_fig5():
+    batch = load_batch()
+    assert {"table1", "fig5"} <= set(batch.groups)
+    nb_dir = Path(batch.path).parent
+    for run in batch.runs.values():
+        assert (nb_dir / run.notebook).is_file()
+
+
+def _metrics(run, miou, **extra):
+    write_json(runs_dir() / "toy" / run / "metrics.json",
+               {"miou": miou, "iou": [miou], "split": "train", "images": 120, "infer_size": 160,
+                "patches_per_side": 20, "config_digest": "abc", **extra})
+
+
+def test_table1_puts_the_run_beside_the_paper(tmp_path):
+    from cpfcte.report import fig5, table1
+
+    _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17})
+    paths = table1("toy", out_dir=tmp_path)
+    md = paths["md"].read_text()
+    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not run" in md
+    assert "all background | this run | none |  | 6.1 |" in md
+    assert "not comparable" in md and "profile: toy" in md
+    rows = paths["csv"].read_text().splitlines()
+    assert rows[0].startswith("Method,Pub.,Backbone") and len(rows) == 13
+    for run, scale_miou, pps in (("pseudo_scale_1.0", 0.3, 8), ("pseudo_scale_2.0", 0.4, 16)):
+        write_json(runs_dir() / "toy" / run / "metrics.json", {"miou": scale_miou,
+                   "patches_per_side": pps, "infer_size": pps * 8})
+    figs = fig5("toy", out_dir=tmp_path)
+    assert figs["png"].stat().st_size > 1000 and figs["pdf"].exists()
+
+
+def test_table1_marks_missing_and_failed_runs(tmp_path):
+    from cpfcte.report import table1
+
+    md = table1("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| 67.1 | not run (runs/toy/pseudo_full) |" in md
+    write_json(runs_dir() / "toy" / "pseudo_full" / "run.json",
+               {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
+    md = table1("toy", out_dir=tmp_path)["md"].read_text()
+    assert "failed: see" in md and "03_pseudo_labels.ipynb" in md

@@ -1,0 +1,157 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cpfcte.errors import CpfcteError
+from cpfcte.io import read_label_png
+from cpfcte.pseudo import baseline_mask, bpm_from_probs, pseudo_stage
+from cpfcte.train import CHECKPOINT, load_trained, train
+
+
+def test_same_seed_gives_identical_metrics(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(epochs=2)
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    ma = pseudo_stage(tmp_path / "a", tmp_path / "pa", progress=False)
+    mb = pseudo_stage(tmp_path / "b", tmp_path / "pb", progress=False)
+    assert ma["miou"] == mb["miou"] and ma["iou"] == mb["iou"]
+    c = train(tiny_cfg(epochs=2, seed=1), tmp_path / "c", progress=False)
+    assert strip(c["history"]) != strip(a["history"])
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(epochs=3)
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "resumed", max_epochs=1, progress=False)   # "killed" after 1
+    assert part["epochs_done"] == 1 and not part["complete"]
+    with pytest.raises(CpfcteError, match="stopped at epoch 1 of 3"):
+        load_trained(tmp_path / "resumed")
+    resumed = train(cfg, tmp_path / "resumed", progress=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(full["history"])
+    sa = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
+    sb = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    again = train(cfg, tmp_path / "resumed", progress=False)                 # complete: no-op
+    assert strip(again["history"]) == strip(full["history"])
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]
+
+
+def test_two_stage_lr_and_frozen_backbone_in_the_first_stage(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(epochs=2, warmup_epochs=1, freeze_backbone_warmup=True, lr_warmup=1e-3,
+                   lr=1e-4)
+    from cpfcte.train import make_model
+
+    before = make_model(cfg).state_dict()
+    train(cfg, tmp_path / "r", max_epochs=1, progress=False)
+    after = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=False)
+    assert after["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    state = after["model"]
+    backbone_same = all(torch.equal(before[k], state[k]) for k in before if k.startswith("backbone."))
+    head_changed = any(not torch.equal(before[k], state[k]) for k in before
+                       if k.startswith("classifier."))
+    assert backbone_same and head_changed
+    summary = train(cfg, tmp_path / "r", progress=False)
+    assert [h["lr"] for h in summary["history"]] == [1e-3, 1e-4]
+    assert [h["backbone_frozen"] for h in summary["history"]] == [True, False]
+    state2 = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=False)["model"]
+    assert any(not torch.equal(state[k], state2[k]) for k in state if k.startswith("backbone."))
+
+
+def test_a_run_folder_refuses_another_config(tiny_cfg, tmp_path):
+    train(tiny_cfg(epochs=1), tmp_path / "r", progress=False)
+    with pytest.raises(CpfcteError, match="differs in k"):
+        train(tiny_cfg(epochs=1, k=3), tmp_path / "r", progress=False)
+
+
+def test_bpm_masks_absent_classes_then_upsamples_and_argmaxes():
+    # 3 classes on a 1×2 patch grid: class 2 wins the right patch but is absent from the label
+    probs = torch.tensor([[[0.5, 0.2]], [[0.3, 0.3]], [[0.2, 0.5]]])  # (C, h, w)
+    labels = torch.tensor([1.0, 1.0, 0.0])
+    out = bpm_from_probs(probs, labels, (2, 4))
+    assert out.shape == (2, 4) and out.dtype == np.uint8
+    assert out.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert bpm_from_probs(probs, torch.ones(3), (1, 2)).tolist() == [[0, 2]]
+
+
+def test_baselines():
+    labels = np.array([1, 0, 1, 1], dtype=np.float32)
+    assert (baseline_mask("background", labels, (2, 3)) == 0).all()
+    assert (baseline_mask("uniform", labels, (2, 3)) == 2).all()
+
+
+def test_pseudo_stage_writes_pngs_and_metrics_and_resumes(tiny_cfg, tmp_path):
+    train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
+    m = pseudo_stage(tmp_path / "t", tmp_path / "p", progress=False)
+    assert m["images"] == 8 and 0.0 <= m["miou"] <= 1.0
+    assert m["infer_size"] == 48 and m["patches_per_side"] == 6
+    pngs = sorted((tmp_path / "p" / "bpm_train_48").glob("*.png"))
+    assert len(pngs) == 8 and not list((tmp_path / "p").rglob("*.tmp"))
+    assert set(m["baselines"]) == {"background", "uniform"}
+    saved = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert saved["miou"] == m["miou"]
+    stamp = pngs[0].stat().st_mtime_ns
+    pngs[1].unlink()                                                  # as if killed before it
+    again = pseudo_stage(tmp_path / "t", tmp_path / "p", baselines=False, progress=False)
+    assert again["timing"]["written"] == 1 and again["timing"]["skipped"] == 7
+    assert pngs[0].stat().st_mtime_ns == stamp and pngs[1].exists()
+    assert again["miou"] == m["miou"]
+    m2 = pseudo_stage(tmp_path / "t", tmp_path / "p", infer_scale=2.0, baselines=False,
+                      progress=False)
+    assert m2["infer_size"] == 64
+    mask = read_label_png(pngs[0])
+    assert mask.dtype == np.uint8
+
+
+def test_pseudo_labels_refuse_a_ground_truth_folder(tiny_cfg, tmp_path, toy_root):
+    from cpfcte.data import TOY_CLASSES
+    from cpfcte.data.voc import VOCDataset
+    from cpfcte.pseudo import make_pseudo_labels
+
+    train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
+    model, _ = load_trained(tmp_path / "t")
+    voc = VOCDataset(toy_root, "train", TOY_CLASSES)
+    before = sorted(p.stat().st_mtime_ns for p in (toy_root / "SegmentationClass").iterdir())
+    with pytest.raises(CpfcteError, match="ground-truth folder"):
+        make_pseudo_labels(model, voc, toy_root / "SegmentationClass", infer_size=48,
+                           progress=False)
+    with pytest.raises(CpfcteError, match="ground-truth folder"):
+        make_pseudo_labels(model, voc, toy_root / "SegmentationClassAug" / "bpm", infer_size=48,
+                           progress=False)
+    after = sorted(p.stat().st_mtime_ns for p in (toy_root / "SegmentationClass").iterdir())
+    assert before == after
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    from cpfcte.io import atomic_path, write_text
+
+    target = tmp_path / "metrics.json"
+    write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_cli_train_and_pseudo(tiny_cfg, toy_root, capsys):
+    from cpfcte.cli import main
+    from cpfcte.paths import runs_dir
+
+    sets = ["data_root=" + str(toy_root), "img_size=32", "epochs=1", "token_dim=8",
+            "lstm_hidden=8", "k=2", "infer_size=48", "batch_size=8",
+            "backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"]
+    main(["train", "--profile", "toy", "--run", "cli_t", "--set", *sets])
+    assert json.loads(capsys.readouterr().out)["complete"] is True
+    assert (runs_dir() / "toy" / "cli_t" / CHECKPOINT).exists()
+    main(["pseudo", "--profile", "toy", "--train-run", "cli_t", "--run", "cli_p"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 8 and out["infer_size"] == 48
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "toy", "--run", "x", "--set", "pooing=gap"])
+    assert "unknown parameter 'pooing'" in capsys.readouterr().err
