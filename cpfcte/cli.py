@@ -2,7 +2,7 @@
 
     cpfcte data prepare toy [--root DIR] [--seed N] [--force]
     cpfcte data verify [--profile toy]
-    cpfcte train --profile toy --run NAME [--set key=value ...] [--max-epochs N]
+    cpfcte train --profile toy --run NAME [--set key=value ...] [--max-epochs N] [--resume]
     cpfcte pseudo --profile toy --train-run NAME --run NAME [--infer-size N | --infer-scale X]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run]
@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.profile, parse_set_args(args.set))
     run_dir = run_path(cfg.profile, args.run)
-    summary = train(cfg, run_dir, max_epochs=args.max_epochs)
+    summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
     last = summary["history"][-1] if summary["history"] else {}
     print(json.dumps({"run_dir": str(run_dir), "epochs_done": summary["epochs_done"],
                       "complete": summary["complete"], "last": last}, indent=2))
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override profile fields")
     tr.add_argument("--max-epochs", type=int, help="stop after this many epochs (resumable)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run folder's unfinished checkpoint")
     tr.set_defaults(func=_train)
 
     ps = sub.add_parser("pseudo", help="stage 2: baseline pseudo masks (BPM) and their mIoU")

@@ -95,10 +95,11 @@ def make_model(cfg: Config) -> CPFCTE:
 
 
 def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
-          progress: bool = True) -> dict:
+          resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume) into ``run_dir``; returns the summary also written to
     ``train_summary.json``. ``max_epochs`` stops this call after that many epochs (as a killed
-    run would; the next call resumes)."""
+    run would; the next call resumes). With ``resume=False`` a run folder that already holds an
+    unfinished checkpoint is an error instead of being continued."""
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
@@ -116,6 +117,10 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, cfg)
+        if not resume and state["epoch"] < cfg.epochs:
+            raise CpfcteError(f"{run_dir}: holds a checkpoint at epoch {state['epoch']} of "
+                              f"{cfg.epochs}; pass --resume to continue it, or choose another "
+                              "run name")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]

@@ -143,10 +143,19 @@ def test_cli_train_and_pseudo(tiny_cfg, toy_root, capsys):
     from cpfcte.cli import main
     from cpfcte.paths import runs_dir
 
-    sets = ["data_root=" + str(toy_root), "img_size=32", "epochs=1", "token_dim=8",
+    sets = ["data_root=" + str(toy_root), "img_size=32", "token_dim=8",
             "lstm_hidden=8", "k=2", "infer_size=48", "batch_size=8",
             "backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"]
-    main(["train", "--profile", "toy", "--run", "cli_t", "--set", *sets])
+    main(["train", "--profile", "toy", "--run", "cli_t", "--max-epochs", "0", "--set", *sets,
+          "epochs=2"])
+    capsys.readouterr()
+    main(["train", "--profile", "toy", "--run", "cli_t", "--max-epochs", "1", "--set", *sets,
+          "epochs=2", "--resume"])
+    assert json.loads(capsys.readouterr().out)["epochs_done"] == 1
+    with pytest.raises(SystemExit):                       # unfinished: needs --resume
+        main(["train", "--profile", "toy", "--run", "cli_t", "--set", *sets, "epochs=2"])
+    assert "pass --resume to continue" in capsys.readouterr().err
+    main(["train", "--profile", "toy", "--run", "cli_t", "--resume", "--set", *sets, "epochs=2"])
     assert json.loads(capsys.readouterr().out)["complete"] is True
     assert (runs_dir() / "toy" / "cli_t" / CHECKPOINT).exists()
     main(["pseudo", "--profile", "toy", "--train-run", "cli_t", "--run", "cli_p"])

@@ -1,0 +1,34 @@
+"""Class lists. Index 0 is background, always present in an image label (DESIGN note 4)."""
+
+from __future__ import annotations
+
+from cpfcte.errors import CpfcteError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# The toy dataset's own classes: five colour families, two classes in each. The two classes of a
+# family share body colours and textures and differ only by a small marker (a light dot or a dark
+# bar), so the most discriminative patches of an object are few and the rest is ambiguous: the
+# weak-supervision problem in miniature (see cpfcte.data.toy).
+TOY_FAMILIES: tuple[tuple[str, float], ...] = (
+    ("ruby", 0.98), ("jade", 0.36), ("cobalt", 0.62), ("amber", 0.11), ("violet", 0.79),
+)
+TOY_MARKERS: tuple[str, ...] = ("dot", "bar")
+TOY_CLASSES: tuple[str, ...] = ("background",) + tuple(
+    f"{family}_{marker}" for family, _ in TOY_FAMILIES for marker in TOY_MARKERS)
+
+
+def classes_for(dataset: str) -> tuple[str, ...]:
+    if dataset == "toy":
+        return TOY_CLASSES
+    if dataset == "voc":
+        return VOC_CLASSES
+    if dataset == "coco":
+        from cpfcte.data.coco_classes import COCO_CLASSES  # added with the COCO data path
+
+        return COCO_CLASSES
+    raise CpfcteError(f"unknown dataset {dataset!r}: expected toy, voc or coco")
