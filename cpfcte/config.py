@@ -67,6 +67,14 @@ class Config:
     # --- pseudo labels (Sec. 3.4, note 7) -------------------------------------------------
     infer_size: int = 960              # images are resized to infer_size × infer_size
     infer_batch: int = 8
+    # --- dense CRF (Sec. 3.4, note 8; cpfcte.crf.CRFParams documents the defaults) ------------
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 80.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
+    crf_iterations: int = 10
+    crf_workers: int = 0               # processes for the CRF stage; 0 = every core
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -80,11 +88,15 @@ class Config:
         choice("cf_bilstm", CF_BILSTM_MODES)
         choice("pooling", POOLING_MODES)
         for name in ("token_dim", "lstm_hidden", "k", "img_size", "batch_size", "epochs",
-                     "infer_size", "infer_batch"):
+                     "infer_size", "infer_batch", "crf_iterations"):
             if int(getattr(self, name)) < 1:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be ≥ 1")
-        if self.warmup_epochs < 0 or self.workers < 0:
-            raise CpfcteError("parameters warmup_epochs and workers must be ≥ 0")
+        if self.warmup_epochs < 0 or self.workers < 0 or self.crf_workers < 0:
+            raise CpfcteError("parameters warmup_epochs, workers and crf_workers must be ≥ 0")
+        for name in ("crf_gaussian_sxy", "crf_gaussian_compat", "crf_bilateral_sxy",
+                     "crf_bilateral_srgb", "crf_bilateral_compat"):
+            if float(getattr(self, name)) <= 0:
+                raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be > 0")
         if self.lr <= 0 or self.lr_warmup <= 0:
             raise CpfcteError("learning rates lr and lr_warmup must be > 0")
         if not isinstance(self.backbone_kwargs, dict):
@@ -97,16 +109,28 @@ class Config:
                     "checkpoint; random_init_ok=true exists for deliberate experiments only")
         return self
 
+    def crf_params(self):
+        from cpfcte.crf import CRFParams
+
+        return CRFParams(self.crf_gaussian_sxy, self.crf_gaussian_compat, self.crf_bilateral_sxy,
+                         self.crf_bilateral_srgb, self.crf_bilateral_compat, self.crf_iterations)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """A short hash of every field: two runs with equal digests trained the same model."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A short hash of the fields that shape training: two runs with equal digests trained
+        the same model. Inference, CRF and machine settings (``NOT_TRAINING``) are left out, so
+        they can change after training."""
+        blob = json.dumps({k: v for k, v in self.to_dict().items() if k not in NOT_TRAINING},
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "infer_size",
+                          "infer_batch", "crf_workers"} | {n for n in FIELD_NAMES
+                                                         if n.startswith("crf_")})
 
 
 def available_profiles() -> list[str]:
@@ -145,6 +169,12 @@ def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -
             values[key] = value
     cfg = Config(**values)
     return _coerce(cfg).validate()
+
+
+def config_from_dict(values: dict[str, Any], source: Path | str = "config") -> Config:
+    """A Config from a saved config.json (fields added since it was written take defaults)."""
+    check_keys(values, str(source))
+    return _coerce(Config(**values))
 
 
 def _coerce(cfg: Config) -> Config:

@@ -60,14 +60,29 @@ def baseline_mask(kind: str, labels: np.ndarray, size: tuple[int, int]) -> np.nd
 
 
 def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, infer_size: int,
-                       batch_size: int = 8, progress: bool = True) -> dict:
-    """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png``; skip those present."""
+                       batch_size: int = 8, probs_dir: str | Path | None = None,
+                       progress: bool = True) -> dict:
+    """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png`` and, with ``probs_dir``,
+    the masked patch-grid probabilities the CRF stage starts from (``<id>.npz``, only the
+    classes of the image label); skip the images whose outputs are all present."""
     from tqdm.auto import tqdm
+
+    from cpfcte.crf import clean_partial, save_grid_probs
 
     out_dir = refuse_ground_truth(Path(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_partial(out_dir)
+    if probs_dir is not None:
+        probs_dir = refuse_ground_truth(Path(probs_dir))
+        probs_dir.mkdir(parents=True, exist_ok=True)
+        clean_partial(probs_dir)
+
+    def done(i: int) -> bool:
+        return (out_dir / f"{voc.ids[i]}.png").exists() and (
+            probs_dir is None or (probs_dir / f"{voc.ids[i]}.npz").exists())
+
     device = next(model.parameters()).device
-    todo = [i for i in range(len(voc)) if not (out_dir / f"{voc.ids[i]}.png").exists()]
+    todo = [i for i in range(len(voc)) if not done(i)]
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"pseudo labels @{infer_size}", disable=not progress,
                leave=False)
@@ -81,6 +96,9 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
         for j, i in enumerate(chunk):
             labels = torch.from_numpy(voc.labels(i)).to(device)
             w, h = imgs[j].size
+            if probs_dir is not None:
+                save_grid_probs(probs_dir / f"{voc.ids[i]}.npz", probs[j].cpu().numpy(),
+                                labels.cpu().numpy())
             save_label_png(out_dir / f"{voc.ids[i]}.png", bpm_from_probs(probs[j], labels, (h, w)))
         bar.update(len(chunk))
     bar.close()
@@ -121,8 +139,12 @@ def infer_size_for(cfg, patch: int, infer_scale: float | None = None,
 
 def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int | None = None,
                  infer_scale: float | None = None, split: str | None = None,
-                 baselines: bool = True, device: str = "auto", progress: bool = True) -> dict:
-    """Make the BPMs of a trained run, score them, write ``metrics.json`` in ``run_dir``."""
+                 baselines: bool = True, crf: bool = True, crf_overrides: dict | None = None,
+                 device: str = "auto", progress: bool = True) -> dict:
+    """Make the BPMs of a trained run and (with ``crf``) their dense-CRF refinement, score
+    both, and write ``metrics.json`` in ``run_dir``. ``crf_overrides`` replaces fields of the
+    trained run's CRF parameters (``crf_bilateral_sxy=50``, ...)."""
+    from cpfcte.config import config_from_dict
     from cpfcte.data import classes_for, dataset_root
     from cpfcte.data.voc import gt_dir
     from cpfcte.io import write_json
@@ -131,6 +153,11 @@ def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int 
 
     run_dir = Path(run_dir)
     model, cfg = load_trained(train_run, device=device)
+    if crf_overrides:
+        from cpfcte.config import check_keys
+
+        check_keys(crf_overrides, "crf_overrides")
+        cfg = config_from_dict({**cfg.to_dict(), **crf_overrides}).validate()
     patch = model.patch_size[0]
     size = infer_size_for(cfg, patch, infer_scale, infer_size)
     split = split or cfg.pseudo_split
@@ -138,20 +165,47 @@ def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int 
     root = dataset_root(cfg)
     voc = VOCDataset(root, split, classes)
     bpm_dir = run_dir / f"bpm_{split}_{size}"
-    timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size,
+    probs_dir = run_dir / f"probs_{split}_{size}" if crf else None
+    timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size, probs_dir=probs_dir,
                                 batch_size=cfg.infer_batch, progress=progress)
     gt = gt_dir(root, split)
     scores = evaluate_dirs(bpm_dir, gt, len(classes), ids=voc.ids, classes=classes)
     metrics = {
         "stage": "pseudo_labels", "level": "pseudo-label (BPM, no CRF)", "profile": cfg.profile,
         "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
-        "config_digest": cfg.digest(), "infer_size": size,
-        "patches_per_side": size // patch,
+        "config_digest": cfg.digest(), "infer_size": size, "patches_per_side": size // patch,
         "bpm_dir": str(bpm_dir), **scores, "timing": timing,
     }
+    if crf:
+        metrics["crf"] = crf_refine(voc, probs_dir, run_dir / f"crf_{split}_{size}", gt, cfg,
+                                    progress=progress)
     if baselines:
         metrics["baselines"] = {
             kind: evaluate_dirs(folder, gt, len(classes), ids=voc.ids)["miou"]
             for kind, folder in write_baselines(voc, run_dir / "baselines").items()}
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path, cfg,
+               progress: bool = True) -> dict:
+    """The CRF stage over a split; scored against ``gt``. A failed image is an error naming
+    it (after every other image was written, so a rerun only redoes the failures)."""
+    from cpfcte.crf import crf_stage
+    from cpfcte.errors import CpfcteError
+    from cpfcte.metrics import evaluate_dirs
+
+    params = cfg.crf_params()
+    jobs = [(str(voc.image_path(i)), str(probs_dir / f"{image_id}.npz"),
+             str(out_dir / f"{image_id}.png")) for i, image_id in enumerate(voc.ids)]
+    run = crf_stage(jobs, params, workers=cfg.crf_workers, progress=progress)
+    if run["failed"]:
+        first = next(iter(run["failed"].items()))
+        raise CpfcteError(f"dense CRF failed on {len(run['failed'])} image(s), e.g. {first[0]}: "
+                          f"{first[1]}; the others are written to {out_dir}")
+    scores = evaluate_dirs(out_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+    from dataclasses import asdict
+
+    return {"level": "pseudo-label (BPM + dense CRF)", "crf_dir": str(out_dir),
+            "params": asdict(params), "params_text": params.describe(), **scores,
+            "timing": {k: v for k, v in run.items() if k != "failed"}}

@@ -82,7 +82,8 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
         if method == "CPF-CTE w/o CRF":
             mine = _fmt(ours_bpm) if metrics else why
         elif method == "CPF-CTE":
-            mine = "not run: the CRF stage is not implemented yet"
+            crf = (metrics or {}).get("crf")
+            mine = _fmt(100 * crf["miou"]) if crf else (why or "not run (crf=False)")
         else:
             mine = ""
         rows.append([method, pub, backbone, _fmt(value), mine])
@@ -100,6 +101,9 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
              "inference size: —",
              f"run: runs/{profile}/{run}; config digest {metrics['config_digest'] if metrics else '—'};"
              f" code {git_commit()}"]
+    if metrics and metrics.get("crf"):
+        notes.insert(1, f"CRF (pydensecrf): {metrics['crf']['params_text']}; unary = -log "
+                        "softmax over the image's classes")
     if profile == "toy":
         notes.append(TOY_NOTE)
     return write_table("table1", profile, header, rows,
@@ -128,21 +132,28 @@ def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
     for run in load_batch().groups["fig5"]["runs"]:
         m, _ = run_metrics(profile, run)
         if m:
-            points.append((m["patches_per_side"], 100 * m["miou"], m["infer_size"]))
+            crf = m.get("crf", {}).get("miou")
+            points.append((m["patches_per_side"], 100 * m["miou"],
+                           None if crf is None else 100 * crf))
     if not points:
         return None
     points.sort()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    label = f"this run ({profile}{'; not comparable to the paper' if profile == 'toy' else ''})"
-    ax.plot(xs, ys, marker="o", color="#1f77b4", label=label)
-    for x, y, size in points:
-        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                    fontsize=8)
+    xs = [p[0] for p in points]
+    suffix = "; toy, not comparable to the paper" if profile == "toy" else ""
+    for k, (name, color) in enumerate((("BPM", "#1f77b4"), ("BPM + CRF", "#d62728")), start=1):
+        pts = [(p[0], p[k]) for p in points if p[k] is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), marker="o", color=color, label=f"{name} ({profile})" if k == 1
+                else f"{name}{suffix}")
+        for x, y in pts:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=color)
     ax.set_xlabel("patches per side at inference")
     ax.set_ylabel("pseudo-label mIoU (%)")
     ax.set_xticks(xs)
-    ax.set_title("Fig. 5: inference size (BPM, no CRF)", fontsize=10)
+    ax.set_title("Fig. 5: inference size", fontsize=10)
     ax.grid(alpha=0.3)
     if profile != "toy":
         ax.axvline(paper_values.FIG5_PAPER_PATCHES, color="gray", ls="--", lw=1,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cpfcte.config import Config
+from cpfcte.config import NOT_TRAINING, Config, config_from_dict
 from cpfcte.data import classes_for, dataset_root
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
@@ -73,7 +73,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
     if path.exists():
         saved = read_json(path)
         if saved.get("digest") != cfg.digest():
-            changed = sorted(k for k, v in cfg.to_dict().items() if saved.get("config", {}).get(k) != v)
+            changed = sorted(k for k, v in cfg.to_dict().items()
+                             if saved.get("config", {}).get(k) != v and k not in NOT_TRAINING)
             raise CpfcteError(f"{run_dir}: this run folder was trained with another config "
                               f"(differs in {', '.join(changed) or 'version'}); use another run "
                               "name or delete the folder to start over")
@@ -191,8 +192,7 @@ def load_checkpoint(path: Path, cfg: Config | None = None) -> dict:
 def load_trained(run_dir: str | Path, device: str = "auto") -> tuple[CPFCTE, Config]:
     """The trained model of a run folder (config from its config.json), in eval mode."""
     run_dir = Path(run_dir)
-    saved = read_json(run_dir / CONFIG)
-    cfg = Config(**saved["config"])
+    cfg = config_from_dict(read_json(run_dir / CONFIG)["config"], run_dir / CONFIG)
     ckpt = run_dir / CHECKPOINT
     if not ckpt.exists():
         raise CpfcteError(f"{run_dir}: no {CHECKPOINT}; train this run first "
@@ -228,7 +228,7 @@ def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = N
 
     run_dir = Path(run_dir)
     if (run_dir / CONFIG).exists():
-        cfg = Config(**read_json(run_dir / CONFIG)["config"])
+        cfg = config_from_dict(read_json(run_dir / CONFIG)["config"], run_dir / CONFIG)
     else:
         cfg = load_config(profile, overrides)
     train(cfg, run_dir, progress=progress)

@@ -106,10 +106,15 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
     from cpfcte.report import fig5, table1
 
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17})
+    md = table1("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not run (crf=False) |" in md
+    _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17},
+             crf={"miou": 0.5871, "params_text": "Gaussian (sxy 3, compat 3), ..."})
     paths = table1("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
     assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not run" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 |" in md
+    assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in md
     assert "all background | this run | none |  | 6.1 |" in md
     assert "not comparable" in md and "profile: toy" in md
     rows = paths["csv"].read_text().splitlines()

@@ -93,6 +93,9 @@ def test_pseudo_stage_writes_pngs_and_metrics_and_resumes(tiny_cfg, tmp_path):
     pngs = sorted((tmp_path / "p" / "bpm_train_48").glob("*.png"))
     assert len(pngs) == 8 and not list((tmp_path / "p").rglob("*.tmp"))
     assert set(m["baselines"]) == {"background", "uniform"}
+    assert 0.0 <= m["crf"]["miou"] <= 1.0 and m["crf"]["images"] == 8
+    assert len(list((tmp_path / "p" / "crf_train_48").glob("*.png"))) == 8
+    assert m["crf"]["params"]["iterations"] == 10
     saved = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert saved["miou"] == m["miou"]
     stamp = pngs[0].stat().st_mtime_ns

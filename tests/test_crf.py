@@ -1,0 +1,160 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cpfcte import crf
+from cpfcte.crf import CRFParams, bilinear_resize, crf_stage, dense_crf, save_grid_probs
+from cpfcte.errors import CpfcteError
+from cpfcte.io import read_label_png
+
+
+def two_colour_image(h=40, w=60, edge=30):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :edge] = (200, 30, 30)
+    img[:, edge:] = (30, 30, 200)
+    return img
+
+
+def probs_from(labels: np.ndarray, p: float, c: int = 2) -> np.ndarray:
+    out = np.full((c,) + labels.shape, (1 - p) / (c - 1), np.float32)
+    for k in range(c):
+        out[k][labels == k] = p
+    return out
+
+
+def test_confident_edge_aligned_labelling_is_kept():
+    img = two_colour_image()
+    labels = np.zeros(img.shape[:2], np.int64)
+    labels[:, 30:] = 1
+    q = dense_crf(img, probs_from(labels, 0.9))
+    assert q.shape == (2, 40, 60) and q.dtype == np.float32
+    assert np.allclose(q.sum(0), 1, atol=1e-4) and q.min() >= 0 and q.max() <= 1
+    assert (q.argmax(0) == labels).all()
+
+
+def test_noisy_label_moves_back_across_the_colour_edge():
+    img = two_colour_image()
+    truth = np.zeros(img.shape[:2], np.int64)
+    truth[:, 30:] = 1
+    probs = probs_from(truth, 0.8)
+    probs[:, :, 24:30] = np.array([0.4, 0.6], np.float32)[:, None, None]  # wrong, weakly, on red
+    assert (probs.argmax(0)[:, 24:30] == 1).all()
+    q = dense_crf(img, probs)
+    assert (q.argmax(0)[:, 24:30] == 0).mean() > 0.95
+    assert (q.argmax(0) == truth).mean() > 0.98
+
+
+def test_bad_inputs_are_refused():
+    img = two_colour_image()
+    good = probs_from(np.zeros(img.shape[:2], np.int64), 0.9)
+    with pytest.raises(CpfcteError, match="uint8"):
+        dense_crf(img.astype(np.float32), good)
+    with pytest.raises(CpfcteError, match="do not match the image"):
+        dense_crf(img, good[:, :20])
+    with pytest.raises(CpfcteError, match="H×W×3"):
+        dense_crf(img[..., 0], good)
+    with pytest.raises(CpfcteError, match="sum to 1"):
+        dense_crf(img, good * 2)
+    with pytest.raises(CpfcteError, match="floats"):
+        dense_crf(img, (good * 10).astype(np.int64))
+
+
+def test_numpy_bilinear_matches_torch():
+    g = np.random.default_rng(0).random((3, 6, 9)).astype(np.float32)
+    for size in [(41, 17), (6, 9), (100, 150)]:
+        ref = torch.nn.functional.interpolate(torch.from_numpy(g)[None], size=size,
+                                              mode="bilinear", align_corners=False)[0].numpy()
+        assert np.abs(bilinear_resize(g, size) - ref).max() < 1e-5
+
+
+def make_jobs(tmp_path, n, size=(48, 64)):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    jobs = []
+    for i in range(n):
+        img = two_colour_image(*size, edge=size[1] // 2)
+        img = np.clip(img + rng.integers(0, 20, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(tmp_path / f"{i:03d}.jpg", quality=95)
+        grid = rng.random((3, 6, 8)).astype(np.float32)
+        grid /= grid.sum(0, keepdims=True)
+        save_grid_probs(tmp_path / f"{i:03d}.npz", grid, np.array([1, 0, 1]))
+        jobs.append((str(tmp_path / f"{i:03d}.jpg"), str(tmp_path / f"{i:03d}.npz"),
+                     str(tmp_path / "out" / f"{i:03d}.png")))
+    return jobs
+
+
+def test_stage_writes_only_image_classes_and_resumes(tmp_path):
+    jobs = make_jobs(tmp_path, 6)
+    r = crf_stage(jobs, CRFParams(iterations=3), workers=2, progress=False)
+    assert r["written"] == 6 and not r["failed"]
+    outs = [read_label_png(j[2]) for j in jobs]
+    assert all(set(np.unique(o)) <= {0, 2} for o in outs)      # class 1 is not in the label
+    os.remove(jobs[2][2])
+    stamp = os.stat(jobs[0][2]).st_mtime_ns
+    r = crf_stage(jobs, CRFParams(iterations=3), workers=1, progress=False)
+    assert r["written"] == 1 and r["skipped"] == 5
+    assert os.stat(jobs[0][2]).st_mtime_ns == stamp
+    assert (read_label_png(jobs[2][2]) == outs[2]).all()        # same result, 1 or 2 workers
+
+
+def test_stage_refuses_a_ground_truth_output(tmp_path):
+    jobs = [(a, b, str(tmp_path / "SegmentationClass" / "x.png")) for a, b, _ in
+            make_jobs(tmp_path, 1)]
+    with pytest.raises(CpfcteError, match="ground-truth folder"):
+        crf_stage(jobs, CRFParams(), workers=1, progress=False)
+
+
+def test_a_bad_image_is_reported_and_the_others_written(tmp_path):
+    jobs = make_jobs(tmp_path, 4)
+    (tmp_path / "001.npz").write_bytes(b"not an npz")
+    r = crf_stage(jobs, CRFParams(iterations=2), workers=2, progress=False)
+    assert list(r["failed"]) == ["001"] and "cannot read saved probabilities" in r["failed"]["001"]
+    assert r["written"] == 3 and not os.path.exists(jobs[1][2])
+
+
+def _crashing(image_path, probs_path, out_path, params):
+    if out_path.endswith("002.png"):
+        os._exit(3)                                              # a segfault, as the pool sees it
+    return _real_crf_image(image_path, probs_path, out_path, params)
+
+
+_real_crf_image = crf.crf_image
+
+
+def test_a_crashing_worker_is_survived_and_its_image_named(tmp_path, monkeypatch):
+    jobs = make_jobs(tmp_path, 8)
+    monkeypatch.setattr(crf, "crf_image", _crashing)
+    r = crf_stage(jobs, CRFParams(iterations=2), workers=2, progress=False)
+    assert list(r["failed"]) == ["002"] and "died" in r["failed"]["002"]
+    assert r["written"] == 7
+    assert all(os.path.exists(j[2]) for k, j in enumerate(jobs) if k != 2)
+
+
+def test_killed_stage_leaves_no_partial_file_and_resumes(tmp_path):
+    jobs = make_jobs(tmp_path, 60, size=(200, 260))
+    code = ("import json, sys; from cpfcte.crf import crf_stage, CRFParams; "
+            f"crf_stage([tuple(j) for j in json.loads(sys.argv[1])], CRFParams(), workers=1, "
+            "progress=False)")
+    import json
+
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(jobs)])
+    out = tmp_path / "out"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = sorted(out.glob("*.png"))
+    assert 3 <= len(written) < 60, "the stage should have been killed midway"
+    for png in written:                                          # every PNG there is whole
+        assert read_label_png(png).shape == (200, 260)
+    r = crf_stage(jobs, CRFParams(), workers=2, progress=False)
+    assert r["skipped"] == len(written) and r["written"] == 60 - len(written)
+    assert not list(out.glob(".*.tmp")) and len(list(out.glob("*.png"))) == 60
