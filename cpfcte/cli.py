@@ -1,8 +1,11 @@
 """The ``cpfcte`` command line. Every stage the notebooks drive is also a command here.
 
+    cpfcte data download voc|sbd|coco --to DIR
     cpfcte data prepare toy [--root DIR] [--seed N] [--force]
+    cpfcte data prepare voc --voc-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE/dataset
+    cpfcte data prepare coco --coco-root DIR
     cpfcte data verify [--profile toy]
-    cpfcte train --profile toy --run NAME [--set key=value ...] [--max-epochs N] [--resume]
+    cpfcte train --profile toy --run NAME [--set key=value ...] [--weights PATH] [--resume]
     cpfcte pseudo --profile toy --train-run NAME --run NAME [--infer-size N | --infer-scale X]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run]
@@ -21,19 +24,33 @@ from cpfcte.errors import CpfcteError
 
 def _data(args: argparse.Namespace) -> None:
     from cpfcte.config import load_config
-    from cpfcte.data import classes_for, dataset_root, dataset_stats
+    from cpfcte.data import classes_for, dataset_root, dataset_stats, prepare_toy
     from cpfcte.paths import data_dir
 
-    if args.action == "prepare":
-        if args.dataset != "toy":
-            raise CpfcteError(f"`cpfcte data prepare {args.dataset}` is not available yet: the "
-                              "real-data preparation (VOC + SBD, COCO) comes with the real-data "
-                              "work; see the README's Real data section")
-        from cpfcte.data.toy import ToySpec, generate
+    if args.action == "download":
+        from cpfcte.data.download import download
 
-        root = Path(args.root) if args.root else data_dir() / "toy"
-        generate(root, ToySpec(seed=args.seed), force=args.force)
-        print(f"toy dataset ready at {root}")
+        for path in download(args.dataset, args.to):
+            print(f"ready: {path}")
+        return
+    if args.action == "prepare":
+        if args.dataset == "toy":
+            root = prepare_toy(args.root, args.seed, force=args.force)
+            print(f"toy dataset ready at {root} (COCO twin in {root / 'coco'})")
+        elif args.dataset == "voc":
+            from cpfcte.data.prepare_voc import prepare_voc
+
+            voc = Path(args.voc_root) if args.voc_root else data_dir() / "VOCdevkit" / "VOC2012"
+            sbd = (Path(args.sbd_root) if args.sbd_root
+                   else data_dir() / "benchmark_RELEASE" / "dataset")
+            print(json.dumps(prepare_voc(voc, sbd, args.out, allow_partial=args.allow_partial),
+                             indent=2))
+        else:
+            from cpfcte.data.coco import prepare_coco
+
+            root = Path(args.coco_root) if args.coco_root else data_dir() / "coco2014"
+            print(json.dumps(prepare_coco(root, args.out, allow_partial=args.allow_partial),
+                             indent=2))
         return
     cfg = load_config(args.profile)
     root = dataset_root(cfg)
@@ -46,7 +63,10 @@ def _train(args: argparse.Namespace) -> None:
     from cpfcte.paths import run_path
     from cpfcte.train import train
 
-    cfg = load_config(args.profile, parse_set_args(args.set))
+    overrides = parse_set_args(args.set)
+    if args.weights:
+        overrides["weights"] = args.weights
+    cfg = load_config(args.profile, overrides)
     run_dir = run_path(cfg.profile, args.run)
     summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
     last = summary["history"][-1] if summary["history"] else {}
@@ -111,11 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare or verify a dataset")
     dsub = data.add_subparsers(dest="action", required=True)
-    prep = dsub.add_parser("prepare", help="generate/prepare a dataset")
+    dl = dsub.add_parser("download", help="fetch, verify and extract the official archives")
+    dl.add_argument("dataset", choices=["voc", "sbd", "coco"])
+    dl.add_argument("--to", required=True, help="folder to download and extract into")
+    dl.set_defaults(func=_data)
+    prep = dsub.add_parser("prepare", help="generate the toy dataset, or prepare VOC+SBD / COCO")
     prep.add_argument("dataset", choices=["toy", "voc", "coco"])
-    prep.add_argument("--root", help="output folder (default: data/toy)")
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--force", action="store_true", help="regenerate even if present")
+    prep.add_argument("--root", help="toy: output folder (default: data/toy)")
+    prep.add_argument("--seed", type=int, default=0, help="toy: generator seed")
+    prep.add_argument("--force", action="store_true", help="toy: regenerate even if present")
+    prep.add_argument("--voc-root", help="voc: VOCdevkit/VOC2012 (default: data/VOCdevkit/VOC2012)")
+    prep.add_argument("--sbd-root", help="voc: SBD's benchmark_RELEASE/dataset "
+                      "(default: data/benchmark_RELEASE/dataset)")
+    prep.add_argument("--coco-root", help="coco: folder with train2014/, val2014/, annotations/ "
+                      "(default: data/coco2014)")
+    prep.add_argument("--out", help="voc/coco: write the prepared layout here (default: in place)")
+    prep.add_argument("--allow-partial", action="store_true",
+                      help="voc/coco: accept image counts below the standard split's")
     prep.set_defaults(func=_data)
     ver = dsub.add_parser("verify", help="print the counts of a profile's dataset")
     ver.add_argument("--profile", default="toy")
@@ -125,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--profile", default="toy")
     tr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override profile fields")
+    tr.add_argument("--weights", help="local backbone checkpoint (offline clusters)")
     tr.add_argument("--max-epochs", type=int, help="stop after this many epochs (resumable)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run folder's unfinished checkpoint")

@@ -25,14 +25,14 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 CLASS_TOKEN_MODES = ("none", "soft", "mean")
 CF_BILSTM_MODES = ("none", "hv", "raster")
 POOLING_MODES = ("gap", "gmp", "topk")
-DATASETS = ("toy", "voc", "coco")
+DATASETS = ("toy", "toy_coco", "voc", "coco")
 
 
 @dataclass
 class Config:
     # --- profile and data ---------------------------------------------------------------
     profile: str = "voc"
-    dataset: str = "voc"               # toy | voc | coco
+    dataset: str = "voc"               # toy | toy_coco | voc | coco
     data_root: str = "VOCdevkit/VOC2012"  # relative to the data folder (CPFCTE_DATA) or absolute
     train_split: str = "train_aug"     # stage 1 trains on these images' image-level labels
     pseudo_split: str = "train"        # pseudo labels are made and scored on VOC train (1,464)
@@ -101,7 +101,7 @@ class Config:
             raise CpfcteError("learning rates lr and lr_warmup must be > 0")
         if not isinstance(self.backbone_kwargs, dict):
             raise CpfcteError("parameter backbone_kwargs must be a mapping")
-        if self.dataset != "toy" and not (self.pretrained or self.weights):
+        if not self.dataset.startswith("toy") and not (self.pretrained or self.weights):
             if not self.random_init_ok:
                 raise CpfcteError(
                     f"profile {self.profile!r} would train a randomly initialised backbone: set "
@@ -146,9 +146,8 @@ def check_keys(keys: Any, where: str) -> None:
                               f"(valid: {', '.join(FIELD_NAMES)})")
 
 
-def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -> Config:
-    """The profile's settings with ``overrides`` applied on top, validated. ``None`` values in
-    ``overrides`` mean "keep the profile's value" (so notebook parameters can default to None)."""
+def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields a profile file sets; ``extends: NAME`` first takes those of profile NAME."""
     path = Path(profile)
     if not path.suffix:
         path = PROFILE_DIR / f"{profile}.yaml"
@@ -161,8 +160,20 @@ def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -
         raise CpfcteError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):
         raise CpfcteError(f"{path}: a profile must be a mapping of parameter: value")
-    check_keys(values, str(path))
     values = dict(values)
+    base = values.pop("extends", None)
+    check_keys(values, str(path))
+    if base is None:
+        return values
+    if base in _seen:
+        raise CpfcteError(f"{path}: profiles extend each other in a loop ({' → '.join(_seen)})")
+    return {**profile_values(str(base), _seen + (str(profile),)), **values}
+
+
+def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -> Config:
+    """The profile's settings with ``overrides`` applied on top, validated. ``None`` values in
+    ``overrides`` mean "keep the profile's value" (so notebook parameters can default to None)."""
+    values = profile_values(profile)
     for key, value in (overrides or {}).items():
         check_keys([key], "overrides")
         if value is not None:

@@ -176,19 +176,20 @@ def build_backbone(cfg) -> nn.Module:
     kwargs = dict(num_classes=0, dynamic_img_size=True, img_size=cfg.img_size)
     kwargs.update(cfg.backbone_kwargs or {})
     use_hub = bool(cfg.pretrained) and not cfg.weights
+    if not timm.is_model(cfg.backbone):
+        raise CpfcteError(f"unknown backbone {cfg.backbone!r}: use a timm ViT name "
+                          "(timm.list_models('vit_*'))")
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=use_hub, **kwargs)
-    except RuntimeError as e:
+    except Exception as e:  # hub unreachable, weights missing from the cache, bad kwargs, ...
         if not use_hub:
             raise CpfcteError(f"cannot build backbone {cfg.backbone!r}: {e}") from None
         raise CpfcteError(
             f"could not load the pretrained weights of {cfg.backbone!r} through timm ({e}). "
             "On a machine with internet, run once: python -c \"import timm; "
             f"timm.create_model('{cfg.backbone}', pretrained=True)\" to fill the Hugging Face "
-            "cache, or download the weights file and pass weights=/path/to/file") from None
-    except Exception as e:  # unknown model name, hub unreachable, ...
-        raise CpfcteError(f"cannot build backbone {cfg.backbone!r}: {e}. Use a timm ViT name "
-                          "(timm.list_models('vit_*')); for offline use pass weights=PATH") from None
+            "cache (~/.cache/huggingface), or download the weights file and pass "
+            "weights=/path/to/file (cpfcte train --weights PATH)") from None
     if cfg.weights:
         load_backbone_weights(backbone, Path(cfg.weights))
     if not (use_hub or cfg.weights) and not cfg.random_init_ok:

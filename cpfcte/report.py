@@ -140,25 +140,25 @@ def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
     points.sort()
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     xs = [p[0] for p in points]
-    suffix = "; toy, not comparable to the paper" if profile == "toy" else ""
     for k, (name, color) in enumerate((("BPM", "#1f77b4"), ("BPM + CRF", "#d62728")), start=1):
         pts = [(p[0], p[k]) for p in points if p[k] is not None]
         if not pts:
             continue
-        ax.plot(*zip(*pts), marker="o", color=color, label=f"{name} ({profile})" if k == 1
-                else f"{name}{suffix}")
+        ax.plot(*zip(*pts), marker="o", color=color, label=name)
         for x, y in pts:
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=color)
     ax.set_xlabel("patches per side at inference")
     ax.set_ylabel("pseudo-label mIoU (%)")
     ax.set_xticks(xs)
-    ax.set_title("Fig. 5: inference size", fontsize=10)
+    ax.margins(y=0.12)
+    ax.set_title(f"Fig. 5: inference size ({profile} profile"
+                 f"{'; not comparable to the paper' if profile == 'toy' else ''})", fontsize=9)
     ax.grid(alpha=0.3)
     if profile != "toy":
         ax.axvline(paper_values.FIG5_PAPER_PATCHES, color="gray", ls="--", lw=1,
                    label="paper's choice (960 px)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths = save_figure(fig, "fig5", profile, out_dir)
     plt.close(fig)
     return paths
@@ -226,3 +226,40 @@ def show_masks(rows: list[tuple[str, list]], titles: list[str]):
         axes[r][0].set_ylabel(name, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def dataset_overview(profile: str, n_show: int = 6, split: str | None = None):
+    """Counts per split, a class-frequency plot and a grid of images with their ground-truth
+    masks for the dataset of ``profile``; ``None`` when that dataset is not prepared here."""
+    import matplotlib.pyplot as plt
+
+    from cpfcte.config import load_config
+    from cpfcte.data import classes_for, dataset_root, dataset_stats
+    from cpfcte.data.voc import VOCDataset, gt_dir
+    from cpfcte.errors import CpfcteError
+    from cpfcte.io import read_label_png
+
+    cfg = load_config(profile)
+    try:
+        root = dataset_root(cfg)
+    except CpfcteError:
+        return None
+    classes = classes_for(cfg.dataset)
+    splits = tuple(dict.fromkeys((cfg.train_split, cfg.pseudo_split, cfg.val_split)))
+    stats = dataset_stats(root, classes, splits)
+    freq = stats[cfg.train_split]["images_per_class"]
+    fig = plt.figure(figsize=(min(16, 2 + 0.25 * len(classes)), 2.4))
+    ax = fig.add_subplot()
+    ax.bar(list(freq)[1:], list(freq.values())[1:], color="C0")
+    ax.set_ylabel(f"images ({cfg.train_split})")
+    ax.set_title(f"{profile}: class frequency (image-level labels from the XML)", fontsize=10)
+    ax.tick_params(axis="x", rotation=75, labelsize=7 if len(classes) > 30 else 9)
+    split = split or cfg.val_split
+    voc = VOCDataset(root, split, classes)
+    masks = gt_dir(root, split)
+    rows = [(", ".join(dict.fromkeys(voc.label_names(i)))[:40],
+             [voc.image(i), read_label_png(masks / f"{voc.ids[i]}.png")])
+            for i in range(min(n_show, len(voc)))]
+    grid = show_masks(rows, ["image", f"ground truth ({masks.name})"])
+    return {"root": str(root), "counts": {s: v["images"] for s, v in stats.items()},
+            "stats": stats, "frequency": fig, "grid": grid}

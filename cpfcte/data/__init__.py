@@ -10,10 +10,12 @@ from cpfcte.paths import data_dir, resolve
 
 PREPARE_HINT = {
     "toy": "run `cpfcte data prepare toy` (or notebook 01) to generate it",
-    "voc": "prepare PASCAL VOC 2012 + SBD there (see the README's Real data section), or set "
-           "data_root=/path/to/VOCdevkit/VOC2012",
-    "coco": "prepare MS COCO 2014 there (see the README's Real data section), or set "
-            "data_root=/path/to/coco",
+    "toy_coco": "run `cpfcte data prepare toy` (it writes the COCO twin and converts it)",
+    "voc": "download and prepare PASCAL VOC 2012 + SBD (`cpfcte data download voc --to data`, "
+           "`cpfcte data download sbd --to data`, `cpfcte data prepare voc`; README, Real data) "
+           "or set data_root=/path/to/VOCdevkit/VOC2012",
+    "coco": "download and prepare MS COCO 2014 (`cpfcte data download coco --to data/coco2014`, "
+            "`cpfcte data prepare coco`; README, Real data) or set data_root=/path/to/coco2014",
 }
 
 
@@ -36,3 +38,16 @@ def dataset_stats(root: str | Path, classes: tuple[str, ...],
         counts = voc.label_matrix().sum(axis=0).astype(int).tolist()
         out[split] = {"images": len(voc), "images_per_class": dict(zip(classes, counts))}
     return out
+
+
+def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = False,
+                progress: bool = True) -> Path:
+    """Generate the toy dataset and convert its COCO twin through the COCO path."""
+    from cpfcte.data.coco import prepare_coco
+    from cpfcte.data.toy import ToySpec, generate
+
+    root = Path(root) if root else data_dir() / "toy"
+    generate(root, ToySpec(seed=seed), force=force, progress=progress)
+    if force or not (root / "coco" / "cpfcte_prepare_coco.json").exists():
+        prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)
+    return root

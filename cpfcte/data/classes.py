@@ -23,7 +23,7 @@ TOY_CLASSES: tuple[str, ...] = ("background",) + tuple(
 
 
 def classes_for(dataset: str) -> tuple[str, ...]:
-    if dataset == "toy":
+    if dataset in ("toy", "toy_coco"):  # toy_coco: the toy scenes through the COCO path
         return TOY_CLASSES
     if dataset == "voc":
         return VOC_CLASSES
@@ -31,4 +31,4 @@ def classes_for(dataset: str) -> tuple[str, ...]:
         from cpfcte.data.coco_classes import COCO_CLASSES  # added with the COCO data path
 
         return COCO_CLASSES
-    raise CpfcteError(f"unknown dataset {dataset!r}: expected toy, voc or coco")
+    raise CpfcteError(f"unknown dataset {dataset!r}: expected toy, toy_coco, voc or coco")

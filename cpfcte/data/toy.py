@@ -17,11 +17,18 @@ Masks carry a 255 band along every boundary, like VOC's; train and val get palet
 ``SegmentationClass``; every image also gets a grayscale PNG in ``SegmentationClassAug`` (the
 "SBD" extra images get only that one, without the band, as real SBD-derived masks). Image labels
 come from ``Annotations/*.xml``, as for VOC.
+
+The same scenes are also written in COCO format under ``coco/`` (``train2014`` = train_aug,
+``val2014`` = val; ``annotations/instances_*.json`` with polygons, uncompressed RLE and crowd
+regions; category ids with gaps, as COCO's), so the COCO preparation path
+(``cpfcte.data.coco``) runs on every ``make paper``.
 """
 
 from __future__ import annotations
 
 import colorsys
+import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +55,7 @@ class ToySpec:
     n_extra: int = 480      # the "SBD" images: train_aug = train + extra
     min_size: int = 88      # image sides are drawn from [min_size, max_size]
     max_size: int = 128
-    version: int = 1        # bump when the generator's output changes
+    version: int = 2        # bump when the generator's output changes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +167,9 @@ class _Object:
 
 
 def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray,
-                                                                     list[tuple[int, tuple]]]:
+                                                                     list[tuple]]:
     """One scene: an H×W×3 uint8 image, an H×W label map (no band) and, per visible object,
-    (class index, (xmin, ymin, xmax, ymax)) with 1-based VOC box coordinates."""
+    (class index, (xmin, ymin, xmax, ymax) with 1-based VOC box coordinates, visible mask)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = _background(rng, h, w, yy, xx)
     label = np.zeros((h, w), dtype=np.uint8)
@@ -221,7 +228,7 @@ def render_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, 
         if len(ys) == 0:
             continue
         objects.append((o.cls, (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1,
-                                int(ys.max()) + 1)))
+                                int(ys.max()) + 1), o.mask))
     return (img * 255).round().astype(np.uint8), label, objects
 
 
@@ -237,7 +244,7 @@ def boundary_band(label: np.ndarray) -> np.ndarray:
     return band
 
 
-def annotation_xml(image_id: str, w: int, h: int, objects: list[tuple[int, tuple]],
+def annotation_xml(image_id: str, w: int, h: int, objects: list[tuple],
                    segmented: bool) -> str:
     parts = [
         "<annotation>", "\t<folder>VOC2012</folder>", f"\t<filename>{image_id}.jpg</filename>",
@@ -245,7 +252,7 @@ def annotation_xml(image_id: str, w: int, h: int, objects: list[tuple[int, tuple
         "\t<size>", f"\t\t<width>{w}</width>", f"\t\t<height>{h}</height>",
         "\t\t<depth>3</depth>", "\t</size>", f"\t<segmented>{int(segmented)}</segmented>",
     ]
-    for cls, (x0, y0, x1, y1) in objects:
+    for cls, (x0, y0, x1, y1), _mask in objects:
         parts += [
             "\t<object>", f"\t\t<name>{escape(TOY_CLASSES[cls])}</name>",
             "\t\t<pose>Unspecified</pose>", "\t\t<truncated>0</truncated>",
@@ -262,11 +269,14 @@ def annotation_xml(image_id: str, w: int, h: int, objects: list[tuple[int, tuple
 
 
 def _write_scene(root: Path, image_id: str, rng: np.random.Generator, spec: ToySpec,
-                 segmented: bool) -> None:
+                 segmented: bool, coco: "_CocoTwin | None" = None) -> None:
     h, w = (int(v) for v in rng.integers(spec.min_size, spec.max_size + 1, size=2))
     img, label, objects = render_scene(rng, h, w)
-    with atomic_path(root / "JPEGImages" / f"{image_id}.jpg") as tmp:
+    jpeg = root / "JPEGImages" / f"{image_id}.jpg"
+    with atomic_path(jpeg) as tmp:
         Image.fromarray(img).save(tmp, format="JPEG", quality=90)
+    if coco is not None:
+        coco.add(jpeg, h, w, objects, rng)
     write_text(root / "Annotations" / f"{image_id}.xml",
                annotation_xml(image_id, w, h, objects, segmented))
     banded = label.copy()
@@ -296,11 +306,17 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
         "extra": [f"2027_{i:06d}" for i in range(spec.n_extra)],
     }
     order = [(i, True) for i in ids["train"] + ids["val"]] + [(i, False) for i in ids["extra"]]
+    twins = {"train": _CocoTwin(staging / "coco", "train2014"),
+             "val": _CocoTwin(staging / "coco", "val2014")}
+    val_ids = set(ids["val"])
     start = time.time()
     for n, (image_id, segmented) in enumerate(tqdm(order, desc="toy dataset", disable=not progress,
                                                    leave=False)):
         rng = np.random.default_rng([spec.seed, spec.version, n])
-        _write_scene(staging, image_id, rng, spec, segmented)
+        twin = twins["val" if image_id in val_ids else "train"]
+        _write_scene(staging, image_id, rng, spec, segmented, twin)
+    for twin in twins.values():
+        twin.write()
     seg = staging / "ImageSets" / "Segmentation"
     write_text(seg / "train.txt", "\n".join(ids["train"]) + "\n")
     write_text(seg / "val.txt", "\n".join(ids["val"]) + "\n")
@@ -319,6 +335,86 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
         root.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(root)
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# the COCO-format twin
+
+
+def toy_coco_categories() -> list[dict]:
+    """The toy classes as COCO categories with non-contiguous ids (1, 3, 5, ...), so that the
+    COCO path's id → index remapping is exercised as with COCO's 1..90."""
+    return [{"id": 2 * i + 1, "name": name, "supercategory": name.split("_")[0]}
+            for i, name in enumerate(TOY_CLASSES[1:])]
+
+
+def rle_uncompressed(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: run lengths over the column-major pixels, starting with a run
+    of zeros (possibly empty)."""
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0]:
+        counts = [0] + counts
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outlines of a hole-free mask as COCO polygons (pixel-corner coordinates)."""
+    import contourpy
+
+    padded = np.pad(mask.astype(np.float64), 1)
+    gen = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    polys = []
+    for line in gen.lines(0.5):
+        if len(line) >= 3:
+            xy = line - 1 + 0.5                      # pixel centres → COCO's corner coordinates
+            polys.append([round(float(v), 2) for v in xy.reshape(-1)])
+    return polys
+
+
+class _CocoTwin:
+    """Collects the scenes of one split as a COCO instances file: hole-free objects as polygons,
+    objects with holes (rings, or an object on top of another) and about one in four others as
+    uncompressed RLE, and in about one image in six one object marked as a crowd region."""
+
+    def __init__(self, root: Path, folder: str):
+        self.root, self.folder = root, folder
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.cat_ids = [c["id"] for c in toy_coco_categories()]
+
+    def add(self, jpeg: Path, h: int, w: int, objects: list[tuple], rng: np.random.Generator) -> None:
+        from scipy.ndimage import binary_fill_holes
+
+        image_id = len(self.images) + 1
+        name = f"COCO_{self.folder}_{image_id:012d}.jpg"
+        target = self.root / self.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(jpeg, target)
+        except OSError:
+            shutil.copyfile(jpeg, target)
+        self.images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        crowd = int(rng.integers(len(objects))) if objects and rng.random() < 1 / 6 else -1
+        for k, (cls, _box, mask) in enumerate(objects):
+            ys, xs = np.nonzero(mask)
+            holes = bool((binary_fill_holes(mask) & ~mask).any())
+            as_rle = k == crowd or holes or rng.random() < 0.25
+            seg = rle_uncompressed(mask) if as_rle else mask_polygons(mask)
+            self.annotations.append({
+                "id": len(self.annotations) + 1, "image_id": image_id,
+                "category_id": self.cat_ids[cls - 1], "segmentation": seg,
+                "area": float(mask.sum()), "iscrowd": int(k == crowd),
+                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
+                         float(ys.max() - ys.min() + 1)]})
+
+    def write(self) -> None:
+        data = {"info": {"description": "cpfcte toy dataset, COCO-format twin"},
+                "licenses": [], "images": self.images, "annotations": self.annotations,
+                "categories": toy_coco_categories()}
+        write_text(self.root / "annotations" / f"instances_{self.folder}.json", json.dumps(data))
 
 
 def is_complete(root: Path, spec: ToySpec) -> bool:
