@@ -346,7 +346,16 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     from cpfcte.config import load_config
     from cpfcte.model import build_backbone
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):     # what timm raises when the hub is unreachable
+        if pretrained:
+            raise OSError("We couldn't connect to the Hub to load the file")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
     cfg = load_config("voc", {"backbone": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
                               "img_size": 224})
     with pytest.raises(CpfcteError, match="could not load the pretrained weights of "
