@@ -10,7 +10,9 @@ it needs) and groups (which runs feed which table or figure). For each run, in f
   finish (killed, failed) is executed again and resumes (training from its checkpoint, pseudo
   labels from the PNGs already written);
 * a failing run is recorded (``run.json``: status ``failed`` and the error) and the batch goes
-  on; runs that need it are marked ``blocked``. The summary at the end lists them.
+  on; runs that need it are marked ``blocked``. The summary at the end lists them;
+* a run may name the profiles it belongs to (``profiles: {toy: toy_coco, coco: coco}``: in a
+  toy batch its notebook runs with the toy_coco profile, in a voc batch it does not run).
 
 Results pass between runs as files in the run folders, never as notebook outputs.
 """
@@ -42,6 +44,14 @@ class Run:
     notebook: str
     params: dict[str, Any] = field(default_factory=dict)
     needs: list[str] = field(default_factory=list)
+    profiles: dict[str, str] | None = None   # batch profile → notebook profile; None: same
+
+    def profile_for(self, batch_profile: str) -> str | None:
+        """The profile the notebook runs with, or None when the run is not part of this
+        batch profile (e.g. the COCO runs of a voc batch)."""
+        if self.profiles is None:
+            return batch_profile
+        return self.profiles.get(batch_profile)
 
 
 @dataclass
@@ -68,16 +78,16 @@ def load_batch(path: str | Path | None = None) -> Batch:
     runs: dict[str, Run] = {}
     for name, spec in raw["runs"].items():
         spec = spec or {}
-        unknown = set(spec) - {"notebook", "params", "needs"}
+        unknown = set(spec) - {"notebook", "params", "needs", "profiles"}
         if unknown or "notebook" not in spec:
-            raise CpfcteError(f"{path}: run {name!r} needs 'notebook' and may have 'params' and "
-                              f"'needs' (unknown: {sorted(unknown)})")
+            raise CpfcteError(f"{path}: run {name!r} needs 'notebook' and may have 'params', "
+                              f"'needs' and 'profiles' (unknown: {sorted(unknown)})")
         for need in spec.get("needs", []):
             if need not in runs:
                 raise CpfcteError(f"{path}: run {name!r} needs {need!r}, which is not declared "
                                   "above it")
         runs[name] = Run(name, spec["notebook"], dict(spec.get("params") or {}),
-                         list(spec.get("needs") or []))
+                         list(spec.get("needs") or []), spec.get("profiles"))
     groups = raw.get("groups") or {}
     for gname, group in groups.items():
         for r in group.get("runs", []):
@@ -152,8 +162,13 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
     results: dict[str, dict] = {}
     for name in select(batch, only):
         run = batch.runs[name]
-        stamps[name] = _stamp(run, profile, notebook_dir, code, [stamps[n] for n in run.needs
-                                                                  if n in stamps])
+        nb_profile = run.profile_for(profile)
+        if nb_profile is None or any(results.get(n, {}).get("status") == "not applicable"
+                                     for n in run.needs):
+            results[name] = {"status": "not applicable"}
+            continue
+        stamps[name] = _stamp(run, nb_profile, notebook_dir, code, [stamps[n] for n in run.needs
+                                                                     if n in stamps])
         run_dir = root / name
         status = run_status(run_dir)
         if status.get("stamp") == stamps[name] and status.get("status") == "done":
@@ -171,16 +186,27 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
             continue
         if status and status.get("stamp") != stamps[name]:
             shutil.rmtree(run_dir, ignore_errors=True)  # stale: made by other code or params
-        results[name] = execute_run(run, profile, run_dir, notebook_dir, stamps[name], log)
+        results[name] = execute_run(run, profile, nb_profile, run_dir, notebook_dir,
+                                    stamps[name], log)
     return results
 
 
-def execute_run(run: Run, profile: str, run_dir: Path, notebook_dir: Path, stamp: str,
-                log=print) -> dict:
+def notebook_params(run: Run, batch_profile: str, nb_profile: str) -> dict[str, Any]:
+    """The parameters a run's notebook gets: its profile, its run folder as
+    ``<batch profile>/<run>``, and the batch file's params, where a value naming a needed run
+    becomes that run's folder name too."""
+    params = {"profile": nb_profile, "run_name": f"{batch_profile}/{run.name}"}
+    for key, value in run.params.items():
+        params[key] = f"{batch_profile}/{value}" if value in run.needs else value
+    return params
+
+
+def execute_run(run: Run, profile: str, nb_profile: str, run_dir: Path, notebook_dir: Path,
+                stamp: str, log=print) -> dict:
     import papermill as pm
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = {"profile": profile, "run_name": run.name, **run.params}
+    params = notebook_params(run, profile, nb_profile)
     record = {"run": run.name, "notebook": run.notebook, "params": params, "stamp": stamp,
               "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(run_dir / RUN_FILE, record)

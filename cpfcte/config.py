@@ -75,6 +75,28 @@ class Config:
     crf_bilateral_compat: float = 10.0
     crf_iterations: int = 10
     crf_workers: int = 0               # processes for the CRF stage; 0 = every core
+    # --- DeepLabv2 on the pseudo labels (Sec. 4.2, note 9; cpfcte.deeplab) -------------------
+    deeplab_backbone: str = "resnet101.tv_in1k"  # timm ResNet, output stride 8
+    deeplab_backbone_kwargs: dict = field(default_factory=dict)  # e.g. narrower toy channels
+    deeplab_pretrained: bool = True    # ImageNet weights through timm
+    deeplab_init: str | None = None    # or a local init file (e.g. COCO-pretrained DeepLabv2)
+    deeplab_rates: list = field(default_factory=lambda: [6, 12, 18, 24])
+    deeplab_msc: bool = True           # multi-scale input training (scales 1, 0.75, 0.5 + max)
+    deeplab_freeze_bn: bool = True     # keep the backbone's (ImageNet) BatchNorm statistics
+    deeplab_crop: int = 321
+    deeplab_batch: int = 10
+    deeplab_iterations: int = 20000
+    deeplab_lr: float = 2.5e-4         # backbone; ASPP weights ×10, biases ×20
+    deeplab_momentum: float = 0.9
+    deeplab_weight_decay: float = 5e-4
+    deeplab_poly_power: float = 0.9
+    deeplab_scale_min: float = 0.5
+    deeplab_scale_max: float = 1.5
+    deeplab_test_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    deeplab_flip_test: bool = True
+    deeplab_crf: bool = True           # dense CRF on the test predictions (CRF fields above)
+    deeplab_ckpt_every: int = 1000     # iterations between atomic checkpoints
+    deeplab_workers: int = 4           # DataLoader workers
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -88,7 +110,8 @@ class Config:
         choice("cf_bilstm", CF_BILSTM_MODES)
         choice("pooling", POOLING_MODES)
         for name in ("token_dim", "lstm_hidden", "k", "img_size", "batch_size", "epochs",
-                     "infer_size", "infer_batch", "crf_iterations"):
+                     "infer_size", "infer_batch", "crf_iterations", "deeplab_crop",
+                     "deeplab_batch", "deeplab_iterations", "deeplab_ckpt_every"):
             if int(getattr(self, name)) < 1:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be ≥ 1")
         if self.warmup_epochs < 0 or self.workers < 0 or self.crf_workers < 0:
@@ -129,8 +152,8 @@ class Config:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "infer_size",
-                          "infer_batch", "crf_workers"} | {n for n in FIELD_NAMES
-                                                         if n.startswith("crf_")})
+                          "infer_batch"} | {n for n in FIELD_NAMES
+                                            if n.startswith(("crf_", "deeplab_"))})
 
 
 def available_profiles() -> list[str]:

@@ -27,6 +27,11 @@ def refuse_ground_truth(path: str | Path, role: str = "pseudo-label folder") -> 
 
 
 def refuse_self_evaluation(pred_dir: Path, gt_dir: Path) -> None:
+    """Scoring ground truth against (a copy of) itself is refused: the predictions may not be
+    the ground-truth folder, nor any dataset's ground-truth folder."""
     if pred_dir.resolve() == gt_dir.resolve():
         raise CpfcteError(f"{pred_dir}: prediction and ground-truth folders are the same; "
                           "scoring a split against itself is meaningless")
+    if is_ground_truth_dir(pred_dir):
+        raise CpfcteError(f"{pred_dir}: refused as predictions: it is a dataset's ground-truth "
+                          "folder, so the score would measure the labels against themselves")

@@ -41,9 +41,12 @@ def resolve(path: str | Path, base: Path) -> Path:
 
 
 def run_path(profile: str, run_name: str) -> Path:
-    """``runs/<profile>/<run_name>``; a run name with a slash or an absolute path is taken as
-    a folder."""
+    """The folder of a run: ``runs/<profile>/<run_name>`` for a plain name, ``runs/<run_name>``
+    for a name with a slash (``toy/train_full``: the batch runner names runs so), or the path
+    itself when absolute."""
     p = Path(run_name)
-    if p.is_absolute() or len(p.parts) > 1:
+    if p.is_absolute():
         return p
+    if len(p.parts) > 1:
+        return runs_dir() / p
     return runs_dir() / profile / run_name

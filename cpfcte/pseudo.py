@@ -209,3 +209,21 @@ def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path, cfg,
     return {"level": "pseudo-label (BPM + dense CRF)", "crf_dir": str(out_dir),
             "params": asdict(params), "params_text": params.describe(), **scores,
             "timing": {k: v for k, v in run.items() if k != "failed"}}
+
+
+def ensure_pseudo_labels(profile: str, pseudo_run: str | Path, train_run: str | Path,
+                         split: str, progress: bool = True) -> Path:
+    """The CRF-refined pseudo labels of ``split`` for DeepLab training: those of
+    ``pseudo_run`` when it made them, else made now (training ``train_run`` first if needed)."""
+    from cpfcte.io import read_json
+    from cpfcte.train import ensure_trained
+
+    pseudo_run = Path(pseudo_run)
+    saved = pseudo_run / "metrics.json"
+    if saved.exists():
+        m = read_json(saved)
+        if m.get("split") == split and m.get("crf"):
+            return Path(m["crf"]["crf_dir"])
+    ensure_trained(profile, train_run, progress=progress)
+    m = pseudo_stage(train_run, pseudo_run, split=split, baselines=False, progress=progress)
+    return Path(m["crf"]["crf_dir"])

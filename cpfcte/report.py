@@ -17,7 +17,7 @@ from cpfcte.batch import load_batch, run_status
 from cpfcte.io import atomic_path, read_json, write_text
 from cpfcte.paths import project_root, runs_dir
 
-TOY_NOTE = ("toy profile: a synthetic dataset and a tiny randomly initialised ViT on a CPU; "
+TOY_NOTE = ("toy profile: a synthetic dataset and tiny randomly initialised networks on a CPU; "
             "its numbers are not comparable to the paper's.")
 
 
@@ -70,44 +70,108 @@ def write_table(name: str, profile: str, header: list[str], rows: list[list[str]
     return paths
 
 
+def comparison_table(name: str, title: str, profile: str, paper_rows, ours: dict[str, str],
+                     notes: list[str], extra_rows=(), out_dir: Path | None = None) -> dict[str, Path]:
+    """A paper table (method, publication, backbone, mIoU) with this run's value beside the
+    rows named in ``ours``; ``extra_rows`` are reference rows measured in this run."""
+    header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)"]
+    rows = [[method, pub, backbone, _fmt(value), ours.get(method, "")]
+            for method, pub, backbone, value in paper_rows]
+    rows += [list(r) for r in extra_rows]
+    if profile.startswith("toy"):
+        notes = notes + [TOY_NOTE]
+    return write_table(name, profile, header, rows, title, notes, out_dir)
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
+def _group_run(group: str) -> str:
+    return load_batch().groups[group]["runs"][0]
+
+
+def _provenance(profile: str, run: str, metrics: dict | None) -> str:
+    digest = (metrics or {}).get("config_digest", "—")
+    return f"run: runs/{profile}/{run}; config digest {digest}; code {git_commit()}"
+
+
 def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
     """Table 1: pseudo-label mIoU (VOC train for voc; toy train for toy)."""
-    batch = load_batch()
-    run = batch.groups["table1"]["runs"][0]
+    run = _group_run("table1")
     metrics, why = run_metrics(profile, run)
-    ours_bpm = 100 * metrics["miou"] if metrics else None
-    header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)"]
-    rows = []
-    for method, pub, backbone, value in paper_values.TABLE1:
-        if method == "CPF-CTE w/o CRF":
-            mine = _fmt(ours_bpm) if metrics else why
-        elif method == "CPF-CTE":
-            crf = (metrics or {}).get("crf")
-            mine = _fmt(100 * crf["miou"]) if crf else (why or "not run (crf=False)")
-        else:
-            mine = ""
-        rows.append([method, pub, backbone, _fmt(value), mine])
+    ours, extra = {}, []
     if metrics:
+        crf = metrics.get("crf")
+        ours["CPF-CTE w/o CRF"] = _fmt(100 * metrics["miou"])
+        ours["CPF-CTE"] = _fmt(100 * crf["miou"]) if crf else "not run (crf=False)"
         for kind, label in (("background", "all background"),
                             ("uniform", "uniform over the image's labels, argmax")):
             value = metrics.get("baselines", {}).get(kind)
-            rows.append([f"reference: {label}", "this run", "none", "", _fmt(
-                100 * value if value is not None else None)])
-    notes = [f"profile: {profile}; level: pseudo-label (baseline pseudo mask, BPM); split: "
-             f"{metrics['split'] if metrics else '?'} ({metrics['images'] if metrics else '?'} "
-             "images)",
+            extra.append([f"reference: {label}", "this run", "none", "",
+                          _fmt(100 * value if value is not None else None)])
+    else:
+        ours = {"CPF-CTE w/o CRF": why, "CPF-CTE": why}
+    notes = [f"profile: {profile}; level: pseudo-label (baseline pseudo mask, BPM; then dense "
+             f"CRF); split: {metrics['split'] if metrics else '?'} "
+             f"({metrics['images'] if metrics else '?'} images)",
              f"inference size: {metrics['infer_size']}×{metrics['infer_size']} "
              f"({metrics['patches_per_side']} patches per side)" if metrics else
-             "inference size: —",
-             f"run: runs/{profile}/{run}; config digest {metrics['config_digest'] if metrics else '—'};"
-             f" code {git_commit()}"]
+             "inference size: —", _provenance(profile, run, metrics)]
     if metrics and metrics.get("crf"):
         notes.insert(1, f"CRF (pydensecrf): {metrics['crf']['params_text']}; unary = -log "
                         "softmax over the image's classes")
+    return comparison_table("table1", "Table 1: pseudo-label quality (mIoU)", profile,
+                            paper_values.TABLE1, ours, notes, extra, out_dir)
+
+
+def _deeplab_notes(profile: str, run: str, metrics: dict | None) -> list[str]:
+    if not metrics:
+        return [_provenance(profile, run, metrics)]
+    return [f"profile: {profile}; level: {metrics['level']}; split: {metrics['split']} "
+            f"({metrics['images']} images)",
+            f"DeepLabv2: {metrics['backbone']}, {metrics['parameters']:,} parameters, "
+            f"{metrics['iterations']} iterations; test scales {metrics['test_scales']}"
+            f"{' + flip' if metrics['flip'] else ''}; without CRF: "
+            f"{_fmt(100 * metrics['no_crf']['miou'])}",
+            f"trained on the pseudo labels of {_relative(metrics['pseudo_dir'])}",
+            _provenance(profile, run, metrics)]
+
+
+def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
+    """Table 2: DeepLabv2 on VOC val (toy: the toy val split)."""
+    run = _group_run("table2")
+    metrics, why = run_metrics(profile, run)
+    ours = {"CPF-CTE": _fmt(100 * metrics["miou"]) if metrics else why}
+    return comparison_table("table2", "Table 2: semantic segmentation (mIoU), VOC 2012 val",
+                            profile, paper_values.TABLE2, ours,
+                            _deeplab_notes(profile, run, metrics), out_dir=out_dir)
+
+
+def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
+    """Table 3: COCO 2014 val (toy: the toy scenes through the COCO path)."""
+    group = load_batch().groups["table3"]
+    pseudo_run, deeplab_run = group["runs"]
+    pm, pwhy = run_metrics(profile, pseudo_run)
+    dm, dwhy = run_metrics(profile, deeplab_run)
+    applicable = profile in ("toy", "coco")
+    hint = "no COCO run exists for this profile: make one with `make paper PROFILE=coco`"
+    ours = {"CPF-CTE (pseudo-label)": (_fmt(100 * pm["crf"]["miou"]) if pm and pm.get("crf")
+                                       else pwhy if applicable else hint),
+            "CPF-CTE": _fmt(100 * dm["miou"]) if dm else dwhy if applicable else hint}
+    notes = _deeplab_notes(profile, deeplab_run, dm)
+    if pm:
+        notes.insert(1, f"CPF-CTE (pseudo-label): BPM + CRF pseudo labels scored on the "
+                        f"{pm['split']} split ({pm['images']} images); the paper does not say "
+                        "on which split its 41.3 is measured")
     if profile == "toy":
-        notes.append(TOY_NOTE)
-    return write_table("table1", profile, header, rows,
-                       "Table 1: pseudo-label quality (mIoU)", notes, out_dir)
+        notes.insert(0, "toy: the toy scenes written as a COCO instances file (polygons, RLE, "
+                        "crowd regions) and converted by the COCO path (profile toy_coco)")
+    return comparison_table("table3", "Table 3: semantic segmentation (mIoU), MS COCO 2014 val",
+                            profile, paper_values.TABLE3, ours, notes, out_dir=out_dir)
 
 
 def save_figure(fig, name: str, profile: str, out_dir: Path | None = None) -> dict[str, Path]:
@@ -165,7 +229,7 @@ def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
 
 
 def write_all(profile: str = "toy") -> dict[str, dict]:
-    out = {"table1": table1(profile)}
+    out = {"table1": table1(profile), "table2": table2(profile), "table3": table3(profile)}
     f5 = fig5(profile)
     if f5:
         out["fig5"] = f5

@@ -14,7 +14,8 @@ def _notebook(path: Path, code: str) -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
-    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nfail = False')
+    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nfail = False\n'
+                                       'other = None')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(code)]
     nbformat.write(nb, path)
@@ -25,11 +26,12 @@ def mini_batch(tmp_path):
     """A batch of three tiny notebooks: a → b, and c which fails on request."""
     nbdir = tmp_path / "nb"
     nbdir.mkdir()
-    code = ("import os, pathlib\n"
-            "d = pathlib.Path(os.environ['CPFCTE_RUNS']) / profile / run_name\n"
+    code = ("from cpfcte.paths import run_path\n"
+            "d = run_path(profile, run_name)\n"
             "d.mkdir(parents=True, exist_ok=True)\n"
             "n = d / 'count.txt'\n"
             "n.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
+            "(d / 'profile.txt').write_text(profile + ' ' + str(other))\n"
             "assert not fail, 'asked to fail'\n")
     _notebook(nbdir / "step.ipynb", code)
     (nbdir / "batches.yaml").write_text(
@@ -38,6 +40,10 @@ def mini_batch(tmp_path):
         "  b: {notebook: step.ipynb, needs: [a]}\n"
         "  c: {notebook: step.ipynb, params: {fail: true}}\n"
         "  d: {notebook: step.ipynb, needs: [c]}\n"
+        "  e: {notebook: step.ipynb, needs: [a], params: {other: a},\n"
+        "      profiles: {toy: toy_coco, voc: coco}}\n"
+        "  f: {notebook: step.ipynb, profiles: {voc: voc}}\n"
+        "  g: {notebook: step.ipynb, needs: [f]}\n"
         "groups:\n  g1: {runs: [b]}\n")
     return nbdir / "batches.yaml"
 
@@ -48,6 +54,10 @@ def test_batch_runs_skips_unchanged_and_isolates_failures(mini_batch):
     assert res["a"]["status"] == "done" and res["b"]["status"] == "done"
     assert res["c"]["status"] == "failed" and "asked to fail" in res["c"]["error"]
     assert res["d"] == {"status": "blocked", "needs": ["c"]}
+    # profiles: e runs with the toy_coco profile and gets a's folder; f and g are not toy runs
+    assert (runs_dir() / "toy" / "e" / "profile.txt").read_text() == "toy_coco toy/a"
+    assert res["f"] == res["g"] == {"status": "not applicable"}
+    assert not (runs_dir() / "toy" / "f").exists()
     root = runs_dir() / "toy"
     assert (root / "a" / "step.ipynb").exists()                     # executed copy in runs/
     assert json.loads((root / "c" / "run.json").read_text())["status"] == "failed"
@@ -135,3 +145,30 @@ def test_table1_marks_missing_and_failed_runs(tmp_path):
                {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
     assert "failed: see" in md and "03_pseudo_labels.ipynb" in md
+
+
+def _deeplab_metrics(run, miou):
+    write_json(runs_dir() / "toy" / run / "metrics.json",
+               {"miou": miou, "iou": [miou], "split": "val", "images": 120, "level": "segmentation",
+                "backbone": "resnet10t", "parameters": 1364452, "iterations": 500,
+                "test_scales": [1.0], "flip": True, "no_crf": {"miou": miou - 0.05},
+                "pseudo_dir": "runs/toy/pseudo_trainaug/crf", "config_digest": "abc"})
+
+
+def test_tables_2_and_3_from_run_folders(tmp_path):
+    from cpfcte.report import table2, table3
+
+    _deeplab_metrics("deeplab_full", 0.5571)
+    md = table2("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md and "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
+    assert "1,364,452 parameters" in md and "without CRF: 50.7" in md
+    md = table3("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |" in md
+    _deeplab_metrics("deeplab_coco", 0.4012)
+    _metrics("pseudo_coco", 0.3, crf={"miou": 0.4444, "params_text": "..."})
+    md = table3("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
+    md = table3("voc", out_dir=tmp_path)["md"].read_text()
+    assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
+    assert (tmp_path / "table3.voc.md").exists() and "45.4" in md

@@ -74,6 +74,10 @@ def test_evaluate_dirs_missing_files_and_self_scoring(tmp_path):
         evaluate_dirs(pred, gt, 2)
     with pytest.raises(CpfcteError, match="same"):
         evaluate_dirs(gt, gt, 2)
+    aug = tmp_path / "VOC2012" / "SegmentationClassAug"
+    save_label_png(aug / "a.png", np.zeros((1, 1), np.uint8))
+    with pytest.raises(CpfcteError, match="ground-truth folder, so the score"):
+        evaluate_dirs(aug, gt, 2, ids=["a"])
     with pytest.raises(CpfcteError, match="folder not found"):
         evaluate_dirs(tmp_path / "nope", gt, 2)
 

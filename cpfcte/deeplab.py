@@ -1,0 +1,522 @@
+"""Stage 3: DeepLabv2 trained on the CRF-refined pseudo labels (Sec. 3.4, 4.2, Fig. 3;
+Tables 2 and 3; DESIGN note 9).
+
+DeepLabv2 = a ResNet backbone from timm with output stride 8 (the last two stages dilated) and
+ASPP: four parallel 3×3 convolutions with dilation 6/12/18/24 straight to class scores, whose
+outputs are summed. Optional multi-scale input training (MSC: scales 1, 0.75, 0.5 and their
+element-wise max, a loss on each). Training: SGD, lr 2.5e-4 on the backbone, ×10 on the ASPP
+weights and ×20 on its biases (no weight decay on biases), momentum 0.9, weight decay 5e-4,
+poly decay (power 0.9), batch 10, 20k iterations, random scale 0.5–1.5, crop 321, flip,
+ignore 255; the backbone's BatchNorm is frozen (batch 10 is too small for batch statistics;
+the toy profile, whose backbone starts random, trains it).
+Batch ``i`` is drawn from (seed, i) alone, so a resumed run equals an uninterrupted one.
+Inference: softmax averaged over scales × flips at the image size, then the dense CRF.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cpfcte.errors import CpfcteError
+
+CHECKPOINT = "deeplab_checkpoint.pt"
+CONFIG = "deeplab_config.json"
+
+
+class ASPP(nn.Module):
+    """DeepLabv2's atrous spatial pyramid pooling: one 3×3 conv per rate, outputs summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True)
+            for r in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.branches)
+
+
+class DeepLabV2(nn.Module):
+    """Backbone (features at stride 8) + ASPP. ``forward`` takes images (uint8 or float in
+    [0, 1]) and returns logits at 1/8 of the input size."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, rates=(6, 12, 18, 24),
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), freeze_bn: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.freeze_bn = freeze_bn
+        self.aspp = ASPP(backbone.feature_info.channels()[-1], num_classes, rates)
+        self.num_classes = num_classes
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if freeze_bn:
+            freeze_batchnorm(self.backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        x = (x - self.mean) / self.std
+        return self.aspp(self.backbone(x)[-1])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.backbone)
+        return self
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=(0.75, 0.5)) -> list[torch.Tensor]:
+    """Multi-scale input training (MSC): logits at scale 1, at each extra scale (upsampled to
+    the scale-1 logits' size) and their element-wise max; a loss is taken on every one."""
+    base = model(x)
+    outs = [base]
+    for s in scales:
+        xs = F.interpolate(x.float(), scale_factor=s, mode="bilinear", align_corners=False)
+        outs.append(F.interpolate(model(xs), size=base.shape[-2:], mode="bilinear",
+                                  align_corners=False))
+    outs.append(torch.stack(outs).amax(dim=0))
+    return outs
+
+
+def build_deeplab(cfg, num_classes: int) -> DeepLabV2:
+    import timm
+
+    name = cfg.deeplab_backbone
+    if not timm.is_model(name):
+        raise CpfcteError(f"unknown DeepLab backbone {name!r}: use a timm ResNet name")
+    use_hub = bool(cfg.deeplab_pretrained) and not cfg.deeplab_init
+    if not (use_hub or cfg.deeplab_init or cfg.random_init_ok):
+        raise CpfcteError(f"profile {cfg.profile!r} would train DeepLabv2 from random weights: "
+                          "set deeplab_pretrained=true (ImageNet through timm) or "
+                          "deeplab_init=PATH")
+    try:
+        backbone = timm.create_model(name, features_only=True, out_indices=(4,),
+                                     output_stride=8, pretrained=use_hub,
+                                     **(cfg.deeplab_backbone_kwargs or {}))
+    except Exception as e:
+        if not use_hub:
+            raise CpfcteError(f"cannot build DeepLab backbone {name!r}: {e}") from None
+        raise CpfcteError(
+            f"could not load the ImageNet weights of {name!r} through timm ({e}); on a machine "
+            f"with internet run python -c \"import timm; timm.create_model('{name}', "
+            "pretrained=True)\" to fill the cache, or pass deeplab_init=PATH") from None
+    pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    model = DeepLabV2(backbone, num_classes, tuple(cfg.deeplab_rates),
+                      tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
+                      tuple(pcfg.get("std", (0.229, 0.224, 0.225))), cfg.deeplab_freeze_bn)
+    if cfg.deeplab_init:
+        load_init(model, Path(cfg.deeplab_init))
+    return model
+
+
+# kazuto1011/deeplab-pytorch checkpoints (e.g. deeplabv2_resnet101_msc-cocostuff164k-100000.pth,
+# the COCO-pretrained DeepLabv2 init used by many WSSS papers) name their modules
+# base.layer1.conv1.{conv,bn}            → conv1 / bn1                        (the stem)
+# base.layer{2..5}.block{k}.reduce        → layer{1..4}.{k-1}.conv1 / bn1
+# base.layer{2..5}.block{k}.conv3x3       → layer{1..4}.{k-1}.conv2 / bn2
+# base.layer{2..5}.block{k}.increase      → layer{1..4}.{k-1}.conv3 / bn3
+# base.layer{2..5}.block{k}.shortcut      → layer{1..4}.{k-1}.downsample.0 / .1
+# base.aspp.c{i}                          → aspp.branches.{i}
+# The ASPP is kept only when its class count matches; otherwise it starts fresh.
+_SUB = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
+        "shortcut": ("downsample.0", "downsample.1")}
+
+
+def map_kazuto_key(key: str) -> str | None:
+    parts = key.split(".")
+    if parts[0] == "base":
+        parts = parts[1:]
+    if parts[:2] == ["layer1", "conv1"] and len(parts) == 4:
+        return f"backbone.{'conv1' if parts[2] == 'conv' else 'bn1'}.{parts[3]}"
+    if parts[0] == "aspp" and parts[1].startswith("c") and len(parts) == 3:
+        return f"aspp.branches.{parts[1][1:]}.{parts[2]}"
+    if (len(parts) == 5 and parts[0][:5] == "layer" and parts[1].startswith("block")
+            and parts[2] in _SUB and parts[3] in ("conv", "bn")):
+        layer = int(parts[0][5:]) - 1
+        block = int(parts[1][5:]) - 1
+        conv, bn = _SUB[parts[2]]
+        return f"backbone.layer{layer}.{block}.{conv if parts[3] == 'conv' else bn}.{parts[4]}"
+    return None
+
+
+def load_init(model: DeepLabV2, path: Path) -> None:
+    """Initialise from a local file: this project's own state dict, or a kazuto1011-style
+    DeepLabv2 checkpoint through the key mapping above."""
+    if not path.is_file():
+        raise CpfcteError(f"{path}: DeepLab init file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CpfcteError(f"{path}: cannot read ({e})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        state = {m: v for k, v in state.items() if (m := map_kazuto_key(k)) is not None}
+    if any(k.startswith("aspp.") and k in own and own[k].shape != v.shape
+           for k, v in state.items()):
+        state = {k: v for k, v in state.items() if not k.startswith("aspp.")}
+    missing = [k for k in own if k not in state and not k.startswith("aspp.")
+               and not k.endswith("num_batches_tracked")]
+    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if missing or bad:
+        raise CpfcteError(f"{path}: does not fit DeepLabv2 with backbone "
+                          f"{type(model.backbone).__name__}: {len(missing)} missing (e.g. "
+                          f"{missing[:3]}), {len(bad)} unexpected or of another shape (e.g. "
+                          f"{bad[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+def param_groups(model: DeepLabV2, lr: float, weight_decay: float) -> list[dict]:
+    """Backbone at lr; ASPP weights at 10·lr; ASPP biases at 20·lr without weight decay."""
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    weights = [b.weight for b in model.aspp.branches]
+    biases = [b.bias for b in model.aspp.branches]
+    return [{"params": backbone, "lr": lr, "weight_decay": weight_decay, "lr_mult": 1.0},
+            {"params": weights, "lr": 10 * lr, "weight_decay": weight_decay, "lr_mult": 10.0},
+            {"params": biases, "lr": 20 * lr, "weight_decay": 0.0, "lr_mult": 20.0}]
+
+
+def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 0.9) -> float:
+    return base_lr * (1.0 - iteration / max_iterations) ** power
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class PseudoLabelData(torch.utils.data.Dataset):
+    """Sample ``k`` of the training stream: an image of ``voc`` with its pseudo label, rescaled
+    by a random factor, padded and randomly cropped to crop×crop, randomly flipped. Everything
+    random comes from (seed, k), so batch i = samples i·B .. i·B+B-1 is reproducible."""
+
+    def __init__(self, voc, label_dir: Path, crop: int, scale=(0.5, 1.5), flip: bool = True,
+                 seed: int = 0, pad_rgb=(124, 116, 104)):
+        self.voc, self.label_dir, self.crop = voc, Path(label_dir), crop
+        self.scale, self.flip, self.seed, self.pad_rgb = scale, flip, seed, pad_rgb
+
+    def __len__(self) -> int:  # the stream is indexed by sample number, not by image
+        return 2**62
+
+    def __getitem__(self, k: int):
+        from cpfcte.io import read_label_png
+
+        rng = np.random.default_rng([self.seed, k])
+        i = int(rng.integers(len(self.voc)))
+        img = self.voc.image(i)
+        label = read_label_png(self.label_dir / f"{self.voc.ids[i]}.png")
+        if label.shape != (img.height, img.width):
+            raise CpfcteError(f"{self.label_dir / (self.voc.ids[i] + '.png')}: pseudo label is "
+                              f"{label.shape[::-1]}, image is {img.size}")
+        s = rng.uniform(*self.scale)
+        w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
+        img = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+        label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+        c = self.crop
+        ph, pw = max(c - h, 0), max(c - w, 0)
+        if ph or pw:
+            img = np.pad(img, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+            img[h:, :] = self.pad_rgb
+            img[:, w:] = self.pad_rgb
+            label = np.pad(label, ((0, ph), (0, pw)), constant_values=255)
+        y = int(rng.integers(img.shape[0] - c + 1))
+        x = int(rng.integers(img.shape[1] - c + 1))
+        img, label = img[y:y + c, x:x + c], label[y:y + c, x:x + c]
+        if self.flip and rng.random() < 0.5:
+            img, label = img[:, ::-1], label[:, ::-1]
+        return (torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)))
+
+
+class _Stream(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+DEEPLAB_FIELDS = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
+
+
+def deeplab_digest(cfg) -> str:
+    import hashlib
+
+    keys = sorted(k for k in cfg.to_dict() if k.startswith("deeplab_") and k not in
+                  ("deeplab_workers", "deeplab_ckpt_every", "deeplab_test_scales",
+                   "deeplab_flip_test", "deeplab_crf")) + list(DEEPLAB_FIELDS)
+    blob = json.dumps({k: cfg.to_dict()[k] for k in keys}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def check_pseudo_labels(label_dir: Path, voc) -> Path:
+    from cpfcte.guard import refuse_ground_truth
+
+    label_dir = refuse_ground_truth(Path(label_dir), "pseudo labels for DeepLab training")
+    if not label_dir.is_dir():
+        raise CpfcteError(f"{label_dir}: pseudo-label folder not found; make it with notebook "
+                          f"03 (split={voc.split}) or `cpfcte pseudo --split {voc.split}`")
+    missing = [i for i in voc.ids if not (label_dir / f"{i}.png").exists()]
+    if missing:
+        raise CpfcteError(f"{label_dir / (missing[0] + '.png')}: pseudo label missing "
+                          f"({len(missing)} of {len(voc)} images of {voc.split}); rerun the "
+                          "pseudo-label stage on that split")
+    return label_dir
+
+
+def train_deeplab(cfg, pseudo_dir: str | Path, run_dir: str | Path, *,
+                  max_iterations: int | None = None, progress: bool = True) -> dict:
+    """Train (or resume) DeepLabv2 on ``pseudo_dir`` into ``run_dir``."""
+    from tqdm.auto import tqdm
+
+    from cpfcte.data import classes_for, dataset_root
+    from cpfcte.data.voc import VOCDataset
+    from cpfcte.io import read_json, torch_save, write_json
+    from cpfcte.train import resolve_device, set_seed
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    digest = deeplab_digest(cfg)
+    cfg_path = run_dir / CONFIG
+    if cfg_path.exists() and read_json(cfg_path).get("digest") != digest:
+        raise CpfcteError(f"{run_dir}: holds a DeepLab run with another config; use another "
+                          "run name or delete the folder")
+    classes = classes_for(cfg.dataset)
+    voc = VOCDataset(dataset_root(cfg), cfg.train_split, classes)
+    pseudo_dir = check_pseudo_labels(Path(pseudo_dir), voc)
+    write_json(cfg_path, {"digest": digest, "pseudo_dir": str(pseudo_dir),
+                          "config": cfg.to_dict()})
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    model = build_deeplab(cfg, len(classes)).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.deeplab_lr, cfg.deeplab_weight_decay),
+                                lr=cfg.deeplab_lr, momentum=cfg.deeplab_momentum)
+    start, history = 0, []
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("digest") != digest:
+            raise CpfcteError(f"{ckpt}: trained with another config; use another run folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["iteration"], state["history"]
+    total = cfg.deeplab_iterations
+    stop = total if max_iterations is None else min(total, start + max_iterations)
+    mean = tuple(int(round(255 * m)) for m in model.mean.flatten().tolist())
+    data = PseudoLabelData(voc, pseudo_dir, cfg.deeplab_crop,
+                           (cfg.deeplab_scale_min, cfg.deeplab_scale_max), True, cfg.seed, mean)
+    b = cfg.deeplab_batch
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=b, sampler=_Stream(start * b, stop * b), num_workers=cfg.deeplab_workers,
+        pin_memory=device.type == "cuda")
+    use_amp = cfg.amp and device.type == "cuda"
+    model.train()
+    t0, running = time.time(), torch.zeros((), device=device)
+    bar = tqdm(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
+    it = start
+    for x, y in loader:
+        lr = poly_lr(cfg.deeplab_lr, it, total, cfg.deeplab_poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outs = msc_logits(model, x) if cfg.deeplab_msc else [model(x)]
+        loss = sum(F.cross_entropy(F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
+                                                 align_corners=False), y, ignore_index=255)
+                   for o in outs) / len(outs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running += loss.detach()
+        it += 1
+        bar.update(1)
+        if it % cfg.deeplab_ckpt_every == 0 or it == stop:
+            n = it - (history[-1]["iteration"] if history else start)
+            history.append({"iteration": it, "lr": lr, "loss": float(running) / max(n, 1),
+                            "seconds": round(time.time() - t0, 2)})
+            running.zero_()
+            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "iteration": it, "history": history, "digest": digest}, ckpt)
+            with open(run_dir / "deeplab_log.jsonl", "a") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
+    bar.close()
+    summary = {"iterations_done": it, "iterations": total, "complete": it >= total,
+               "history": history, "parameters": count_parameters(model), "digest": digest}
+    write_json(run_dir / "deeplab_summary.json", summary)
+    return summary
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def load_deeplab(run_dir: str | Path, cfg, device: str = "auto") -> DeepLabV2:
+    from cpfcte.data import classes_for
+    from cpfcte.config import config_from_dict
+    from cpfcte.train import resolve_device
+
+    ckpt = Path(run_dir) / CHECKPOINT
+    if not ckpt.exists():
+        raise CpfcteError(f"{run_dir}: no {CHECKPOINT}; train DeepLabv2 first")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state["iteration"] < cfg.deeplab_iterations:
+        raise CpfcteError(f"{ckpt}: stopped at iteration {state['iteration']} of "
+                          f"{cfg.deeplab_iterations}; resume training first")
+    arch = config_from_dict({**cfg.to_dict(), "deeplab_pretrained": False, "deeplab_init": None,
+                             "random_init_ok": True})
+    model = build_deeplab(arch, len(classes_for(cfg.dataset)))
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+@torch.no_grad()
+def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool = False) -> torch.Tensor:
+    """Softmax probabilities (C, H, W) of an H×W×3 uint8 image: the mean over ``scales`` (and
+    horizontal flips) of the softmax of the logits upsampled bilinearly to H×W."""
+    device = model.mean.device
+    h, w = image.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+    total = torch.zeros((model.num_classes, h, w), device=device)
+    n = 0
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x.float() / 255.0, size=(max(1, round(h * s)),
+                                                                        max(1, round(w * s))),
+                                              mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            inp = xs.flip(-1) if flipped else xs
+            logits = model(inp)
+            if flipped:
+                logits = logits.flip(-1)
+            up = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            total += up[0].softmax(dim=0)
+            n += 1
+    return total / n
+
+
+def _crf_worker(image: np.ndarray, probs: np.ndarray, classes: np.ndarray, out: str,
+                params: dict) -> None:
+    from cpfcte.crf import CRFParams, refine_with
+    from cpfcte.io import save_label_png
+
+    refined = refine_with(CRFParams(**params), image, probs)
+    save_label_png(out, classes[refined.argmax(axis=0)].astype(np.uint8))
+
+
+def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, crf_params=None,
+                  workers: int = 0, progress: bool = True) -> dict:
+    """Write argmax predictions to ``out_dir/pred`` and, with ``crf_params``, CRF-refined ones
+    to ``out_dir/pred_crf`` (the CRF runs over the classes whose probability reaches 1e-3
+    somewhere in the image, in a process pool); images already written are skipped."""
+    import os
+    from dataclasses import asdict
+
+    from tqdm.auto import tqdm
+
+    from cpfcte.crf import clean_partial
+    from cpfcte.guard import refuse_ground_truth
+    from cpfcte.io import save_label_png
+
+    plain, refined = out_dir / "pred", out_dir / "pred_crf"
+    for d in (plain, refined):
+        refuse_ground_truth(d, "prediction folder")
+        d.mkdir(parents=True, exist_ok=True)
+        clean_partial(d)
+    t0 = time.time()
+    workers = workers or os.cpu_count() or 1
+    pool = ProcessPoolExecutor(max_workers=workers) if crf_params else None
+    pending = []
+    try:
+        for i in tqdm(range(len(voc)), desc="DeepLabv2 predict", disable=not progress,
+                      leave=False):
+            image_id = voc.ids[i]
+            need_plain = not (plain / f"{image_id}.png").exists()
+            need_crf = crf_params is not None and not (refined / f"{image_id}.png").exists()
+            if not (need_plain or need_crf):
+                continue
+            image = np.asarray(voc.image(i), dtype=np.uint8)
+            probs = predict_probs(model, image, scales, flip).cpu().numpy()
+            if need_plain:
+                save_label_png(plain / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
+            if need_crf:
+                keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
+                sub = probs[keep]
+                sub /= sub.sum(0, keepdims=True)
+                pending.append(pool.submit(_crf_worker, image, sub, keep,
+                                           str(refined / f"{image_id}.png"), asdict(crf_params)))
+                if len(pending) > 2 * workers:
+                    pending.pop(0).result()
+        for fut in pending:
+            fut.result()
+    finally:
+        if pool:
+            pool.shutdown()
+    return {"seconds": round(time.time() - t0, 2), "pred_dir": str(plain),
+            "crf_dir": str(refined) if crf_params else None}
+
+
+def deeplab_stage(cfg, pseudo_dir: str | Path, run_dir: str | Path, *, split: str | None = None,
+                  progress: bool = True) -> dict:
+    """Train DeepLabv2 on the pseudo labels, predict the val split, score it, write
+    ``metrics.json`` in ``run_dir``."""
+    from cpfcte.data import classes_for, dataset_root
+    from cpfcte.data.voc import VOCDataset, gt_dir
+    from cpfcte.io import write_json
+    from cpfcte.metrics import evaluate_dirs
+
+    run_dir = Path(run_dir)
+    summary = train_deeplab(cfg, pseudo_dir, run_dir, progress=progress)
+    model = load_deeplab(run_dir, cfg, cfg.device)
+    split = split or cfg.val_split
+    classes = classes_for(cfg.dataset)
+    root = dataset_root(cfg)
+    voc = VOCDataset(root, split, classes)
+    pred = predict_split(model, voc, run_dir / split, scales=tuple(cfg.deeplab_test_scales),
+                         flip=cfg.deeplab_flip_test,
+                         crf_params=cfg.crf_params() if cfg.deeplab_crf else None,
+                         workers=cfg.crf_workers, progress=progress)
+    gt = gt_dir(root, split)
+    plain = evaluate_dirs(pred["pred_dir"], gt, len(classes), ids=voc.ids, classes=classes)
+    metrics = {"stage": "deeplab", "profile": cfg.profile, "dataset": cfg.dataset,
+               "split": split, "pseudo_dir": str(pseudo_dir), "config_digest": summary["digest"],
+               "parameters": summary["parameters"],
+               "iterations": summary["iterations_done"], "backbone": cfg.deeplab_backbone,
+               "test_scales": list(cfg.deeplab_test_scales), "flip": cfg.deeplab_flip_test,
+               "no_crf": {k: plain[k] for k in ("miou", "iou")}, "timing": pred}
+    if cfg.deeplab_crf:
+        scores = evaluate_dirs(pred["crf_dir"], gt, len(classes), ids=voc.ids, classes=classes)
+        metrics.update(level="segmentation (DeepLabv2, multi-scale + flip, dense CRF)", **scores,
+                       crf_params=cfg.crf_params().describe())
+    else:
+        metrics.update(level="segmentation (DeepLabv2, multi-scale + flip)", **plain)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

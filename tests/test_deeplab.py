@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpfcte.deeplab import (ASPP, CHECKPOINT, build_deeplab, load_init, map_kazuto_key,
+                            msc_logits, param_groups, poly_lr, predict_probs, train_deeplab)
+from cpfcte.errors import CpfcteError
+
+TINY_DL = dict(deeplab_backbone="resnet10t", deeplab_backbone_kwargs={"channels": [8, 8, 16, 16]},
+               deeplab_pretrained=False, deeplab_crop=32, deeplab_batch=2, deeplab_iterations=4,
+               deeplab_ckpt_every=2, deeplab_workers=0, deeplab_msc=False, deeplab_freeze_bn=False,
+               deeplab_test_scales=[0.75, 1.0])
+
+
+def test_output_stride_8(tiny_cfg):
+    model = build_deeplab(tiny_cfg(**TINY_DL), 11)
+    assert model(torch.rand(2, 3, 64, 96)).shape == (2, 11, 8, 12)
+
+
+def test_aspp_sums_four_dilated_branches():
+    torch.manual_seed(0)
+    aspp = ASPP(5, 3, rates=(6, 12, 18, 24))
+    assert [b.dilation for b in aspp.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    x = torch.randn(1, 5, 30, 30)
+    by_hand = sum(F.conv2d(x, b.weight, b.bias, padding=r, dilation=r)
+                  for b, r in zip(aspp.branches, (6, 12, 18, 24)))
+    assert torch.allclose(aspp(x), by_hand, atol=1e-6) and aspp(x).shape == (1, 3, 30, 30)
+
+
+def test_parameter_groups_get_10x_and_20x(tiny_cfg):
+    model = build_deeplab(tiny_cfg(**TINY_DL), 11)
+    groups = param_groups(model, 2.5e-4, 5e-4)
+    assert [g["lr"] for g in groups] == [2.5e-4, 2.5e-3, 5e-3]
+    assert [g["weight_decay"] for g in groups] == [5e-4, 5e-4, 0.0]
+    assert all(p.ndim == 4 for p in groups[1]["params"]) and all(p.ndim == 1 for p in groups[2]["params"])
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(ids) == len(set(ids)) and set(ids) == trainable
+
+
+def test_poly_schedule_known_values():
+    assert poly_lr(1e-3, 0, 100) == pytest.approx(1e-3)
+    assert poly_lr(1e-3, 50, 100) == pytest.approx(1e-3 * 0.5 ** 0.9)
+    assert poly_lr(1e-3, 90, 100) == pytest.approx(1e-3 * 0.1 ** 0.9)
+    assert poly_lr(1e-3, 100, 100) == 0.0
+
+
+def test_frozen_batchnorm_stays_frozen(tiny_cfg):
+    model = build_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_freeze_bn": True}), 11).train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+
+
+def test_msc_returns_each_scale_and_their_max(tiny_cfg):
+    model = build_deeplab(tiny_cfg(**TINY_DL), 11).eval()
+    outs = msc_logits(model, torch.rand(1, 3, 64, 64))
+    assert len(outs) == 4 and all(o.shape == outs[0].shape for o in outs)
+    assert torch.equal(outs[3], torch.stack(outs[:3]).amax(0))
+
+
+def test_multiscale_flip_inference_equals_hand_composed_calls(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_deeplab(tiny_cfg(**TINY_DL), 11).eval()
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    got = predict_probs(model, image, scales=(0.5, 1.0), flip=True)
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None].float() / 255
+    parts = []
+    with torch.no_grad():
+        for size in ((20, 28), (40, 56)):
+            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                logits = model(xs.flip(-1) if flip else xs)
+                logits = logits.flip(-1) if flip else logits
+                parts.append(F.interpolate(logits, size=(40, 56), mode="bilinear",
+                                           align_corners=False)[0].softmax(0))
+    assert got.shape == (11, 40, 56)
+    assert torch.allclose(got, torch.stack(parts).mean(0), atol=1e-5)
+    assert torch.allclose(got.sum(0), torch.ones(40, 56), atol=1e-5)
+
+
+def _pseudo_dir(toy_root, tmp_path):
+    """Pseudo labels for train_aug made from the toy masks' classes, shifted: not ground truth,
+    the right format and sizes."""
+    from cpfcte.data.voc import read_split
+    from cpfcte.io import read_label_png, save_label_png
+
+    out = tmp_path / "pseudo"
+    for image_id in read_split(toy_root, "train_aug"):
+        m = read_label_png(toy_root / "SegmentationClassAug" / f"{image_id}.png")
+        m = np.where(m == 255, 0, m)
+        save_label_png(out / f"{image_id}.png", np.roll(m, 1, axis=1))
+    return out
+
+
+def test_training_refuses_ground_truth_as_pseudo_labels(tiny_cfg, toy_root, tmp_path):
+    cfg = tiny_cfg(**TINY_DL)
+    for gt in ("SegmentationClassAug", "SegmentationClass"):
+        with pytest.raises(CpfcteError, match="ground-truth folder"):
+            train_deeplab(cfg, toy_root / gt, tmp_path / "r", progress=False)
+    with pytest.raises(CpfcteError, match="pseudo-label folder not found"):
+        train_deeplab(cfg, tmp_path / "none", tmp_path / "r", progress=False)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_cfg, toy_root, tmp_path):
+    cfg = tiny_cfg(**TINY_DL)
+    pseudo = _pseudo_dir(toy_root, tmp_path)
+    full = train_deeplab(cfg, pseudo, tmp_path / "full", progress=False)
+    part = train_deeplab(cfg, pseudo, tmp_path / "part", max_iterations=2, progress=False)
+    assert part["iterations_done"] == 2 and not part["complete"]
+    done = train_deeplab(cfg, pseudo, tmp_path / "part", progress=False)
+    assert done["complete"] and [h["loss"] for h in done["history"]] == [
+        h["loss"] for h in full["history"]]
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CpfcteError, match="another config"):
+        train_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_lr": 1.0}), pseudo, tmp_path / "full",
+                      progress=False)
+
+
+def test_deeplab_stage_scores_val_and_writes_metrics(tiny_cfg, toy_root, tmp_path):
+    from cpfcte.deeplab import deeplab_stage
+
+    cfg = tiny_cfg(**TINY_DL)
+    m = deeplab_stage(cfg, _pseudo_dir(toy_root, tmp_path), tmp_path / "d", progress=False)
+    assert m["images"] == 4 and 0 <= m["miou"] <= 1 and 0 <= m["no_crf"]["miou"] <= 1
+    assert len(list((tmp_path / "d" / "val" / "pred_crf").glob("*.png"))) == 4
+    assert (tmp_path / "d" / "metrics.json").exists()
+
+
+def test_kazuto_key_mapping_and_init(tiny_cfg, tmp_path):
+    assert map_kazuto_key("base.layer1.conv1.conv.weight") == "backbone.conv1.weight"
+    assert map_kazuto_key("base.layer1.conv1.bn.running_mean") == "backbone.bn1.running_mean"
+    assert map_kazuto_key("base.layer3.block2.conv3x3.bn.weight") == "backbone.layer2.1.bn2.weight"
+    assert map_kazuto_key("base.layer2.block1.shortcut.conv.weight") == \
+        "backbone.layer1.0.downsample.0.weight"
+    assert map_kazuto_key("base.aspp.c3.bias") == "aspp.branches.3.bias"
+    assert map_kazuto_key("base.layer5.block3.increase.conv.weight") == \
+        "backbone.layer4.2.conv3.weight"
+    cfg = tiny_cfg(**{**TINY_DL, "deeplab_backbone": "resnet50",
+                      "deeplab_backbone_kwargs": {}})
+    src = build_deeplab(cfg, 11)
+    inverse = {}
+    names = {"conv1": "reduce", "conv2": "conv3x3", "conv3": "increase"}
+    for k, v in src.state_dict().items():               # write the model in kazuto's names
+        p = k.split(".")
+        if p[1] in ("conv1", "bn1"):
+            inverse[f"base.layer1.conv1.{'conv' if p[1] == 'conv1' else 'bn'}.{p[2]}"] = v
+        elif p[0] == "aspp":
+            inverse[f"base.aspp.c{p[2]}.{p[3]}"] = v
+        elif p[3] == "downsample":
+            inverse[f"base.layer{int(p[1][5:]) + 1}.block{int(p[2]) + 1}.shortcut."
+                    f"{'conv' if p[4] == '0' else 'bn'}.{p[5]}"] = v
+        else:
+            conv = "conv" if p[3].startswith("conv") else "bn"
+            inverse[f"base.layer{int(p[1][5:]) + 1}.block{int(p[2]) + 1}."
+                    f"{names['conv' + p[3][-1]]}.{conv}.{p[4]}"] = v
+    torch.save(inverse, tmp_path / "kazuto.pth")
+    dst = build_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_backbone": "resnet50",
+                                     "deeplab_backbone_kwargs": {}, "seed": 9}), 11)
+    load_init(dst, tmp_path / "kazuto.pth")
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CpfcteError, match="does not fit DeepLabv2"):
+        load_init(dst, tmp_path / "bad.pth")
+
+
+def test_resnet101_deeplabv2_parameter_count(tiny_cfg):
+    from cpfcte.deeplab import count_parameters
+
+    cfg = tiny_cfg(deeplab_backbone="resnet101", deeplab_backbone_kwargs={}, deeplab_pretrained=False)
+    # ResNet-101 without its classifier: 42,500,160; ASPP: 4 × (2048·3·3·21 + 21) = 1,548,372
+    assert count_parameters(build_deeplab(cfg, 21)) == 42_500_160 + 1_548_372
+
+
+def test_cli_deeplab_train_then_predict(tiny_cfg, toy_root, tmp_path, capsys):
+    import json
+
+    from cpfcte.cli import main
+
+    pseudo = _pseudo_dir(toy_root, tmp_path)
+    sets = [f"data_root={toy_root}", "deeplab_backbone=resnet10t",
+            "deeplab_backbone_kwargs={channels: [8, 8, 16, 16]}", "deeplab_crop=32",
+            "deeplab_batch=2", "deeplab_iterations=2", "deeplab_ckpt_every=1",
+            "deeplab_test_scales=[1.0]", "deeplab_flip_test=false", "deeplab_crf=false"]
+    main(["deeplab", "train", "--profile", "toy", "--pseudo", str(pseudo), "--run", "d",
+          "--set", *sets])
+    assert json.loads(capsys.readouterr().out)["complete"] is True
+    main(["deeplab", "predict", "--profile", "toy", "--run", "d"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 4 and out["miou"] == out["miou_no_crf"]
+    with pytest.raises(SystemExit):
+        main(["deeplab", "train", "--profile", "toy", "--pseudo",
+              str(toy_root / "SegmentationClassAug"), "--run", "e", "--set", *sets])
+    assert "ground-truth folder" in capsys.readouterr().err
