@@ -4,6 +4,7 @@
 # The first target run creates .venv and installs the pinned requirements (about 2 minutes).
 
 PROFILE ?= toy
+JOBS    ?= 2
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -26,14 +27,15 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 paper: $(STAMP)
-	$(PY) -m cpfcte paper --profile $(PROFILE)
+	$(PY) -m cpfcte paper --profile $(PROFILE) --jobs $(JOBS)
 
 report: $(STAMP)
 	$(PY) -m cpfcte report --profile $(PROFILE)
 
 test: $(STAMP)
 	rm -rf $(TEST_RUNS)
-	CPFCTE_RUNS=$(abspath $(TEST_RUNS)) $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	CPFCTE_RUNS=$(abspath $(TEST_RUNS)) CPFCTE_OUT=$(abspath $(TEST_RUNS))/out \
+	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks

@@ -10,7 +10,7 @@
     cpfcte deeplab train --profile toy --pseudo DIR --run NAME [--init PATH] [--set ...]
     cpfcte deeplab predict --profile toy --run NAME [--split val]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
-    cpfcte paper --profile toy [--only GROUP ...] [--dry-run]
+    cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N]
     cpfcte report --profile toy
 """
 
@@ -130,8 +130,11 @@ def _paper(args: argparse.Namespace) -> None:
     from cpfcte.batch import run_batch
     from cpfcte.report import write_all
 
-    results = run_batch(args.profile, only=args.only, dry_run=args.dry_run)
+    results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
+        from cpfcte.plan import print_plan
+
+        print_plan(args.profile, results)
         return
     outputs = write_all(args.profile)
     failed = {k: v for k, v in results.items() if v.get("status") not in ("done", "not applicable")}
@@ -225,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa = sub.add_parser("paper", help="run the batch of notebooks, then write tables/figures")
     pa.add_argument("--profile", default="toy")
     pa.add_argument("--only", nargs="*", help="groups (table1, fig5) or runs to run")
-    pa.add_argument("--dry-run", action="store_true", help="list what would run")
+    pa.add_argument("--dry-run", action="store_true",
+                    help="list what would run, with the estimated GPU time of each run")
+    pa.add_argument("--jobs", type=int, default=1,
+                    help="independent runs executed in parallel (one GPU each where there are several)")
     pa.set_defaults(func=_paper)
 
     rp = sub.add_parser("report", help="write tables/ and figures/ from the run folders")

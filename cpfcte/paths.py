@@ -2,7 +2,8 @@
 
 Notebooks run with their own folder as working directory (JupyterLab, nbval, papermill), so
 every default path is resolved from the project root, found by walking up to ``pyproject.toml``.
-``CPFCTE_DATA`` and ``CPFCTE_RUNS`` override the two data-carrying folders (tests use them).
+``CPFCTE_DATA`` and ``CPFCTE_RUNS`` override the two data-carrying folders and ``CPFCTE_OUT``
+the root of ``tables/`` and ``figures/`` (tests use them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def runs_dir() -> Path:
     """Root of the run folders (``runs/`` in the project unless ``CPFCTE_RUNS`` is set)."""
     env = os.environ.get("CPFCTE_RUNS")
     return Path(env).resolve() if env else project_root() / "runs"
+
+
+def output_dir(kind: str) -> Path:
+    """Where the report writes ``tables`` and ``figures``: the project's own folders unless
+    ``CPFCTE_OUT`` names another root (the notebook tests use one, so that running the report
+    notebooks never overwrites the project's tables and figures)."""
+    env = os.environ.get("CPFCTE_OUT")
+    return (Path(env).resolve() if env else project_root()) / kind
 
 
 def resolve(path: str | Path, base: Path) -> Path:

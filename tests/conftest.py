@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny toy dataset in the VOC layout and a tiny model config.
 
-Tests never read ../shared and never write into the project's data/ or runs/: CPFCTE_DATA and
-CPFCTE_RUNS point into pytest's temporary folders.
+Tests never read ../shared and never write into the project's data/, runs/, tables/ or figures/:
+CPFCTE_DATA, CPFCTE_RUNS and CPFCTE_OUT point into pytest's temporary folders.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ TINY_MODEL = dict(img_size=32, backbone_kwargs={"patch_size": 8, "embed_dim": 32
 def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("CPFCTE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("CPFCTE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CPFCTE_OUT", str(tmp_path / "out"))
 
 
 @pytest.fixture(scope="session")

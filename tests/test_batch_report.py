@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -117,18 +118,21 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
 
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not run (crf=False) |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not measured in runs/toy/pseudo_full |  |" in md
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17},
              crf={"miou": 0.5871, "params_text": "Gaussian (sxy 3, compat 3), ..."})
     paths = table1("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
-    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 |" in md
+    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 | -15.9 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 | -12.1 |" in md
     assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in md
     assert "all background | this run | none |  | 6.1 |" in md
-    assert "not comparable" in md and "profile: toy" in md
+    assert "not comparable" in md and "profile toy" in md
     rows = paths["csv"].read_text().splitlines()
     assert rows[0].startswith("Method,Pub.,Backbone") and len(rows) == 13
+    _metrics("pseudo_full_s1", 0.5323, crf={"miou": 0.6071, "params_text": "..."})
+    md = table1("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 59.7 ± 1.4 (n=2) | -11.1 |" in md
     for run, scale_miou, pps in (("pseudo_scale_1.0", 0.3, 8), ("pseudo_scale_2.0", 0.4, 16)):
         write_json(runs_dir() / "toy" / run / "metrics.json", {"miou": scale_miou,
                    "patches_per_side": pps, "infer_size": pps * 8})
@@ -140,7 +144,7 @@ def test_table1_marks_missing_and_failed_runs(tmp_path):
     from cpfcte.report import table1
 
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| 67.1 | not run (runs/toy/pseudo_full) |" in md
+    assert "| 67.1 | not run (runs/toy/pseudo_full) |  |" in md
     write_json(runs_dir() / "toy" / "pseudo_full" / "run.json",
                {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
@@ -149,7 +153,8 @@ def test_table1_marks_missing_and_failed_runs(tmp_path):
 
 def _deeplab_metrics(run, miou):
     write_json(runs_dir() / "toy" / run / "metrics.json",
-               {"miou": miou, "iou": [miou], "split": "val", "images": 120, "level": "segmentation",
+               {"stage": "deeplab", "miou": miou, "iou": [miou], "split": "val", "images": 120,
+                "level": "segmentation",
                 "backbone": "resnet10t", "parameters": 1364452, "iterations": 500,
                 "test_scales": [1.0], "flip": True, "no_crf": {"miou": miou - 0.05},
                 "pseudo_dir": "runs/toy/pseudo_trainaug/crf", "config_digest": "abc"})
@@ -160,15 +165,142 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
     _deeplab_metrics("deeplab_full", 0.5571)
     md = table2("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md and "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 | -13.8 |" in md
+    assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |  |" in md
     assert "1,364,452 parameters" in md and "without CRF: 50.7" in md
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |  |" in md
     _deeplab_metrics("deeplab_coco", 0.4012)
     _metrics("pseudo_coco", 0.3, crf={"miou": 0.4444, "params_text": "..."})
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
+    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 | +3.1 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 | -5.3 |" in md
     md = table3("voc", out_dir=tmp_path)["md"].read_text()
     assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
     assert (tmp_path / "table3.voc.md").exists() and "45.4" in md
+
+
+# ---- seeds, parallel runs, plans, kill + resume ------------------------------------------
+
+
+@pytest.fixture
+def seeded_batch(tmp_path):
+    nbdir = tmp_path / "nb2"
+    nbdir.mkdir()
+    code = ("import time\nfrom cpfcte.paths import run_path\n"
+            "d = run_path(profile, run_name)\nd.mkdir(parents=True, exist_ok=True)\n"
+            "time.sleep(float(sleep))\n"
+            "n = d / 'count.txt'\nn.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
+            "(d / 'seed.txt').write_text(str(seed) + ' ' + str(train_run))\n")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nseed = None\n'
+                                       'train_run = None\nsleep = 0')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, nbdir / "step.ipynb")
+    (nbdir / "batches.yaml").write_text(
+        "runs:\n"
+        "  train: {notebook: step.ipynb, seeds: {toy: [0, 1, 2], voc: [0]}}\n"
+        "  pseudo: {notebook: step.ipynb, needs: [train], params: {train_run: train},\n"
+        "           seeds: {toy: [0, 1, 2], voc: [0]}}\n"
+        "  summary: {notebook: step.ipynb, needs: [pseudo], params: {sleep: 3}}\n"
+        "groups:\n  t: {runs: [pseudo]}\n")
+    return nbdir / "batches.yaml"
+
+
+def test_seeds_expand_and_follow_their_needs(seeded_batch):
+    from cpfcte.batch import expand
+
+    runs, _ = expand(load_batch(seeded_batch), "toy")
+    assert list(runs) == ["train", "train_s1", "train_s2", "pseudo", "pseudo_s1", "pseudo_s2",
+                          "summary"]
+    assert runs["pseudo_s2"].needs == ["train_s2"] and runs["pseudo_s2"].params["seed"] == 2
+    assert runs["summary"].needs == ["pseudo", "pseudo_s1", "pseudo_s2"]
+    assert list(expand(load_batch(seeded_batch), "voc")[0]) == ["train", "pseudo", "summary"]
+    res = run_batch("toy", batch_path=seeded_batch, only=["t"], jobs=2, log=lambda *_: None)
+    assert all(r["status"] == "done" for r in res.values()) and len(res) == 6
+    assert (runs_dir() / "toy" / "pseudo_s2" / "seed.txt").read_text() == "2 toy/train_s2"
+
+
+def test_dry_run_plans_without_executing(seeded_batch, capsys):
+    from cpfcte.plan import print_plan
+
+    res = run_batch("toy", batch_path=seeded_batch, dry_run=True, log=lambda *_: None)
+    assert all(r.get("dry_run") for r in res.values()) and len(res) == 7
+    assert not (runs_dir() / "toy").exists()
+    out = capsys.readouterr().out
+    res = run_batch("voc", dry_run=True, log=lambda *_: None)       # the project's own batch
+    total = print_plan("voc", res)
+    out = capsys.readouterr().out
+    assert "deeplab_full" in out and "reference H200 figures" in out
+    # 10 stage-1 trainings of 50 epochs × 10,582 images at 777 img/s alone take 1.9 h
+    assert 5 < total / 3600 < 20 and not (runs_dir() / "voc").exists()
+
+
+def test_killed_batch_resumes_without_redoing_finished_runs(seeded_batch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from cpfcte.batch import run_batch; "
+            f"run_batch('toy', batch_path={str(seeded_batch)!r}, log=print)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    summary = runs_dir() / "toy" / "summary" / "run.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not summary.exists():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)                 # the batch and its kernel, midway
+    proc.wait()
+    assert json.loads(summary.read_text())["status"] == "running"
+    counts = {r: (runs_dir() / "toy" / r / "count.txt").read_text() for r in
+              ("train", "train_s2", "pseudo_s1")}
+    res = run_batch("toy", batch_path=seeded_batch, log=lambda *_: None)
+    assert res["summary"]["status"] == "done"
+    assert all(res[r].get("action") == "skipped (unchanged)" for r in counts)
+    assert counts == {r: (runs_dir() / "toy" / r / "count.txt").read_text() for r in counts}
+
+
+def test_every_table_and_figure_of_the_paper_has_a_batch_entry():
+    from cpfcte.batch import group_runs
+
+    batch = load_batch()
+    assert {f"table{i}" for i in range(1, 6)} | {f"fig{i}" for i in range(4, 8)} <= set(batch.groups)
+    for name, group in batch.groups.items():
+        assert group_runs(group), name
+        assert all(r in batch.runs for r in group_runs(group)), name
+        assert group.get("level"), name                # each group says how it is scored
+
+
+def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
+    from cpfcte.report import table4, table5
+
+    def pseudo(run, crf, seed=0):
+        write_json(runs_dir() / "toy" / run / "metrics.json",
+                   {"miou": crf - 0.05, "crf": {"miou": crf}, "iou": [crf], "config_digest": "d" + run})
+        write_json(runs_dir() / "toy" / run / "run.json",
+                   {"status": "done", "seconds": 60, "hardware": "x86_64 2 cores, no GPU",
+                    "params": {"seed": seed, "profile": "toy"}, "notebook": "03_pseudo_labels.ipynb"})
+
+    for run, vals in (("pseudo_base", (0.60, 0.62, 0.64)), ("pseudo_full", (0.70, 0.72, 0.74))):
+        for seed, v in enumerate(vals):
+            pseudo(run if seed == 0 else f"{run}_s{seed}", v, seed)
+    pseudo("pseudo_tokens", 0.66)                                    # one seed only
+    write_json(runs_dir() / "toy" / "pseudo_lstm" / "run.json",
+               {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
+    paths = table4("toy", out_dir=tmp_path)
+    md = paths["md"].read_text()
+    assert "| ✓ |  |  | 65.2 | 62.0 ± 2.0 (n=3) | -3.2 |" in md
+    assert "| ✓ | ✓ | ✓ | 69.5 | 72.0 ± 2.0 (n=3) | +2.5 |" in md
+    assert "| ✓ | ✓ |  | 67.1 | 66.0 (n=1) |" not in md and "| 67.1 | 66.0 | -1.1 |" in md
+    assert "failed: see runs/toy/pseudo_lstm/03_pseudo_labels.ipynb" in md
+    assert "level: pseudo-label" in md and "seeds [0, 1, 2]" in md
+    assert "hardware x86_64 2 cores, no GPU" in md and "code " in md and "dataset " in md
+    assert "config dpseudo_base" in md and "run time" in md
+    tex = paths["tex"].read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"\checkmark" in tex
+    md5 = table5("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| ✓ |  |  | 67.7 | not run (runs/toy/pseudo_gap) |" in md5
+    assert "|  |  | ✓ | 69.5 | 72.0 ± 2.0 (n=3) | +2.5 |" in md5
