@@ -35,10 +35,11 @@ report: $(STAMP)
 test: $(STAMP)
 	rm -rf $(TEST_RUNS)
 	CPFCTE_RUNS=$(abspath $(TEST_RUNS)) CPFCTE_OUT=$(abspath $(TEST_RUNS))/out \
+	  CPFCTE_BROWSER_OUT=$(abspath $(TEST_RUNS))/browser \
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 lab: $(STAMP)
-	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks
+	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-runs:
 	rm -rf runs

@@ -541,8 +541,17 @@ def write_all(profile: str = "toy") -> dict[str, dict]:
 # figures for the notebooks
 
 
+def keep(fig, path: str | Path):
+    """Save a notebook figure (PNG, atomically) beside the run's other outputs; return it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    return fig
+
+
 def plot_training(run_dir: str | Path):
-    """Loss and label accuracy per epoch of a training run."""
+    """Loss and label accuracy per epoch of a training run (also saved to the run folder as
+    training_curves.png)."""
     import matplotlib.pyplot as plt
 
     history = read_json(Path(run_dir) / "train_summary.json")["history"]
@@ -560,7 +569,7 @@ def plot_training(run_dir: str | Path):
             for ax in axes:
                 ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="gray", alpha=0.1)
     fig.tight_layout()
-    return fig
+    return keep(fig, Path(run_dir) / "training_curves.png")
 
 
 def colorize(labels) -> "object":

@@ -129,6 +129,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     use_amp = cfg.amp and device.type == "cuda"
 
+    epochs_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="training", unit="epoch",
+                      disable=not progress)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
         for group in optimizer.param_groups:
@@ -167,10 +169,13 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         history.append(record)
         torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1, "history": history, "digest": cfg.digest()}, ckpt_path)
+        epochs_bar.update(1)
+        epochs_bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['label_accuracy']:.3f}")
         logger.info(json.dumps(record))
         with open(run_dir / LOG, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    epochs_bar.close()
     summary = {"epochs_done": len(history), "epochs": cfg.epochs,
                "complete": len(history) >= cfg.epochs, "history": history,
                "digest": cfg.digest(), "device": str(device)}

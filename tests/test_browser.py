@@ -1,0 +1,145 @@
+"""JupyterLab in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
+by selenium) opens notebooks/02_train.ipynb in a JupyterLab served on 127.0.0.1, runs all cells
+at the toy defaults, and checks that no cell errs, that the tqdm progress bar rendered as a
+widget and that the training figure rendered inline; a screenshot is saved.
+
+The test needs ``chromium`` and ``chromedriver`` on the PATH (``apt-get install chromium
+chromium-driver``, which ``.ci/run`` does); without them it is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+           "chromium-driver); .ci/run installs them")
+
+STATE_JS = """
+const app = window.jupyterapp;
+if (!app || !app.shell.currentWidget || !app.shell.currentWidget.sessionContext) return null;
+const w = app.shell.currentWidget;
+const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+const cells = w.content.model.cells;
+let pending = 0, errors = [], widgets = 0;
+for (let i = 0; i < cells.length; i++) {
+  const c = cells.get(i);
+  if (c.type !== 'code') continue;
+  if (c.executionCount === null) pending++;
+  for (let j = 0; j < c.outputs.length; j++) {
+    const o = c.outputs.get(j);
+    if (o.type === 'error') errors.push(o.toJSON().ename + ': ' + o.toJSON().evalue);
+    if (o.data && o.data['application/vnd.jupyter.widget-view+json']) widgets++;
+  }
+}
+return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: errors,
+        widgets: widgets,
+        progress: document.querySelectorAll('.jupyter-widgets [class*="progress"], progress').length,
+        images: document.querySelectorAll('.jp-OutputArea-output img').length};
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A JupyterLab on 127.0.0.1 over a copy of the notebooks (autosave never touches the
+    project's), with its own settings, runtime and run folders."""
+    from cpfcte.data import prepare_toy
+
+    prepare_toy(progress=False)                      # into CPFCTE_DATA (a temporary folder)
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    shutil.copy(ROOT / "notebooks" / "02_train.ipynb", nb_dir)
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
+         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={nb_dir}",
+         "--allow-root",
+         "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.3)
+    try:
+        yield f"http://127.0.0.1:{port}/lab/tree/02_train.ipynb?token={token}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_02_train_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1100", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / "lab_02_train.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get(lab)
+        state, deadline = None, time.time() + 120
+        while time.time() < deadline:               # the notebook open and its kernel idle
+            state = driver.execute_script(STATE_JS)
+            if state and state["kernel"] == "idle":
+                break
+            time.sleep(0.5)
+        assert state and state["kernel"] == "idle", f"kernel never became idle: {state}"
+        driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+        seen_progress, deadline = 0, time.time() + 300
+        time.sleep(1.0)
+        while time.time() < deadline:
+            state = driver.execute_script(STATE_JS)
+            seen_progress = max(seen_progress, state["progress"])
+            if state["pending"] == 0 and state["kernel"] == "idle":
+                break
+            time.sleep(0.4)
+        time.sleep(1.0)                              # let the last outputs render
+        state = driver.execute_script(STATE_JS)
+        for button in driver.find_elements(By.XPATH, "//button[normalize-space()='No']"):
+            button.click()                           # the "Jupyter news?" toast
+        driver.execute_script(                       # the training cell: its bar, then the plot
+            "const nb = window.jupyterapp.shell.currentWidget.content;"
+            "nb.activeCellIndex = 2; nb.activeCell.node.scrollIntoView();")
+        time.sleep(0.5)
+        driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    print(f"screenshot: {shot}")
+    assert state["pending"] == 0, f"cells left unexecuted: {state}"
+    assert state["errors"] == [], f"cells raised: {state['errors']}"
+    assert seen_progress > 0 and state["widgets"] > 0, f"the tqdm progress widget never rendered: {state}"
+    assert state["images"] >= 1, "no figure rendered inline"
+    assert shot.stat().st_size > 10_000
