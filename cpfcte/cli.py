@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,12 +66,29 @@ def _train(args: argparse.Namespace) -> None:
     from cpfcte.paths import run_path
     from cpfcte.train import train
 
+    from cpfcte.config import config_from_dict
+    from cpfcte.io import read_json
+    from cpfcte.train import train_distributed
+
     overrides = parse_set_args(args.set)
     if args.weights:
         overrides["weights"] = args.weights
-    cfg = load_config(args.profile, overrides)
-    run_dir = run_path(cfg.profile, args.run)
-    summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
+    if args.from_config:
+        cfg = config_from_dict({**read_json(args.from_config), **overrides},
+                               args.from_config).validate()
+    else:
+        cfg = load_config(args.profile, overrides)
+    if args.run is None and not args.from_config:
+        raise CpfcteError("cpfcte train needs --run NAME (or --from-config, whose folder is "
+                          "the run folder)")
+    run_dir = (run_path(cfg.profile, args.run) if args.run
+               else Path(args.from_config).resolve().parent)
+    if args.nproc > 1:
+        summary = train_distributed(cfg, run_dir, args.nproc)
+    else:
+        summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     last = summary["history"][-1] if summary["history"] else {}
     print(json.dumps({"run_dir": str(run_dir), "epochs_done": summary["epochs_done"],
                       "complete": summary["complete"], "last": last}, indent=2))
@@ -183,9 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="stage 1: train CPF-CTE (resumes a run folder)")
     tr.add_argument("--profile", default="toy")
-    tr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
+    tr.add_argument("--run", help="run name (runs/<profile>/<run>) or folder")
     tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override profile fields")
     tr.add_argument("--weights", help="local backbone checkpoint (offline clusters)")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="processes (GPUs) through torchrun; gloo on CPUs")
+    tr.add_argument("--from-config", help="a config.json to train (instead of --profile/--set)")
     tr.add_argument("--max-epochs", type=int, help="stop after this many epochs (resumable)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run folder's unfinished checkpoint")

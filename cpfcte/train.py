@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -95,18 +96,60 @@ def make_model(cfg: Config) -> CPFCTE:
     return build_model(cfg, len(classes_for(cfg.dataset)))
 
 
+def dist_info() -> tuple[int, int, int]:
+    """(world size, rank, local rank) under torchrun; (1, 0, 0) otherwise. Initialises the
+    process group (NCCL on GPUs, gloo on CPUs) on first use."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world == 1:
+        return 1, 0, 0
+    return world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer: equal on every rank after a DDP run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
           resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume) into ``run_dir``; returns the summary also written to
     ``train_summary.json``. ``max_epochs`` stops this call after that many epochs (as a killed
     run would; the next call resumes). With ``resume=False`` a run folder that already holds an
-    unfinished checkpoint is an error instead of being continued."""
+    unfinished checkpoint is an error instead of being continued.
+
+    Under torchrun (``cpfcte train --nproc N``) each process trains on its DistributedSampler
+    share with batch_size / N images per step (the global batch stays ``batch_size``); DDP keeps
+    the replicas identical; rank 0 alone writes the config, checkpoints and logs; every rank
+    writes ``rank<r>.digest``, the hash of its final weights."""
     from tqdm.auto import tqdm
 
+    world, rank, local = dist_info()
+    if cfg.batch_size % world:
+        raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg)
-    logger = _file_logger(run_dir)
+    if rank == 0:
+        prepare_run_dir(run_dir, cfg)
+    _barrier(world)
+    logger = _file_logger(run_dir) if rank == 0 else logging.getLogger("cpfcte.quiet")
     device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    progress = progress and rank == 0
     classes = classes_for(cfg.dataset)
     voc = VOCDataset(dataset_root(cfg), cfg.train_split, classes)
     data = ClassificationData(voc, cfg.img_size, cfg.hflip, cfg.seed)
@@ -128,59 +171,103 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     use_amp = cfg.amp and device.type == "cuda"
+    per_rank = cfg.batch_size // world
+    wrapped, wrapped_frozen = model, None
 
     epochs_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="training", unit="epoch",
                       disable=not progress)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
+        frozen = bool(warm and cfg.freeze_backbone_warmup)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_warmup if warm else cfg.lr
-        model.backbone.requires_grad_(not (warm and cfg.freeze_backbone_warmup))
+        model.backbone.requires_grad_(not frozen)
+        if world > 1 and wrapped_frozen != frozen:  # DDP fixes its parameter set when built
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[local] if device.type == "cuda" else None)
+            wrapped_frozen = frozen
         model.train()
         data.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                            drop_last=len(data) > cfg.batch_size,
-                            persistent_workers=False)
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank,
+                                                          shuffle=True, seed=cfg.seed,
+                                                          drop_last=True)
+            sampler.set_epoch(epoch)
+            shuffle_kw = {"sampler": sampler}
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            shuffle_kw = {"shuffle": True, "generator": gen}
+        loader = DataLoader(data, batch_size=per_rank, num_workers=cfg.workers,
+                            pin_memory=device.type == "cuda",
+                            drop_last=len(data) > cfg.batch_size, persistent_workers=False,
+                            **shuffle_kw)
         t0 = time.time()
-        total = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
+        sums = torch.zeros(3, device=device)           # loss·n, correct, n
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
         for x, y in bar:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x)
+                out = wrapped(x)
             p = pool(out["z"].float(), cfg.pooling, cfg.k)
             loss = mce_loss(p, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.detach() * len(x)
-            correct += ((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum()
-            seen += len(x)
+            sums += torch.stack([loss.detach() * len(x),
+                                 ((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum(),
+                                 torch.tensor(float(len(x)), device=device)])
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        total, correct, seen = sums.tolist()
         record = {"epoch": epoch + 1, "lr": cfg.lr_warmup if warm else cfg.lr,
-                  "backbone_frozen": bool(warm and cfg.freeze_backbone_warmup),
-                  "loss": float(total) / seen, "label_accuracy": float(correct) / seen,
-                  "seconds": round(time.time() - t0, 3)}
+                  "backbone_frozen": frozen, "loss": total / seen,
+                  "label_accuracy": correct / seen, "seconds": round(time.time() - t0, 3)}
         history.append(record)
-        torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1, "history": history, "digest": cfg.digest()}, ckpt_path)
-        epochs_bar.update(1)
-        epochs_bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['label_accuracy']:.3f}")
-        logger.info(json.dumps(record))
-        with open(run_dir / LOG, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if rank == 0:
+            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1, "history": history, "digest": cfg.digest()},
+                       ckpt_path)
+            epochs_bar.update(1)
+            epochs_bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                   acc=f"{record['label_accuracy']:.3f}")
+            logger.info(json.dumps(record))
+            with open(run_dir / LOG, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        _barrier(world)
 
     epochs_bar.close()
     summary = {"epochs_done": len(history), "epochs": cfg.epochs,
                "complete": len(history) >= cfg.epochs, "history": history,
-               "digest": cfg.digest(), "device": str(device)}
-    write_json(run_dir / "train_summary.json", summary)
+               "digest": cfg.digest(), "device": str(device), "processes": world}
+    if world > 1:
+        (run_dir / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
+    if rank == 0:
+        write_json(run_dir / "train_summary.json", summary)
+    _barrier(world)
     return summary
+
+
+def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:
+    """Run ``train`` in ``nproc`` processes through torchrun (one GPU each where there are
+    several; gloo on CPUs) and return rank 0's summary. Multi-node: call torchrun yourself with
+    its rendezvous options on ``python -m cpfcte train --from-config ...`` (README)."""
+    import subprocess
+    import sys
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch = run_dir / "launch_config.json"
+    write_json(launch, cfg.to_dict())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "cpfcte", "train", "--from-config",
+           str(launch.resolve()), "--resume"]  # the run folder: the launch config's folder
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise CpfcteError(f"distributed training in {run_dir} failed (torchrun exit "
+                          f"{done.returncode}); see its output above and {run_dir / 'log.txt'}")
+    return read_json(run_dir / "train_summary.json")
 
 
 def load_checkpoint(path: Path, cfg: Config | None = None) -> dict:
