@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from cpfcte.crf import CRFParams
 from cpfcte.errors import CpfcteError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -68,12 +69,12 @@ class Config:
     infer_size: int = 960              # images are resized to infer_size × infer_size
     infer_batch: int = 8
     # --- dense CRF (Sec. 3.4, note 8; cpfcte.crf.CRFParams documents the defaults) ------------
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 80.0
-    crf_bilateral_srgb: float = 13.0
-    crf_bilateral_compat: float = 10.0
-    crf_iterations: int = 10
+    crf_gaussian_sxy: float = CRFParams.gaussian_sxy
+    crf_gaussian_compat: float = CRFParams.gaussian_compat
+    crf_bilateral_sxy: float = CRFParams.bilateral_sxy
+    crf_bilateral_srgb: float = CRFParams.bilateral_srgb
+    crf_bilateral_compat: float = CRFParams.bilateral_compat
+    crf_iterations: int = CRFParams.iterations
     crf_workers: int = 0               # processes for the CRF stage; 0 = every core
     # --- DeepLabv2 on the pseudo labels (Sec. 4.2, note 9; cpfcte.deeplab) -------------------
     deeplab_backbone: str = "resnet101.tv_in1k"  # timm ResNet, output stride 8
@@ -132,9 +133,7 @@ class Config:
                     "checkpoint; random_init_ok=true exists for deliberate experiments only")
         return self
 
-    def crf_params(self):
-        from cpfcte.crf import CRFParams
-
+    def crf_params(self) -> CRFParams:
         return CRFParams(self.crf_gaussian_sxy, self.crf_gaussian_compat, self.crf_bilateral_sxy,
                          self.crf_bilateral_srgb, self.crf_bilateral_compat, self.crf_iterations)
 

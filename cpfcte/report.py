@@ -424,14 +424,19 @@ def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
     ax.set_ylabel("pseudo-label mIoU (%)")
     ax.set_xticks(xs)
     ax.margins(y=0.12)
-    ax.set_title(_title("Fig. 5: inference size", profile), fontsize=9)
-    ax.grid(alpha=0.3)
     if not profile.startswith("toy"):
         ax.axvline(paper_values.FIG5_PAPER_PATCHES, color="gray", ls="--", lw=1,
                    label="paper's choice (960 px)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths = save_figure(fig, "fig5", profile, out_dir)
-    plt.close(fig)
+    return _finish(fig, ax, "fig5", "Fig. 5: inference size", profile, out_dir)
+
+
+def _finish(fig, ax, name: str, title: str, profile: str, out_dir: Path | None) -> dict[str, Path]:
+    """The common end of a line figure: title, grid, legend outside, saved as PNG and PDF."""
+    ax.set_title(_title(title, profile), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    paths = save_figure(fig, name, profile, out_dir)
+    _plt().close(fig)
     return paths
 
 
@@ -450,17 +455,13 @@ def fig4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
         ax.annotate(f"{y:.1f}", (i, y), textcoords="offset points", xytext=(0, 7), ha="center",
                     fontsize=7)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
-    ax.axvline(list(ks).index(4) if 4 in ks else 0, color="gray", ls="--", lw=1,
-               label="paper's choice: k = 4 (69.5% after DeepLabv2)")
+    if 4 in ks:
+        ax.axvline(list(ks).index(4), color="gray", ls="--", lw=1,
+                   label="paper's choice: k = 4 (69.5% after DeepLabv2)")
     ax.set_xlabel("k (top-k pooling)")
     ax.set_ylabel("mIoU (%)")
     ax.margins(y=0.15)
-    ax.grid(alpha=0.3)
-    ax.set_title(_title("Fig. 4: top-k", profile), fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths = save_figure(fig, "fig4", profile, out_dir)
-    plt.close(fig)
-    return paths
+    return _finish(fig, ax, "fig4", "Fig. 4: top-k", profile, out_dir)
 
 
 def fig7(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] | None:

@@ -11,12 +11,12 @@ from cpfcte.io import write_json
 from cpfcte.paths import runs_dir
 
 
-def _notebook(path: Path, code: str) -> None:
+def _notebook(path: Path, code: str,
+              params_src: str = 'profile = "toy"\nrun_name = "x"\nfail = False\nother = None') -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
-    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nfail = False\n'
-                                       'other = None')
+    params = nbformat.v4.new_code_cell(params_src)
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(code)]
     nbformat.write(nb, path)
@@ -192,13 +192,8 @@ def seeded_batch(tmp_path):
             "time.sleep(float(sleep))\n"
             "n = d / 'count.txt'\nn.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
             "(d / 'seed.txt').write_text(str(seed) + ' ' + str(train_run))\n")
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    params = nbformat.v4.new_code_cell('profile = "toy"\nrun_name = "x"\nseed = None\n'
-                                       'train_run = None\nsleep = 0')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(code)]
-    nbformat.write(nb, nbdir / "step.ipynb")
+    _notebook(nbdir / "step.ipynb", code, 'profile = "toy"\nrun_name = "x"\nseed = None\n'
+              'train_run = None\nsleep = 0')
     (nbdir / "batches.yaml").write_text(
         "runs:\n"
         "  train: {notebook: step.ipynb, seeds: {toy: [0, 1, 2], voc: [0]}}\n"
