@@ -148,6 +148,16 @@ def crf_image(image_path: str, probs_path: str, out_path: str, params: dict) -> 
     return Path(out_path).stem
 
 
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool whose workers start from a clean forkserver process, not forked from the caller:
+    a worker forked from a Jupyter kernel inherits its messaging sockets and, when it exits,
+    can garble the kernel's output stream."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("forkserver"))
+
+
 def clean_partial(out_dir: Path) -> int:
     """Remove temporary files a killed run left behind (never a finished PNG)."""
     n = 0
@@ -201,7 +211,7 @@ def _run_pool(jobs, p, workers, failed, bar) -> list:
     pool (a job that kills that one is the culprit and is reported), the rest go back to a pool.
     """
     broken = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         futures = [(pool.submit(crf_image, *job, p), job) for job in jobs]
         for fut, job in futures:
             try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -442,7 +441,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, c
 
     from tqdm.auto import tqdm
 
-    from cpfcte.crf import clean_partial
+    from cpfcte.crf import clean_partial, process_pool
     from cpfcte.guard import refuse_ground_truth
     from cpfcte.io import save_label_png
 
@@ -453,7 +452,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, c
         clean_partial(d)
     t0 = time.time()
     workers = workers or os.cpu_count() or 1
-    pool = ProcessPoolExecutor(max_workers=workers) if crf_params else None
+    pool = process_pool(workers) if crf_params else None
     pending = []
     try:
         for i in tqdm(range(len(voc)), desc="DeepLabv2 predict", disable=not progress,
