@@ -114,7 +114,7 @@ def write_baselines(voc: VOCDataset, out_root: str | Path) -> dict[str, Path]:
         for i, image_id in enumerate(voc.ids):
             path = folder / f"{image_id}.png"
             if not path.exists():
-                w, h = voc.image(i).size
+                w, h = voc.image_size(i)
                 save_label_png(path, baseline_mask(kind, voc.labels(i), (h, w)))
         out[kind] = folder
     return out

@@ -98,9 +98,12 @@ def test_missing_dataset_folder_says_how_to_make_it(tmp_path):
 
 def test_corrupt_jpeg_is_named(broken_root):
     voc = VOCDataset(broken_root, "train", TOY_CLASSES)
+    assert voc.image_size(0) == voc.image(0).size
     voc.image_path(0).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(CpfcteError, match=f"{voc.ids[0]}.jpg: cannot decode image"):
         voc.image(0)
+    with pytest.raises(CpfcteError, match=f"{voc.ids[0]}.jpg: cannot read image header"):
+        voc.image_size(0)
 
 
 def test_malformed_xml_is_named(broken_root):

@@ -104,6 +104,18 @@ class VOCDataset:
     def image(self, index: int) -> Image.Image:
         return read_image(self.image_path(index))
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) from the image header, without decoding the pixels."""
+        path = self.image_path(index)
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except FileNotFoundError:
+            raise CpfcteError(f"{path}: image not found") from None
+        except Exception as e:
+            raise CpfcteError(f"{path}: cannot read image header ({e}); the file is corrupt: "
+                              "regenerate or re-download it") from None
+
     def label_names(self, index: int) -> list[str]:
         return _annotation(self.root / "Annotations" / f"{self.ids[index]}.xml", self.classes)
 
