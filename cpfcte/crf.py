@@ -172,7 +172,7 @@ def crf_stage(jobs: list[tuple[str, str, str]], params: CRFParams, *, workers: i
     """Run ``crf_image`` over ``jobs`` = [(image, probs.npz, out.png)], skipping outputs that
     exist. ``workers`` = 0 uses every core; 1 runs in this process. Returns counts, seconds and
     the images that failed (with their error)."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     from cpfcte.guard import refuse_ground_truth
 

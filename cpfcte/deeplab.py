@@ -292,7 +292,7 @@ def check_pseudo_labels(label_dir: Path, voc) -> Path:
 def train_deeplab(cfg, pseudo_dir: str | Path, run_dir: str | Path, *,
                   max_iterations: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) DeepLabv2 on ``pseudo_dir`` into ``run_dir``."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     from cpfcte.data import classes_for, dataset_root
     from cpfcte.data.voc import VOCDataset
@@ -439,7 +439,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, c
     import os
     from dataclasses import asdict
 
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     from cpfcte.crf import clean_partial, process_pool
     from cpfcte.guard import refuse_ground_truth

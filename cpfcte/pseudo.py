@@ -65,7 +65,7 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
     """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png`` and, with ``probs_dir``,
     the masked patch-grid probabilities the CRF stage starts from (``<id>.npz``, only the
     classes of the image label); skip the images whose outputs are all present."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     from cpfcte.crf import clean_partial, save_grid_probs
 

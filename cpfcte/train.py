@@ -135,7 +135,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     share with batch_size / N images per step (the global batch stays ``batch_size``); DDP keeps
     the replicas identical; rank 0 alone writes the config, checkpoints and logs; every rank
     writes ``rank<r>.digest``, the hash of its final weights."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     world, rank, local = dist_info()
     if cfg.batch_size % world:

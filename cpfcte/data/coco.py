@@ -110,7 +110,7 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
                  classes: tuple[str, ...] | None = None, splits: dict[str, str] | None = None,
                  known_counts: dict[str, int] | None = KNOWN_COUNTS, allow_partial: bool = False,
                  progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     from cpfcte.data.coco_classes import COCO_CLASSES
 

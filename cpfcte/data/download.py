@@ -63,7 +63,7 @@ def md5sum(path: Path) -> str:
 
 def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: float = 60) -> Path:
     """Download ``archive`` into ``downloads``; resume a ``.part`` file; verify; return the path."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / archive.name

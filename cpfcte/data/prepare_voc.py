@@ -73,7 +73,7 @@ def _require(path: Path, what: str, fix: str) -> Path:
 
 def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | None = None, *,
                 allow_partial: bool = False, progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     get = "download it with `cpfcte data download voc --to DIR` (or by hand)"

@@ -293,7 +293,7 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
     """Write the toy dataset to ``root`` (idempotent: an existing dataset made from the same
     spec is kept). The dataset is built in a sibling folder and renamed into place, so an
     interrupted generation never leaves a half-written dataset at ``root``."""
-    from tqdm.auto import tqdm
+    from cpfcte.progress import progress_bar as tqdm
 
     root = Path(root)
     if not force and is_complete(root, spec):
