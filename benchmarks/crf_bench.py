@@ -11,6 +11,7 @@ prints images per second with ratios to the 1-worker, all-class baseline measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpfcte.crf import CRFParams, crf_stage, save_grid_probs
+from cpfcte.config import CRFConfig
+from cpfcte.crf import CRFJob, crf_stage, save_grid_probs
 
 
 def make_inputs(folder: Path, n: int, classes: int, present: int, seed: int = 0):
@@ -40,8 +42,8 @@ def make_inputs(folder: Path, n: int, classes: int, present: int, seed: int = 0)
         grid = grid * labels[:, None, None]
         grid /= grid.sum(0, keepdims=True)
         save_grid_probs(folder / f"{i:04d}.npz", grid, labels)
-        jobs.append((str(folder / f"{i:04d}.jpg"), str(folder / f"{i:04d}.npz"),
-                     str(folder / "out" / f"{i:04d}.png")))
+        jobs.append(CRFJob(str(folder / "out" / f"{i:04d}.png"), str(folder / f"{i:04d}.jpg"),
+                           str(folder / f"{i:04d}.npz")))
     return jobs
 
 
@@ -52,7 +54,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=10)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    params = CRFParams(iterations=args.iterations)
+    params = CRFConfig(iterations=args.iterations)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="crf-bench-"))
     try:
@@ -64,7 +66,7 @@ def main() -> None:
             for workers in (1, cores):
                 shutil.rmtree(folder / "out", ignore_errors=True)
                 t0 = time.perf_counter()
-                r = crf_stage(jobs, params, workers=workers, progress=False)
+                r = crf_stage(jobs, dataclasses.replace(params, workers=workers), progress=False)
                 dt = time.perf_counter() - t0
                 assert not r["failed"], r["failed"]
                 rows.append((label, workers, args.images / dt))

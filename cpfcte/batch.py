@@ -1,7 +1,7 @@
-"""The batch runner behind `make paper`: papermill executes each run of the batch file.
+"""The batch runner behind `make paper`: papermill executes each run of the catalog.
 
-The batch file (``notebooks/batches.yaml``) declares runs (a notebook, its parameters, the runs
-it needs) and groups (which runs feed which table or figure). For each run, in file order:
+The runs, their needs and the groups that feed each table or figure are declared in the
+catalog (``cpfcte.catalog``, ``notebooks/batches.yaml``). For each run, in file order:
 
 * its *stamp* hashes the notebook, the parameters, the profile file, the library's code and the
   stamps of the runs it needs;
@@ -24,133 +24,28 @@ import json
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from cpfcte.catalog import (RUN_FILE, Batch, Run, expand, group_reads, load_batch,
+                            run_status)
 from cpfcte.config import PROFILE_DIR
 from cpfcte.errors import CpfcteError
-from cpfcte.io import read_json, write_json
-from cpfcte.paths import project_root, runs_dir
-
-RUN_FILE = "run.json"
-
-
-@dataclass
-class Run:
-    name: str
-    notebook: str
-    params: dict[str, Any] = field(default_factory=dict)
-    needs: list[str] = field(default_factory=list)
-    profiles: dict[str, str] | None = None   # batch profile → notebook profile; None: same
-    seeds: dict[str, list[int]] | None = None  # batch profile → seeds; None: one run
-
-    def profile_for(self, batch_profile: str) -> str | None:
-        """The profile the notebook runs with, or None when the run is not part of this
-        batch profile (e.g. the COCO runs of a voc batch)."""
-        if self.profiles is None:
-            return batch_profile
-        return self.profiles.get(batch_profile)
-
-
-@dataclass
-class Batch:
-    runs: dict[str, Run]
-    groups: dict[str, dict[str, Any]]
-    path: Path
-
-
-def batch_file() -> Path:
-    return project_root() / "notebooks" / "batches.yaml"
-
-
-def load_batch(path: str | Path | None = None) -> Batch:
-    path = Path(path) if path else batch_file()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CpfcteError(f"{path}: batch file not found") from None
-    except yaml.YAMLError as e:
-        raise CpfcteError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict) or "runs" not in raw:
-        raise CpfcteError(f"{path}: a batch file needs a 'runs' mapping")
-    runs: dict[str, Run] = {}
-    for name, spec in raw["runs"].items():
-        spec = spec or {}
-        unknown = set(spec) - {"notebook", "params", "needs", "profiles", "seeds"}
-        if unknown or "notebook" not in spec:
-            raise CpfcteError(f"{path}: run {name!r} needs 'notebook' and may have 'params', "
-                              f"'needs', 'profiles' and 'seeds' (unknown: {sorted(unknown)})")
-        for need in spec.get("needs", []):
-            if need not in runs:
-                raise CpfcteError(f"{path}: run {name!r} needs {need!r}, which is not declared "
-                                  "above it")
-        runs[name] = Run(name, spec["notebook"], dict(spec.get("params") or {}),
-                         list(spec.get("needs") or []), spec.get("profiles"), spec.get("seeds"))
-    groups = raw.get("groups") or {}
-    for gname, group in groups.items():
-        for r in group_runs(group):
-            if r not in runs:
-                raise CpfcteError(f"{path}: group {gname!r} names unknown run {r!r}")
-    return Batch(runs, groups, path)
-
-
-def group_runs(group: dict) -> list[str]:
-    """Every run a group reads: its ``runs`` list and the runs named in its ``rows``."""
-    names = list(group.get("runs", []))
-    for row in (group.get("rows") or {}).values():
-        names += list(row.values()) if isinstance(row, dict) else [row]
-    return list(dict.fromkeys(names))
-
-
-def seeded_name(name: str, seed: int) -> str:
-    """Seed 0 keeps the plain name; other seeds get ``_s<seed>``."""
-    return name if seed == 0 else f"{name}_s{seed}"
-
-
-def expand(batch: Batch, profile: str) -> tuple[dict[str, Run], dict[str, str]]:
-    """The concrete runs of a batch profile: seeded runs expanded per seed (a need that is
-    seeded too follows the same seed), each with the profile its notebook runs with. Returns
-    (runs, {name: notebook profile}); runs outside the profile are left out."""
-    runs: dict[str, Run] = {}
-    profiles: dict[str, str] = {}
-    seeds_of: dict[str, list[int]] = {}
-    for name, run in batch.runs.items():
-        nb_profile = run.profile_for(profile)
-        if nb_profile is None or any(n not in seeds_of for n in run.needs):
-            continue
-        seeds = (run.seeds or {}).get(profile, [0]) if run.seeds is not None else [0]
-        seeds_of[name] = seeds
-        for seed in seeds:
-            needs = []
-            for n in run.needs:
-                if batch.runs[n].seeds is None:
-                    needs.append(n)
-                elif run.seeds is not None:          # a seeded run follows its own seed
-                    needs.append(seeded_name(n, seed))
-                else:                                # an unseeded run waits for every seed
-                    needs += [seeded_name(n, s) for s in seeds_of[n]]
-            if any(n not in runs for n in needs):
-                continue
-            params = {k: (seeded_name(v, seed) if v in run.needs and batch.runs[v].seeds
-                          is not None else v) for k, v in run.params.items()}
-            if run.seeds is not None:
-                params["seed"] = seed
-            concrete = seeded_name(name, seed) if run.seeds is not None else name
-            runs[concrete] = Run(concrete, run.notebook, params, needs, run.profiles)
-            profiles[concrete] = nb_profile
-    return runs, profiles
+from cpfcte.io import write_json
+from cpfcte.paths import runs_dir
 
 
 def code_version() -> str:
-    """Hash of the library's sources and profiles: a change of code re-runs what it touches."""
+    """Hash of the library's sources, profiles and interpretation notes (the tables print
+    them): a change of code re-runs what it touches."""
+    from cpfcte.notes import notes_file
+
     h = hashlib.sha256()
     pkg = Path(__file__).resolve().parent
     for p in sorted(list(pkg.rglob("*.py")) + list(PROFILE_DIR.glob("*.yaml"))):
         h.update(str(p.relative_to(pkg)).encode())
         h.update(p.read_bytes())
+    h.update(notes_file().read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -167,20 +62,11 @@ def _stamp(run: Run, profile: str, notebook_dir: Path, code: str, need_stamps: l
     return h.hexdigest()[:16]
 
 
-def run_status(run_dir: Path) -> dict:
-    path = run_dir / RUN_FILE
-    if not path.exists():
-        return {}
-    try:
-        return read_json(path)
-    except CpfcteError:
-        return {}
-
-
-def select(batch: Batch, only: list[str] | None, runs: dict[str, Run] | None = None) -> list[str]:
+def select(batch: Batch, only: list[str] | None, runs: dict[str, Run] | None = None,
+           profile: str = "toy") -> list[str]:
     """Run names to execute: all, or those feeding the named groups/runs plus what they need.
-    ``runs`` are the concrete (seed-expanded) runs; a group or template name selects every
-    seed of its runs."""
+    ``runs`` are the concrete (seed-expanded) runs of ``profile``; a group selects every seed
+    of the runs it reads for that profile, a template name every seed of its runs."""
     runs = runs if runs is not None else batch.runs
     if not only:
         return list(runs)
@@ -191,7 +77,7 @@ def select(batch: Batch, only: list[str] | None, runs: dict[str, Run] | None = N
 
     for item in only:
         if item in batch.groups:
-            for r in group_runs(batch.groups[item]):
+            for r in group_reads(batch.groups[item], profile):
                 add(r)
         elif item in batch.runs or item in runs:
             add(item)
@@ -221,7 +107,7 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
     notebook_dir = batch.path.parent
     code = code_version()
     root = runs_dir() / profile
-    order = select(batch, only, runs)
+    order = select(batch, only, runs, profile)
     stamps: dict[str, str] = {}
     for name in order:
         run = runs[name]
@@ -248,7 +134,7 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
                     log(f"[blocked] {name}: needs {', '.join(blocked)}")
                     continue
                 if dry_run:
-                    results[name] = {"status": "done", "dry_run": True,
+                    results[name] = {"status": "done", "dry_run": True, "stage": run.stage,
                                      "notebook": run.notebook, "profile": nb_profiles[name],
                                      "params": run.params}
                     log(f"[would run] {name}: {run.notebook} ({nb_profiles[name]}) {run.params}")

@@ -7,8 +7,13 @@
     cpfcte data verify [--profile toy]
     cpfcte train --profile toy --run NAME [--set key=value ...] [--weights PATH] [--resume]
     cpfcte pseudo --profile toy --train-run NAME --run NAME [--infer-size N | --infer-scale X]
-    cpfcte deeplab train --profile toy --pseudo DIR --run NAME [--init PATH] [--set ...]
+                  [--split S] [--set crf.bilateral_sxy=50 ...]
+    cpfcte deeplab train --profile toy --pseudo RUN_OR_DIR --run NAME [--init PATH] [--set ...]
     cpfcte deeplab predict --profile toy --run NAME [--split val]
+
+Each stage's config follows its input downstream: ``pseudo`` starts from the training run's
+config, ``deeplab train`` from the pseudo-label run's (when --pseudo is one, or one of its
+folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab.NAME).
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N]
     cpfcte report --profile toy
@@ -62,20 +67,16 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cpfcte.config import load_config, parse_set_args
-    from cpfcte.paths import run_path
-    from cpfcte.train import train
-
-    from cpfcte.config import config_from_dict
+    from cpfcte.config import config_from_dict, derive, load_config, parse_set_args
     from cpfcte.io import read_json
-    from cpfcte.train import train_distributed
+    from cpfcte.paths import run_path
+    from cpfcte.train import train, train_distributed
 
     overrides = parse_set_args(args.set)
     if args.weights:
         overrides["weights"] = args.weights
     if args.from_config:
-        cfg = config_from_dict({**read_json(args.from_config), **overrides},
-                               args.from_config).validate()
+        cfg = derive(config_from_dict(read_json(args.from_config), args.from_config), overrides)
     else:
         cfg = load_config(args.profile, overrides)
     if args.run is None and not args.from_config:
@@ -95,37 +96,44 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _pseudo(args: argparse.Namespace) -> None:
+    from cpfcte.config import parse_set_args
     from cpfcte.paths import run_path
     from cpfcte.pseudo import pseudo_stage
+    from cpfcte.runfolder import run_config
 
-    m = pseudo_stage(run_path(args.profile, args.train_run), run_path(args.profile, args.run),
-                     infer_size=args.infer_size, infer_scale=args.infer_scale, split=args.split,
-                     device=args.device)
+    train_dir = run_path(args.profile, args.train_run)
+    overrides = {"infer_size": args.infer_size, "infer_scale": args.infer_scale,
+                 "pseudo_split": args.split, "device": args.device, **parse_set_args(args.set)}
+    cfg = run_config(train_dir, overrides)
+    m = pseudo_stage(cfg, train_dir, run_path(args.profile, args.run))
     print(json.dumps({k: m[k] for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
                      indent=2))
 
 
 def _deeplab(args: argparse.Namespace) -> None:
-    from cpfcte.config import config_from_dict, load_config, parse_set_args
-    from cpfcte.deeplab import CONFIG, deeplab_stage, train_deeplab
-    from cpfcte.io import read_json
+    from cpfcte.config import derive, load_config, parse_set_args
+    from cpfcte.deeplab import deeplab_stage, train_deeplab
     from cpfcte.paths import run_path
+    from cpfcte.pseudo import pseudo_run_of
+    from cpfcte.runfolder import RunFolder, run_config
 
     run_dir = run_path(args.profile, args.run)
     if args.action == "train":
         overrides = parse_set_args(args.set)
         if args.init:
-            overrides["deeplab_init"] = args.init
-        cfg = load_config(args.profile, overrides)
+            overrides["deeplab.init"] = args.init
+        upstream = pseudo_run_of(args.pseudo)
+        cfg = (run_config(upstream, overrides) if upstream
+               else load_config(args.profile, overrides))
         s = train_deeplab(cfg, args.pseudo, run_dir, max_iterations=args.max_iterations)
         print(json.dumps({k: s[k] for k in ("iterations_done", "iterations", "complete",
                                             "parameters")} | {"run_dir": str(run_dir)}, indent=2))
         return
-    saved = read_json(run_dir / CONFIG)
-    cfg = config_from_dict(saved["config"], run_dir / CONFIG)
-    m = deeplab_stage(cfg, saved["pseudo_dir"], run_dir, split=args.split)
-    print(json.dumps({k: m[k] for k in ("miou", "split", "images")} |
-                     {"miou_no_crf": m["no_crf"]["miou"], "predictions": m["timing"]}, indent=2))
+    folder = RunFolder(run_dir)
+    cfg = derive(folder.config(), {"val_split": args.split})
+    m = deeplab_stage(cfg, folder.record()["pseudo_dir"], run_dir)
+    print(json.dumps({k: m[k] for k in ("miou", "split", "images", "pred_dir", "crf_dir")} |
+                     {"miou_no_crf": m["no_crf"]["miou"]}, indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -144,10 +152,17 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _headless_plots() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")   # the command line draws figures only to files
+
+
 def _paper(args: argparse.Namespace) -> None:
     from cpfcte.batch import run_batch
     from cpfcte.report import write_all
 
+    _headless_plots()
     results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
         from cpfcte.plan import print_plan
@@ -166,6 +181,7 @@ def _paper(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from cpfcte.report import write_all
 
+    _headless_plots()
     for name, paths in write_all(args.profile).items():
         print(name, " ".join(str(p) for p in paths.values()))
 
@@ -218,18 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--run", required=True, help="output run name or folder")
     ps.add_argument("--infer-size", type=int)
     ps.add_argument("--infer-scale", type=float)
-    ps.add_argument("--split")
-    ps.add_argument("--device", default="auto")
+    ps.add_argument("--split", help="default: the profile's pseudo_split (VOC train)")
+    ps.add_argument("--device", help="default: the training run's (auto)")
+    ps.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                    help="override fields of the training run's config (crf.NAME=...)")
     ps.set_defaults(func=_pseudo)
 
     dl = sub.add_parser("deeplab", help="stage 3: DeepLabv2 on pseudo labels")
     dlsub = dl.add_subparsers(dest="action", required=True)
     dtr = dlsub.add_parser("train", help="train (or resume) DeepLabv2 on a pseudo-label folder")
     dtr.add_argument("--profile", default="toy")
-    dtr.add_argument("--pseudo", required=True, help="folder of pseudo-label PNGs (train split)")
+    dtr.add_argument("--pseudo", required=True,
+                     help="a pseudo-label run (its config is the base) or a folder of "
+                          "pseudo-label PNGs of the training split")
     dtr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
     dtr.add_argument("--init", help="local init file (e.g. a COCO-pretrained DeepLabv2)")
-    dtr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override profile fields")
+    dtr.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                     help="override fields (deeplab.NAME=..., crf.NAME=...)")
     dtr.add_argument("--max-iterations", type=int, help="stop after this many (resumable)")
     dtr.set_defaults(func=_deeplab)
     dpr = dlsub.add_parser("predict", help="multi-scale + flip inference, CRF, and mIoU")

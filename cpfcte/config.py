@@ -1,13 +1,24 @@
-"""Run configuration: one flat dataclass, filled from a profile file and then from overrides.
+"""Run configuration: one ``Config``, filled from a profile file and then from overrides, that
+reaches every stage unchanged.
 
-A profile (``cpfcte/profiles/<name>.yaml``) is one small declarative file; notebook parameters
-and ``--set key=value`` on the command line override any field. The dataclass defaults are the
-paper's VOC settings (Sec. 4.2); the toy profile shrinks them for a laptop CPU. Unknown field
-names and invalid values are refused with the list of valid choices.
+Top-level fields describe the data, the CPF-CTE model, its training and the pseudo-label
+inference; two nested sections hold the stages that follow: ``cfg.crf`` (the dense CRF, used by
+the pseudo labels and by DeepLabv2's test-time CRF) and ``cfg.deeplab`` (DeepLabv2). A profile
+(``cpfcte/profiles/<name>.yaml``) is one small declarative file with the same nesting; notebook
+parameters and ``--set`` override any field, a section's field by its dotted name
+(``--set deeplab.iterations=2 crf.bilateral_sxy=50``). The defaults are the paper's VOC settings
+(Sec. 4.2); the toy profile shrinks them for a laptop CPU. Unknown names and invalid values are
+refused with the list of valid ones.
+
+A run's settings follow its outputs downstream: the pseudo-label stage starts from the config of
+the training run it reads, DeepLabv2 from the config of the pseudo-label run it learns from
+(``derive``), so a CRF setting given to a run also reaches DeepLabv2's test-time CRF (note 15).
+This module imports no stage.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -18,7 +29,6 @@ from typing import Any
 
 import yaml
 
-from cpfcte.crf import CRFParams
 from cpfcte.errors import CpfcteError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -27,6 +37,96 @@ CLASS_TOKEN_MODES = ("none", "soft", "mean")
 CF_BILSTM_MODES = ("none", "hv", "raster")
 POOLING_MODES = ("gap", "gmp", "topk")
 DATASETS = ("toy", "toy_coco", "voc", "coco")
+
+
+def short_digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class CRFConfig:
+    """The dense CRF (Sec. 3.4; note 8): the one home of its defaults. The values are those of
+    pydensecrf's example and of AffinityNet/IRN-style WSSS code on VOC-sized images (~500×375):
+    Gaussian sxy=3, compat=3; bilateral sxy=80, srgb=13, compat=10; 10 mean-field iterations.
+    The toy profile uses them too (on its ~100-pixel images a bilateral sxy of 16 or 30 scored
+    within a point of 80). ``workers`` only says how many processes run it."""
+
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    iterations: int = 10
+    workers: int = 0                   # processes for the CRF; 0 = every core
+
+    PARAMETERS = ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
+                  "bilateral_compat", "iterations")
+
+    def parameters(self) -> dict[str, float]:
+        """The CRF's parameters (what its result depends on; not ``workers``)."""
+        return {name: getattr(self, name) for name in self.PARAMETERS}
+
+    def describe(self) -> str:
+        return (f"Gaussian (sxy {self.gaussian_sxy:g}, compat {self.gaussian_compat:g}), "
+                f"bilateral (sxy {self.bilateral_sxy:g}, srgb {self.bilateral_srgb:g}, compat "
+                f"{self.bilateral_compat:g}), {self.iterations} iterations")
+
+    def validate(self) -> None:
+        for name in self.PARAMETERS[:5]:
+            if float(getattr(self, name)) <= 0:
+                raise CpfcteError(f"parameter crf.{name}={getattr(self, name)!r} must be > 0")
+        if self.iterations < 1:
+            raise CpfcteError(f"parameter crf.iterations={self.iterations!r} must be ≥ 1")
+        if self.workers < 0:
+            raise CpfcteError(f"parameter crf.workers={self.workers!r} must be ≥ 0")
+
+
+@dataclass
+class DeepLabConfig:
+    """DeepLabv2 on the pseudo labels (Sec. 4.2; notes 9, 15, 16; ``cpfcte.deeplab``)."""
+
+    backbone: str = "resnet101.tv_in1k"  # timm ResNet, output stride 8
+    backbone_kwargs: dict = field(default_factory=dict)  # e.g. narrower toy channels
+    pretrained: bool = True            # ImageNet weights through timm
+    init: str | None = None            # or a local init file (e.g. COCO-pretrained DeepLabv2)
+    rates: list = field(default_factory=lambda: [6, 12, 18, 24])
+    msc: bool = True                   # multi-scale input training (scales 1, 0.75, 0.5 + max)
+    freeze_bn: bool = True             # keep the backbone's (ImageNet) BatchNorm statistics
+    crop: int = 321
+    batch: int = 10
+    iterations: int = 20000
+    lr: float = 2.5e-4                 # backbone; ASPP weights ×10, biases ×20
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    test_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    flip_test: bool = True
+    crf: bool = True                   # dense CRF on the test predictions (cfg.crf, note 15)
+    ckpt_every: int = 1000             # iterations between atomic checkpoints
+    workers: int = 4                   # DataLoader workers
+
+    # what does not shape the trained network (may change after training)
+    NOT_TRAINING = frozenset({"workers", "ckpt_every", "test_scales", "flip_test", "crf"})
+
+    def validate(self) -> None:
+        for name in ("crop", "batch", "iterations", "ckpt_every"):
+            if int(getattr(self, name)) < 1:
+                raise CpfcteError(f"parameter deeplab.{name}={getattr(self, name)!r} must be ≥ 1")
+        if self.lr <= 0:
+            raise CpfcteError(f"parameter deeplab.lr={self.lr!r} must be > 0")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise CpfcteError("parameters deeplab.scale_min and deeplab.scale_max must satisfy "
+                              f"0 < scale_min ≤ scale_max (got {self.scale_min}, {self.scale_max})")
+        if not self.test_scales or any(float(s) <= 0 for s in self.test_scales):
+            raise CpfcteError(f"parameter deeplab.test_scales={self.test_scales!r} must be a "
+                              "non-empty list of positive scales")
+        if self.workers < 0:
+            raise CpfcteError(f"parameter deeplab.workers={self.workers!r} must be ≥ 0")
+
+
+SECTIONS = {"crf": CRFConfig, "deeplab": DeepLabConfig}
 
 
 @dataclass
@@ -38,20 +138,20 @@ class Config:
     train_split: str = "train_aug"     # stage 1 trains on these images' image-level labels
     pseudo_split: str = "train"        # pseudo labels are made and scored on VOC train (1,464)
     val_split: str = "val"
-    # --- model (Sec. 3, DESIGN notes 1-5) -------------------------------------------------
+    # --- model (Sec. 3, notes 1-5, 11) ---------------------------------------------------
     backbone: str = "vit_base_patch16_384.augreg_in21k_ft_in1k"  # any timm ViT
     backbone_kwargs: dict = field(default_factory=dict)  # constructor overrides (tiny toy ViT)
     pretrained: bool = True            # load the backbone's weights through timm
     weights: str | None = None         # or from this local checkpoint file (offline clusters)
     random_init_ok: bool = False       # only the toy profile may train a randomly initialised ViT
     class_tokens: str = "soft"         # none | soft | mean (note 1)
-    token_dim: int = 256               # H, the class-token width (the paper does not give it)
+    token_dim: int = 256               # H, the class-token width (note 11)
     project_tokens: bool = False       # project Concat(p, t) back to e (note 2); Eq. 6/7 keep e+H
     cf_bilstm: str = "hv"              # none | hv | raster (note 3)
     lstm_hidden: int = 192             # d, hidden size per direction (note 3)
     pooling: str = "topk"              # gap | gmp | topk (Eq. 8, Table 5)
     k: int = 4                         # top-k (Fig. 4)
-    # --- training (Sec. 4.2, note 6) ------------------------------------------------------
+    # --- training (Sec. 4.2, notes 6, 12, 13) ---------------------------------------------
     img_size: int = 384
     batch_size: int = 16
     epochs: int = 50
@@ -67,37 +167,11 @@ class Config:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     # --- pseudo labels (Sec. 3.4, note 7) -------------------------------------------------
     infer_size: int = 960              # images are resized to infer_size × infer_size
+    infer_scale: float | None = None   # or infer_scale × img_size, in whole patches (Fig. 5)
     infer_batch: int = 8
-    # --- dense CRF (Sec. 3.4, note 8; cpfcte.crf.CRFParams documents the defaults) ------------
-    crf_gaussian_sxy: float = CRFParams.gaussian_sxy
-    crf_gaussian_compat: float = CRFParams.gaussian_compat
-    crf_bilateral_sxy: float = CRFParams.bilateral_sxy
-    crf_bilateral_srgb: float = CRFParams.bilateral_srgb
-    crf_bilateral_compat: float = CRFParams.bilateral_compat
-    crf_iterations: int = CRFParams.iterations
-    crf_workers: int = 0               # processes for the CRF stage; 0 = every core
-    # --- DeepLabv2 on the pseudo labels (Sec. 4.2, note 9; cpfcte.deeplab) -------------------
-    deeplab_backbone: str = "resnet101.tv_in1k"  # timm ResNet, output stride 8
-    deeplab_backbone_kwargs: dict = field(default_factory=dict)  # e.g. narrower toy channels
-    deeplab_pretrained: bool = True    # ImageNet weights through timm
-    deeplab_init: str | None = None    # or a local init file (e.g. COCO-pretrained DeepLabv2)
-    deeplab_rates: list = field(default_factory=lambda: [6, 12, 18, 24])
-    deeplab_msc: bool = True           # multi-scale input training (scales 1, 0.75, 0.5 + max)
-    deeplab_freeze_bn: bool = True     # keep the backbone's (ImageNet) BatchNorm statistics
-    deeplab_crop: int = 321
-    deeplab_batch: int = 10
-    deeplab_iterations: int = 20000
-    deeplab_lr: float = 2.5e-4         # backbone; ASPP weights ×10, biases ×20
-    deeplab_momentum: float = 0.9
-    deeplab_weight_decay: float = 5e-4
-    deeplab_poly_power: float = 0.9
-    deeplab_scale_min: float = 0.5
-    deeplab_scale_max: float = 1.5
-    deeplab_test_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
-    deeplab_flip_test: bool = True
-    deeplab_crf: bool = True           # dense CRF on the test predictions (CRF fields above)
-    deeplab_ckpt_every: int = 1000     # iterations between atomic checkpoints
-    deeplab_workers: int = 4           # DataLoader workers
+    # --- the stages after stage 1 -----------------------------------------------------------
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    deeplab: DeepLabConfig = field(default_factory=DeepLabConfig)
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -111,16 +185,13 @@ class Config:
         choice("cf_bilstm", CF_BILSTM_MODES)
         choice("pooling", POOLING_MODES)
         for name in ("token_dim", "lstm_hidden", "k", "img_size", "batch_size", "epochs",
-                     "infer_size", "infer_batch", "crf_iterations", "deeplab_crop",
-                     "deeplab_batch", "deeplab_iterations", "deeplab_ckpt_every"):
+                     "infer_size", "infer_batch"):
             if int(getattr(self, name)) < 1:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be ≥ 1")
-        if self.warmup_epochs < 0 or self.workers < 0 or self.crf_workers < 0:
-            raise CpfcteError("parameters warmup_epochs, workers and crf_workers must be ≥ 0")
-        for name in ("crf_gaussian_sxy", "crf_gaussian_compat", "crf_bilateral_sxy",
-                     "crf_bilateral_srgb", "crf_bilateral_compat"):
-            if float(getattr(self, name)) <= 0:
-                raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be > 0")
+        if self.warmup_epochs < 0 or self.workers < 0:
+            raise CpfcteError("parameters warmup_epochs and workers must be ≥ 0")
+        if self.infer_scale is not None and self.infer_scale <= 0:
+            raise CpfcteError(f"parameter infer_scale={self.infer_scale!r} must be > 0")
         if self.lr <= 0 or self.lr_warmup <= 0:
             raise CpfcteError("learning rates lr and lr_warmup must be > 0")
         if not isinstance(self.backbone_kwargs, dict):
@@ -131,45 +202,109 @@ class Config:
                     f"profile {self.profile!r} would train a randomly initialised backbone: set "
                     "pretrained=true (timm downloads the weights) or weights=PATH to a local "
                     "checkpoint; random_init_ok=true exists for deliberate experiments only")
+        self.crf.validate()
+        self.deeplab.validate()
         return self
-
-    def crf_params(self) -> CRFParams:
-        return CRFParams(self.crf_gaussian_sxy, self.crf_gaussian_compat, self.crf_bilateral_sxy,
-                         self.crf_bilateral_srgb, self.crf_bilateral_compat, self.crf_iterations)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that shape the stage-1 network: everything but the inference and machine
+        settings (``NOT_TRAINING``) and the later stages' sections."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NOT_TRAINING and k not in SECTIONS}
+
     def digest(self) -> str:
-        """A short hash of the fields that shape training: two runs with equal digests trained
-        the same model. Inference, CRF and machine settings (``NOT_TRAINING``) are left out, so
-        they can change after training."""
-        blob = json.dumps({k: v for k, v in self.to_dict().items() if k not in NOT_TRAINING},
-                          sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        """A short hash of ``training_fields``: two runs with equal digests trained the same
+        model, so inference, CRF, DeepLabv2 and machine settings can change after training."""
+        return short_digest(self.training_fields())
+
+    def deeplab_fields(self) -> dict[str, Any]:
+        """The fields that shape a trained DeepLabv2: its section (but for test-time and
+        machine settings) and the data and seed it is trained with."""
+        # keyed deeplab_<name>, as in the flat configs before the sections, so that the
+        # digests of DeepLabv2 runs made then stay valid
+        section = {f"deeplab_{k}": v for k, v in dataclasses.asdict(self.deeplab).items()
+                   if k not in DeepLabConfig.NOT_TRAINING}
+        return {**section, **{k: getattr(self, k) for k in DEEPLAB_SHARED}}
+
+    def deeplab_digest(self) -> str:
+        return short_digest(self.deeplab_fields())
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "infer_size",
-                          "infer_batch"} | {n for n in FIELD_NAMES
-                                            if n.startswith(("crf_", "deeplab_"))})
+                          "infer_scale", "infer_batch"})
+DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
+
+
+def _valid_names() -> list[str]:
+    names = [n for n in FIELD_NAMES if n not in SECTIONS]
+    for section, kind in SECTIONS.items():
+        names += [section] + [f"{section}.{f.name}" for f in dataclasses.fields(kind)]
+    return names
+
+
+def _unknown(key: Any, where: str) -> CpfcteError:
+    valid = _valid_names()
+    close = difflib.get_close_matches(str(key), valid, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return CpfcteError(f"unknown parameter {key!r} in {where}{hint} (valid: {', '.join(valid)})")
+
+
+def nest(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check the names of ``values`` and return them nested: ``{"deeplab.iterations": 2}`` and
+    ``{"deeplab": {"iterations": 2}}`` both become the latter."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        section, _, name = str(key).partition(".")
+        if section in SECTIONS:
+            fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            if name:
+                if name not in fields:
+                    raise _unknown(key, where)
+                out.setdefault(section, {})[name] = value
+            elif isinstance(value, dict):
+                for sub in value:
+                    if sub not in fields:
+                        raise _unknown(f"{section}.{sub}", where)
+                out.setdefault(section, {}).update(value)
+            else:
+                raise CpfcteError(f"parameter {key!r} in {where} is a section: give a mapping "
+                                  f"or set its fields as {key}.NAME=VALUE")
+        elif key in FIELD_NAMES and not name:
+            out[key] = value
+        else:
+            raise _unknown(key, where)
+    return out
+
+
+def check_keys(keys: Any, where: str) -> None:
+    nest({k: None for k in keys}, where)
+
+
+def merge(base: dict[str, Any], top: dict[str, Any], *, skip_none: bool = False) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (with ``skip_none``, a None in ``top`` keeps
+    the base value: notebook parameters default to None)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if key in SECTIONS and isinstance(value, dict):
+            section = dict(out.get(key) or {})
+            section.update({k: v for k, v in value.items() if not (skip_none and v is None)})
+            out[key] = section
+        elif not (skip_none and value is None):
+            out[key] = value
+    return out
 
 
 def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def check_keys(keys: Any, where: str) -> None:
-    for key in keys:
-        if key not in FIELD_NAMES:
-            close = difflib.get_close_matches(str(key), FIELD_NAMES, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise CpfcteError(f"unknown parameter {key!r} in {where}{hint} "
-                              f"(valid: {', '.join(FIELD_NAMES)})")
-
-
 def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The fields a profile file sets; ``extends: NAME`` first takes those of profile NAME."""
+    """The fields a profile file sets (nested); ``extends: NAME`` first takes those of
+    profile NAME, section by section."""
     path = Path(profile)
     if not path.suffix:
         path = PROFILE_DIR / f"{profile}.yaml"
@@ -184,37 +319,46 @@ def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CpfcteError(f"{path}: a profile must be a mapping of parameter: value")
     values = dict(values)
     base = values.pop("extends", None)
-    check_keys(values, str(path))
+    values = nest(values, str(path))
     if base is None:
         return values
     if base in _seen:
         raise CpfcteError(f"{path}: profiles extend each other in a loop ({' → '.join(_seen)})")
-    return {**profile_values(str(base), _seen + (str(profile),)), **values}
+    return merge(profile_values(str(base), _seen + (str(profile),)), values)
 
 
 def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -> Config:
     """The profile's settings with ``overrides`` applied on top, validated. ``None`` values in
     ``overrides`` mean "keep the profile's value" (so notebook parameters can default to None)."""
-    values = profile_values(profile)
-    for key, value in (overrides or {}).items():
-        check_keys([key], "overrides")
-        if value is not None:
-            values[key] = value
-    cfg = Config(**values)
-    return _coerce(cfg).validate()
+    values = merge(profile_values(profile), nest(overrides or {}, "overrides"), skip_none=True)
+    return config_from_dict(values, f"profile {profile}").validate()
+
+
+def derive(cfg: Config, overrides: dict[str, Any] | None = None) -> Config:
+    """A downstream stage's config: ``cfg`` (the upstream run's) with ``overrides`` on top
+    (None keeps the upstream value), validated. ``cfg`` itself is not changed."""
+    values = merge(cfg.to_dict(), nest(overrides or {}, "overrides"), skip_none=True)
+    return config_from_dict(values, "overrides").validate()
 
 
 def config_from_dict(values: dict[str, Any], source: Path | str = "config") -> Config:
-    """A Config from a saved config.json (fields added since it was written take defaults)."""
-    check_keys(values, str(source))
-    return _coerce(Config(**values))
+    """A Config from nested values (a saved config.json, a merged profile); fields added since
+    it was written take their defaults."""
+    values = nest(values, str(source))
+    sections = {name: _coerce(kind(**values.pop(name, {})), f"{name}.")
+                for name, kind in SECTIONS.items()}
+    return _coerce(Config(**values, **sections))
 
 
-def _coerce(cfg: Config) -> Config:
+def _coerce(obj, prefix: str = ""):
     """Cast fields to their declared types (YAML and papermill may give ints for floats)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if kind in ("CRFConfig", "DeepLabConfig") or (optional and value is None):
+            continue
         try:
             if kind == "int" and not isinstance(value, bool):
                 value = int(value)
@@ -226,14 +370,18 @@ def _coerce(cfg: Config) -> Config:
                 value = str(value).lower() in ("true", "1")
             elif kind == "str":
                 value = str(value)
+            elif kind in ("list", "dict") and not isinstance(value, (list, dict)):
+                raise ValueError(value)
         except (TypeError, ValueError):
-            raise CpfcteError(f"parameter {f.name}={value!r} must be of type {kind}") from None
-        setattr(cfg, f.name, value)
-    return cfg
+            raise CpfcteError(f"parameter {prefix}{f.name}={value!r} must be of type "
+                              f"{kind}") from None
+        setattr(obj, f.name, value)
+    return obj
 
 
 def parse_set_args(pairs: list[str] | None) -> dict[str, Any]:
-    """``["k=8", "pooling=gmp"]`` → ``{"k": 8, "pooling": "gmp"}`` (values parsed as YAML)."""
+    """``["k=8", "deeplab.iterations=2"]`` → ``{"k": 8, "deeplab.iterations": 2}`` (values
+    parsed as YAML; names checked)."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:

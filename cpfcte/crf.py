@@ -1,57 +1,40 @@
-"""Dense CRF refinement of pseudo labels (Sec. 3.4, Fig. 3; Table 1: 67.1 → 70.8).
+"""Dense CRF refinement (Sec. 3.4, Fig. 3; Table 1: 67.1 → 70.8; note 8) and the one process
+pool that runs it, for the pseudo labels and for DeepLabv2's test-time CRF (note 15).
 
 ``dense_crf`` wraps pydensecrf (installed as ``pydensecrf2``, same ``import pydensecrf`` API):
 the unary is -log of the softmax probabilities, with a Gaussian (smoothness) kernel and a
-bilateral (appearance) kernel, and mean-field inference for a fixed number of iterations.
+bilateral (appearance) kernel, and mean-field inference for a fixed number of iterations. Its
+parameters are a ``cpfcte.config.CRFConfig`` (``cfg.crf``), the one home of their defaults.
 
-``crf_stage`` refines a folder of baseline pseudo masks: for every image it reads the patch-grid
-probabilities saved by the pseudo-label stage (only the classes of the image label), upsamples
-them bilinearly to the image size, renormalises, runs the CRF over those classes only (about
-twice as fast as over all 21) and writes the argmax as a palette PNG, atomically. It runs in a
-process pool over all cores, skips images already written (a killed run resumes), and survives
-a crashing worker: the images that failed are reported, the rest are written.
+``crf_stage`` refines a stream of ``CRFJob``s, one image each: either the patch-grid
+probabilities saved by the pseudo-label stage (only the classes of the image label), upsampled
+bilinearly to the image size and renormalised, or probabilities already at the image size
+(DeepLabv2's multi-scale prediction). The CRF runs over those classes only (about twice as fast
+as over all 21) and the argmax is written as a palette PNG, atomically. The stage runs in a
+process pool over all cores with a bounded number of jobs in flight, skips images already
+written (a killed run resumes), and survives a crashing worker: the images that failed are
+reported, the rest are written.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cpfcte.config import CRFConfig
 from cpfcte.errors import CpfcteError
 
 
-@dataclass(frozen=True)
-class CRFParams:
-    """One documented parameter set. The defaults are the values used by pydensecrf's example
-    and by AffinityNet/IRN-style WSSS code on VOC-sized images (~500×375): Gaussian sxy=3,
-    compat=3; bilateral sxy=80, srgb=13, compat=10; 10 mean-field iterations (DESIGN note 8).
-    The toy profile uses them too (on its ~100-pixel images a bilateral sxy of 16 or 30 scored
-    within a point of 80)."""
-
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-
-    def describe(self) -> str:
-        return (f"Gaussian (sxy {self.gaussian_sxy:g}, compat {self.gaussian_compat:g}), "
-                f"bilateral (sxy {self.bilateral_sxy:g}, srgb {self.bilateral_srgb:g}, compat "
-                f"{self.bilateral_compat:g}), {self.iterations} iterations")
-
-
-def dense_crf(image: np.ndarray, probs: np.ndarray, *, gaussian: tuple[float, float] = (3, 3),
-              bilateral: tuple[float, float, float] = (80, 13, 10),
-              iterations: int = 10) -> np.ndarray:
-    """Refine ``probs`` (C×H×W, each pixel's column summing to 1) on ``image`` (H×W×3 uint8);
-    returns refined C×H×W float32 probabilities."""
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFConfig = CRFConfig()) -> np.ndarray:
+    """Refine ``probs`` (C×H×W, each pixel's column summing to 1) on ``image`` (H×W×3 uint8)
+    with the CRF ``params``; returns refined C×H×W float32 probabilities."""
     import pydensecrf.densecrf as dcrf
 
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
@@ -65,8 +48,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, gaussian: tuple[float, fl
                           f"{image.shape[:2]} (expected C×H×W)")
     if not np.issubdtype(probs.dtype, np.floating):
         raise CpfcteError(f"dense_crf: probabilities must be floats, got {probs.dtype}")
-    if iterations < 1:
-        raise CpfcteError(f"dense_crf: iterations must be ≥ 1, got {iterations}")
+    if params.iterations < 1:
+        raise CpfcteError(f"dense_crf: iterations must be ≥ 1, got {params.iterations}")
     sums = probs.sum(axis=0)
     if probs.min() < -1e-6 or not np.allclose(sums, 1.0, atol=1e-3):
         raise CpfcteError("dense_crf: probabilities must be ≥ 0 and sum to 1 over classes at "
@@ -75,17 +58,12 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, *, gaussian: tuple[float, fl
     unary = -np.log(np.clip(probs.astype(np.float32), 1e-8, 1.0)).reshape(c, -1)
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.array(unary, dtype=np.float32, order="C"))
-    d.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1])
-    d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1],
-                           rgbim=np.array(image, dtype=np.uint8, order="C"), compat=bilateral[2])
-    q = np.asarray(d.inference(int(iterations)), dtype=np.float32)
+    d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                           rgbim=np.array(image, dtype=np.uint8, order="C"),
+                           compat=params.bilateral_compat)
+    q = np.asarray(d.inference(int(params.iterations)), dtype=np.float32)
     return q.reshape(c, h, w)
-
-
-def refine_with(params: CRFParams, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    return dense_crf(image, probs, gaussian=(params.gaussian_sxy, params.gaussian_compat),
-                     bilateral=(params.bilateral_sxy, params.bilateral_srgb,
-                                params.bilateral_compat), iterations=params.iterations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,16 +114,39 @@ def upsampled_probs(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return up / np.clip(up.sum(axis=0, keepdims=True), 1e-8, None)
 
 
-def crf_image(image_path: str, probs_path: str, out_path: str, params: dict) -> str:
-    """Worker: one image → one refined PNG. Returns the image id."""
+@dataclass(frozen=True)
+class CRFJob:
+    """One image for the CRF. ``image``: a file or an H×W×3 uint8 array. ``probs``: the
+    ``.npz`` of patch-grid probabilities written by ``save_grid_probs`` (upsampled to the image
+    size in the worker), or K×H×W probabilities at the image size, each pixel summing to 1,
+    with ``classes`` the label of each of the K maps. ``out``: the PNG to write."""
+
+    out: str
+    image: str | np.ndarray = field(repr=False)
+    probs: str | np.ndarray = field(repr=False)
+    classes: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return Path(self.out).stem
+
+
+def crf_image(job: CRFJob, params: dict) -> str:
+    """Worker: one job → one refined PNG. Returns the image id."""
     from cpfcte.io import read_image, save_label_png
 
-    img = np.asarray(read_image(image_path), dtype=np.uint8)
-    grid, classes = load_grid_probs(Path(probs_path))
-    probs = upsampled_probs(grid, img.shape[:2])
-    refined = refine_with(CRFParams(**params), img, probs)
-    save_label_png(out_path, classes[refined.argmax(axis=0)].astype(np.uint8))
-    return Path(out_path).stem
+    if isinstance(job.image, np.ndarray):
+        img = job.image
+    else:
+        img = np.asarray(read_image(job.image), dtype=np.uint8)
+    if isinstance(job.probs, np.ndarray):
+        probs, classes = job.probs, np.asarray(job.classes)
+    else:
+        grid, classes = load_grid_probs(Path(job.probs))
+        probs = upsampled_probs(grid, img.shape[:2])
+    refined = dense_crf(img, probs, CRFConfig(**params))
+    save_label_png(job.out, classes[refined.argmax(axis=0)].astype(np.uint8))
+    return job.name
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
@@ -167,68 +168,125 @@ def clean_partial(out_dir: Path) -> int:
     return n
 
 
-def crf_stage(jobs: list[tuple[str, str, str]], params: CRFParams, *, workers: int = 0,
-              progress: bool = True) -> dict:
-    """Run ``crf_image`` over ``jobs`` = [(image, probs.npz, out.png)], skipping outputs that
-    exist. ``workers`` = 0 uses every core; 1 runs in this process. Returns counts, seconds and
+@dataclass
+class _Tally:
+    written: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def outcome(self, job: CRFJob, error: Exception | None, bar) -> None:
+        if error is None:
+            self.written += 1
+        else:  # an error in one image: report it, go on
+            self.failed[job.name] = f"{type(error).__name__}: {error}"
+        bar.update(1)
+
+
+def crf_stage(jobs: Iterable[CRFJob], params: CRFConfig, *, progress: bool = True,
+              total: int | None = None, desc: str = "dense CRF") -> dict:
+    """Run ``crf_image`` over ``jobs`` with ``params`` (``params.workers`` processes; 0: every
+    core; 1: in this process), skipping jobs whose output exists. ``jobs`` may be a list or a
+    generator (consumed lazily, at most 2·workers + 1 jobs in flight, so a producer such as
+    DeepLabv2's prediction holds only that many probability maps). Returns counts, seconds and
     the images that failed (with their error)."""
-    from cpfcte.progress import progress_bar as tqdm
-
     from cpfcte.guard import refuse_ground_truth
+    from cpfcte.progress import progress_bar
 
-    for folder in {str(Path(out).parent) for _, _, out in jobs}:
-        refuse_ground_truth(folder, "CRF output folder")
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        clean_partial(Path(folder))
-    todo = [j for j in jobs if not Path(j[2]).exists()]
-    workers = workers or os.cpu_count() or 1
-    p = asdict(params)
-    failed: dict[str, str] = {}
+    tally = _Tally()
+    folders: set[Path] = set()
+
+    def pending(stream: Iterable[CRFJob]) -> Iterator[CRFJob]:
+        for job in stream:
+            folder = Path(job.out).parent
+            if folder not in folders:
+                refuse_ground_truth(folder, "CRF output folder")
+                folder.mkdir(parents=True, exist_ok=True)
+                clean_partial(folder)
+                folders.add(folder)
+            if Path(job.out).exists():
+                tally.skipped += 1
+                continue
+            yield job
+
+    if isinstance(jobs, (list, tuple)):
+        todo: Iterator[CRFJob] = iter(list(pending(jobs)))
+        total = len(jobs) - tally.skipped
+    else:
+        todo = pending(jobs)
+    workers = params.workers or os.cpu_count() or 1
+    p = params.parameters()
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc="dense CRF", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=desc, disable=not progress, leave=False)
     if workers == 1:
         for job in todo:
             try:
-                crf_image(*job, p)
-            except Exception as e:  # report and go on
-                failed[Path(job[2]).stem] = f"{type(e).__name__}: {e}"
-            bar.update(1)
+                crf_image(job, p)
+                tally.outcome(job, None, bar)
+            except Exception as e:  # noqa: BLE001 (reported per image)
+                tally.outcome(job, e, bar)
     else:
-        pending = list(todo)
-        while pending:
-            pending = _run_pool(pending, p, workers, failed, bar)
+        _run_pool(todo, p, workers, tally, bar)
     bar.close()
-    return {"written": len(todo) - len(failed), "skipped": len(jobs) - len(todo),
-            "failed": failed, "seconds": round(time.time() - t0, 3), "workers": workers}
+    return {"written": tally.written, "skipped": tally.skipped, "failed": tally.failed,
+            "seconds": round(time.time() - t0, 3), "workers": workers}
 
 
-def _run_pool(jobs, p, workers, failed, bar) -> list:
-    """Run ``jobs`` in one pool; returns the jobs left when a worker process died.
+def _run_pool(jobs: Iterator[CRFJob], p: dict, workers: int, tally: _Tally, bar) -> None:
+    """Run ``jobs`` in a pool, at most 2·workers + 1 in flight.
 
-    A pool whose worker dies (a segfault in the C++ CRF, the OOM killer) fails every pending
-    job with BrokenProcessPool. The executor hands out jobs in submission order, so the job that
-    killed it is among the first 2·workers + 1 of those: they are rerun one per single-worker
-    pool (a job that kills that one is the culprit and is reported), the rest go back to a pool.
+    A pool whose worker dies (a segfault in the C++ CRF, the OOM killer) fails every job in
+    flight with BrokenProcessPool, and the one that killed it is among them: each is rerun alone
+    in a single-worker pool (a job that kills that one is the culprit and is reported), then
+    the stream goes on in a new pool.
     """
-    broken = []
-    with process_pool(workers) as pool:
-        futures = [(pool.submit(crf_image, *job, p), job) for job in jobs]
-        for fut, job in futures:
-            try:
-                fut.result()
-            except BrokenProcessPool:
-                broken.append(job)
-                continue
-            except Exception as e:  # an error in one image: report it, go on
-                failed[Path(job[2]).stem] = f"{type(e).__name__}: {e}"
-            bar.update(1)
-    if not broken:
+    window = 2 * workers + 1
+    while True:
+        broken: list[CRFJob] = []
+        with process_pool(workers) as pool:
+            running: dict = {}
+            exhausted = False
+            while not broken:
+                while not exhausted and len(running) < window:
+                    job = next(jobs, None)
+                    if job is None:
+                        exhausted = True
+                    else:
+                        running[pool.submit(crf_image, job, p)] = job
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in [f for f in running if f in done]:   # in submission order
+                    broken += _settle(fut, running.pop(fut), tally, bar)
+            for fut, job in list(running.items()):              # the pool is broken
+                broken += _settle(fut, job, tally, bar)
+        if not broken:
+            return
+        for job in broken:
+            _run_alone(job, p, tally, bar)
+
+
+def _settle(fut, job: CRFJob, tally: _Tally, bar) -> list[CRFJob]:
+    """Record a finished future; return [job] when its pool broke under it."""
+    try:
+        fut.result()
+    except BrokenProcessPool:
+        return [job]
+    except Exception as e:  # noqa: BLE001 (reported per image)
+        tally.outcome(job, e, bar)
         return []
-    if len(jobs) == 1:
-        failed[Path(jobs[0][2]).stem] = "the CRF worker process died on this image"
-        bar.update(1)
-        return []
-    suspects, rest = broken[:2 * workers + 1], broken[2 * workers + 1:]
-    for job in suspects:
-        _run_pool([job], p, 1, failed, bar)
-    return rest
+    tally.outcome(job, None, bar)
+    return []
+
+
+def _run_alone(job: CRFJob, p: dict, tally: _Tally, bar) -> None:
+    with process_pool(1) as pool:
+        fut = pool.submit(crf_image, job, p)
+        try:
+            fut.result()
+        except BrokenProcessPool:
+            tally.outcome(job, RuntimeError("the CRF worker process died on this image"), bar)
+            return
+        except Exception as e:  # noqa: BLE001
+            tally.outcome(job, e, bar)
+            return
+    tally.outcome(job, None, bar)

@@ -1,5 +1,5 @@
 """Stage 3: DeepLabv2 trained on the CRF-refined pseudo labels (Sec. 3.4, 4.2, Fig. 3;
-Tables 2 and 3; DESIGN note 9).
+Tables 2 and 3; notes 9, 14, 15, 16). Its settings are the ``cfg.deeplab`` section.
 
 DeepLabv2 = a ResNet backbone from timm with output stride 8 (the last two stages dilated) and
 ASPP: four parallel 3×3 convolutions with dilation 6/12/18/24 straight to class scores, whose
@@ -10,13 +10,16 @@ poly decay (power 0.9), batch 10, 20k iterations, random scale 0.5–1.5, crop 3
 ignore 255; the backbone's BatchNorm is frozen (batch 10 is too small for batch statistics;
 the toy profile, whose backbone starts random, trains it).
 Batch ``i`` is drawn from (seed, i) alone, so a resumed run equals an uninterrupted one.
-Inference: softmax averaged over scales × flips at the image size, then the dense CRF.
+Inference: softmax averaged over scales × flips at the image size, then the dense CRF of the
+run's config (``cfg.crf``: the settings the pseudo labels were refined with; note 15), run by the
+same crash-tolerant pool as the pseudo labels' CRF (``cpfcte.crf.crf_stage``). The run folder
+follows ``cpfcte.runfolder``, as stage 1's does.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cpfcte.config import Config
 from cpfcte.errors import CpfcteError
-
-CHECKPOINT = "deeplab_checkpoint.pt"
-CONFIG = "deeplab_config.json"
+from cpfcte.runfolder import CHECKPOINT, RunFolder
 
 
 class ASPP(nn.Module):
@@ -97,34 +99,35 @@ def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=(0.75, 0.5)) -> list[to
     return outs
 
 
-def build_deeplab(cfg, num_classes: int) -> DeepLabV2:
+def build_deeplab(cfg: Config, num_classes: int) -> DeepLabV2:
     import timm
 
-    name = cfg.deeplab_backbone
+    dl = cfg.deeplab
+    name = dl.backbone
     if not timm.is_model(name):
         raise CpfcteError(f"unknown DeepLab backbone {name!r}: use a timm ResNet name")
-    use_hub = bool(cfg.deeplab_pretrained) and not cfg.deeplab_init
-    if not (use_hub or cfg.deeplab_init or cfg.random_init_ok):
+    use_hub = bool(dl.pretrained) and not dl.init
+    if not (use_hub or dl.init or cfg.random_init_ok):
         raise CpfcteError(f"profile {cfg.profile!r} would train DeepLabv2 from random weights: "
-                          "set deeplab_pretrained=true (ImageNet through timm) or "
-                          "deeplab_init=PATH")
+                          "set deeplab.pretrained=true (ImageNet through timm) or "
+                          "deeplab.init=PATH")
     try:
         backbone = timm.create_model(name, features_only=True, out_indices=(4,),
                                      output_stride=8, pretrained=use_hub,
-                                     **(cfg.deeplab_backbone_kwargs or {}))
+                                     **(dl.backbone_kwargs or {}))
     except Exception as e:
         if not use_hub:
             raise CpfcteError(f"cannot build DeepLab backbone {name!r}: {e}") from None
         raise CpfcteError(
             f"could not load the ImageNet weights of {name!r} through timm ({e}); on a machine "
             f"with internet run python -c \"import timm; timm.create_model('{name}', "
-            "pretrained=True)\" to fill the cache, or pass deeplab_init=PATH") from None
+            "pretrained=True)\" to fill the cache, or pass deeplab.init=PATH") from None
     pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
-    model = DeepLabV2(backbone, num_classes, tuple(cfg.deeplab_rates),
+    model = DeepLabV2(backbone, num_classes, tuple(dl.rates),
                       tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
-                      tuple(pcfg.get("std", (0.229, 0.224, 0.225))), cfg.deeplab_freeze_bn)
-    if cfg.deeplab_init:
-        load_init(model, Path(cfg.deeplab_init))
+                      tuple(pcfg.get("std", (0.229, 0.224, 0.225))), dl.freeze_bn)
+    if dl.init:
+        load_init(model, Path(dl.init))
     return model
 
 
@@ -246,7 +249,10 @@ class PseudoLabelData(torch.utils.data.Dataset):
                 torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)))
 
 
-class _Stream(torch.utils.data.Sampler):
+class IterationSampler(torch.utils.data.Sampler):
+    """The sample numbers start, start + 1, ..., stop - 1 of ``PseudoLabelData``'s stream: a
+    run resumed at iteration i draws exactly the samples an uninterrupted run draws from i on."""
+
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
 
@@ -259,19 +265,6 @@ class _Stream(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-
-DEEPLAB_FIELDS = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
-
-
-def deeplab_digest(cfg) -> str:
-    import hashlib
-
-    keys = sorted(k for k in cfg.to_dict() if k.startswith("deeplab_") and k not in
-                  ("deeplab_workers", "deeplab_ckpt_every", "deeplab_test_scales",
-                   "deeplab_flip_test", "deeplab_crf")) + list(DEEPLAB_FIELDS)
-    blob = json.dumps({k: cfg.to_dict()[k] for k in keys}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def check_pseudo_labels(label_dir: Path, voc) -> Path:
@@ -289,63 +282,52 @@ def check_pseudo_labels(label_dir: Path, voc) -> Path:
     return label_dir
 
 
-def train_deeplab(cfg, pseudo_dir: str | Path, run_dir: str | Path, *,
+def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   max_iterations: int | None = None, progress: bool = True) -> dict:
-    """Train (or resume) DeepLabv2 on ``pseudo_dir`` into ``run_dir``."""
-    from cpfcte.progress import progress_bar as tqdm
-
-    from cpfcte.data import classes_for, dataset_root
-    from cpfcte.data.voc import VOCDataset
-    from cpfcte.io import read_json, torch_save, write_json
+    """Train (or resume) DeepLabv2 on the pseudo labels in ``pseudo_dir`` (a folder of PNGs,
+    or a pseudo-label run folder) into ``run_dir``."""
+    from cpfcte.data import open_split
+    from cpfcte.progress import progress_bar
+    from cpfcte.pseudo import pseudo_label_dir
     from cpfcte.train import resolve_device, set_seed
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    digest = deeplab_digest(cfg)
-    cfg_path = run_dir / CONFIG
-    if cfg_path.exists() and read_json(cfg_path).get("digest") != digest:
-        raise CpfcteError(f"{run_dir}: holds a DeepLab run with another config; use another "
-                          "run name or delete the folder")
-    classes = classes_for(cfg.dataset)
-    voc = VOCDataset(dataset_root(cfg), cfg.train_split, classes)
-    pseudo_dir = check_pseudo_labels(Path(pseudo_dir), voc)
-    write_json(cfg_path, {"digest": digest, "pseudo_dir": str(pseudo_dir),
-                          "config": cfg.to_dict()})
+    dl = cfg.deeplab
+    voc = open_split(cfg, cfg.train_split)
+    pseudo_dir = check_pseudo_labels(pseudo_label_dir(pseudo_dir), voc)
+    digest = cfg.deeplab_digest()
+    folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
+                                      pseudo_dir=str(pseudo_dir))
     device = resolve_device(cfg.device)
     set_seed(cfg.seed)
-    model = build_deeplab(cfg, len(classes)).to(device)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.deeplab_lr, cfg.deeplab_weight_decay),
-                                lr=cfg.deeplab_lr, momentum=cfg.deeplab_momentum)
+    model = build_deeplab(cfg, len(voc.classes)).to(device)
+    optimizer = torch.optim.SGD(param_groups(model, dl.lr, dl.weight_decay),
+                                lr=dl.lr, momentum=dl.momentum)
     start, history = 0, []
-    ckpt = run_dir / CHECKPOINT
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("digest") != digest:
-            raise CpfcteError(f"{ckpt}: trained with another config; use another run folder")
+    state = folder.load_checkpoint(digest)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["iteration"], state["history"]
-    total = cfg.deeplab_iterations
+    total = dl.iterations
     stop = total if max_iterations is None else min(total, start + max_iterations)
     mean = tuple(int(round(255 * m)) for m in model.mean.flatten().tolist())
-    data = PseudoLabelData(voc, pseudo_dir, cfg.deeplab_crop,
-                           (cfg.deeplab_scale_min, cfg.deeplab_scale_max), True, cfg.seed, mean)
-    b = cfg.deeplab_batch
+    data = PseudoLabelData(voc, pseudo_dir, dl.crop, (dl.scale_min, dl.scale_max), True,
+                           cfg.seed, mean)
     loader = torch.utils.data.DataLoader(
-        data, batch_size=b, sampler=_Stream(start * b, stop * b), num_workers=cfg.deeplab_workers,
-        pin_memory=device.type == "cuda")
+        data, batch_size=dl.batch, sampler=IterationSampler(start * dl.batch, stop * dl.batch),
+        num_workers=dl.workers, pin_memory=device.type == "cuda")
     use_amp = cfg.amp and device.type == "cuda"
     model.train()
     t0, running = time.time(), torch.zeros((), device=device)
-    bar = tqdm(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
+    bar = progress_bar(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
     it = start
     for x, y in loader:
-        lr = poly_lr(cfg.deeplab_lr, it, total, cfg.deeplab_poly_power)
+        lr = poly_lr(dl.lr, it, total, dl.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outs = msc_logits(model, x) if cfg.deeplab_msc else [model(x)]
+            outs = msc_logits(model, x) if dl.msc else [model(x)]
         loss = sum(F.cross_entropy(F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
                                                  align_corners=False), y, ignore_index=255)
                    for o in outs) / len(outs)
@@ -355,19 +337,19 @@ def train_deeplab(cfg, pseudo_dir: str | Path, run_dir: str | Path, *,
         running += loss.detach()
         it += 1
         bar.update(1)
-        if it % cfg.deeplab_ckpt_every == 0 or it == stop:
+        if it % dl.ckpt_every == 0 or it == stop:
             n = it - (history[-1]["iteration"] if history else start)
             history.append({"iteration": it, "lr": lr, "loss": float(running) / max(n, 1),
                             "seconds": round(time.time() - t0, 2)})
             running.zero_()
-            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "iteration": it, "history": history, "digest": digest}, ckpt)
-            with open(run_dir / "deeplab_log.jsonl", "a") as fh:
-                fh.write(json.dumps(history[-1]) + "\n")
+            folder.save_checkpoint({"model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "iteration": it,
+                                    "history": history, "digest": digest})
+            folder.append_log(history[-1])
     bar.close()
     summary = {"iterations_done": it, "iterations": total, "complete": it >= total,
                "history": history, "parameters": count_parameters(model), "digest": digest}
-    write_json(run_dir / "deeplab_summary.json", summary)
+    folder.write_summary(summary)
     return summary
 
 
@@ -375,23 +357,25 @@ def count_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def load_deeplab(run_dir: str | Path, cfg, device: str = "auto") -> DeepLabV2:
+def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
+    """The trained DeepLabv2 of a run folder (on ``cfg.device``, in eval mode)."""
+    from cpfcte.config import derive
     from cpfcte.data import classes_for
-    from cpfcte.config import config_from_dict
     from cpfcte.train import resolve_device
 
-    ckpt = Path(run_dir) / CHECKPOINT
-    if not ckpt.exists():
-        raise CpfcteError(f"{run_dir}: no {CHECKPOINT}; train DeepLabv2 first")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if state["iteration"] < cfg.deeplab_iterations:
-        raise CpfcteError(f"{ckpt}: stopped at iteration {state['iteration']} of "
-                          f"{cfg.deeplab_iterations}; resume training first")
-    arch = config_from_dict({**cfg.to_dict(), "deeplab_pretrained": False, "deeplab_init": None,
-                             "random_init_ok": True})
+    folder = RunFolder(run_dir)
+    state = folder.load_checkpoint(cfg.deeplab_digest())
+    if state is None:
+        raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train DeepLabv2 first")
+    if state["iteration"] < cfg.deeplab.iterations:
+        raise CpfcteError(f"{folder.path / CHECKPOINT}: stopped at iteration "
+                          f"{state['iteration']} of {cfg.deeplab.iterations}; resume training "
+                          "first")
+    arch = derive(cfg, {"deeplab.pretrained": False, "deeplab.init": None,
+                        "random_init_ok": True})
     model = build_deeplab(arch, len(classes_for(cfg.dataset)))
     model.load_state_dict(state["model"])
-    return model.to(resolve_device(device)).eval()
+    return model.to(resolve_device(cfg.device)).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,44 +406,34 @@ def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool
     return total / n
 
 
-def _crf_worker(image: np.ndarray, probs: np.ndarray, classes: np.ndarray, out: str,
-                params: dict) -> None:
-    from cpfcte.crf import CRFParams, refine_with
-    from cpfcte.io import save_label_png
-
-    refined = refine_with(CRFParams(**params), image, probs)
-    save_label_png(out, classes[refined.argmax(axis=0)].astype(np.uint8))
-
-
-def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, crf_params=None,
-                  workers: int = 0, progress: bool = True) -> dict:
-    """Write argmax predictions to ``out_dir/pred`` and, with ``crf_params``, CRF-refined ones
-    to ``out_dir/pred_crf`` (the CRF runs over the classes whose probability reaches 1e-3
-    somewhere in the image, in a process pool); images already written are skipped."""
-    import os
-    from dataclasses import asdict
-
-    from cpfcte.progress import progress_bar as tqdm
-
-    from cpfcte.crf import clean_partial, process_pool
+def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
+                  progress: bool = True) -> dict:
+    """Write argmax predictions to ``out_dir/pred`` and, with ``cfg.deeplab.crf``,
+    CRF-refined ones (``cfg.crf``) to ``out_dir/pred_crf``: the CRF runs over the classes whose
+    probability reaches 1e-3 somewhere in the image, in the pseudo labels' crash-tolerant pool
+    (``crf_stage``; a failed image is an error naming it, the others are written). Images
+    already written are skipped."""
+    from cpfcte.crf import CRFJob, clean_partial, crf_stage
     from cpfcte.guard import refuse_ground_truth
     from cpfcte.io import save_label_png
+    from cpfcte.progress import progress_bar
+    from cpfcte.pseudo import raise_on_failures
 
+    use_crf = cfg.deeplab.crf
     plain, refined = out_dir / "pred", out_dir / "pred_crf"
     for d in (plain, refined):
         refuse_ground_truth(d, "prediction folder")
         d.mkdir(parents=True, exist_ok=True)
         clean_partial(d)
-    t0 = time.time()
-    workers = workers or os.cpu_count() or 1
-    pool = process_pool(workers) if crf_params else None
-    pending = []
-    try:
-        for i in tqdm(range(len(voc)), desc="DeepLabv2 predict", disable=not progress,
-                      leave=False):
+    scales, flip = tuple(cfg.deeplab.test_scales), cfg.deeplab.flip_test
+
+    def predictions() -> Iterator[CRFJob]:
+        """Predict each image not yet written; yield its CRF job."""
+        for i in progress_bar(range(len(voc)), desc="DeepLabv2 predict", disable=not progress,
+                              leave=False):
             image_id = voc.ids[i]
             need_plain = not (plain / f"{image_id}.png").exists()
-            need_crf = crf_params is not None and not (refined / f"{image_id}.png").exists()
+            need_crf = use_crf and not (refined / f"{image_id}.png").exists()
             if not (need_plain or need_crf):
                 continue
             image = np.asarray(voc.image(i), dtype=np.uint8)
@@ -470,52 +444,47 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, *, scales, flip: bool, c
                 keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
                 sub = probs[keep]
                 sub /= sub.sum(0, keepdims=True)
-                pending.append(pool.submit(_crf_worker, image, sub, keep,
-                                           str(refined / f"{image_id}.png"), asdict(crf_params)))
-                if len(pending) > 2 * workers:
-                    pending.pop(0).result()
-        for fut in pending:
-            fut.result()
-    finally:
-        if pool:
-            pool.shutdown()
+                yield CRFJob(str(refined / f"{image_id}.png"), image, sub, keep)
+
+    t0 = time.time()
+    if use_crf:
+        raise_on_failures(crf_stage(predictions(), cfg.crf, progress=False), refined)
+    else:
+        for _ in predictions():
+            pass
     return {"seconds": round(time.time() - t0, 2), "pred_dir": str(plain),
-            "crf_dir": str(refined) if crf_params else None}
+            "crf_dir": str(refined) if use_crf else None}
 
 
-def deeplab_stage(cfg, pseudo_dir: str | Path, run_dir: str | Path, *, split: str | None = None,
+def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   progress: bool = True) -> dict:
-    """Train DeepLabv2 on the pseudo labels, predict the val split, score it, write
-    ``metrics.json`` in ``run_dir``."""
-    from cpfcte.data import classes_for, dataset_root
-    from cpfcte.data.voc import VOCDataset, gt_dir
-    from cpfcte.io import write_json
+    """Train DeepLabv2 on the pseudo labels (a folder of PNGs or a pseudo-label run folder),
+    predict the ``cfg.val_split`` images, score them, write ``metrics.json`` in ``run_dir``."""
+    from cpfcte.data import open_split
     from cpfcte.metrics import evaluate_dirs
 
-    run_dir = Path(run_dir)
-    summary = train_deeplab(cfg, pseudo_dir, run_dir, progress=progress)
-    model = load_deeplab(run_dir, cfg, cfg.device)
-    split = split or cfg.val_split
-    classes = classes_for(cfg.dataset)
-    root = dataset_root(cfg)
-    voc = VOCDataset(root, split, classes)
-    pred = predict_split(model, voc, run_dir / split, scales=tuple(cfg.deeplab_test_scales),
-                         flip=cfg.deeplab_flip_test,
-                         crf_params=cfg.crf_params() if cfg.deeplab_crf else None,
-                         workers=cfg.crf_workers, progress=progress)
-    gt = gt_dir(root, split)
-    plain = evaluate_dirs(pred["pred_dir"], gt, len(classes), ids=voc.ids, classes=classes)
+    folder = RunFolder(run_dir)
+    summary = train_deeplab(cfg, pseudo_dir, folder.path, progress=progress)
+    model = load_deeplab(folder.path, cfg)
+    voc = open_split(cfg, cfg.val_split)
+    pred = predict_split(model, voc, folder.path / voc.split, cfg, progress=progress)
+    gt = voc.gt_dir()
+    plain = evaluate_dirs(pred["pred_dir"], gt, len(voc.classes), ids=voc.ids,
+                          classes=voc.classes)
     metrics = {"stage": "deeplab", "profile": cfg.profile, "dataset": cfg.dataset,
-               "split": split, "pseudo_dir": str(pseudo_dir), "config_digest": summary["digest"],
-               "parameters": summary["parameters"],
-               "iterations": summary["iterations_done"], "backbone": cfg.deeplab_backbone,
-               "test_scales": list(cfg.deeplab_test_scales), "flip": cfg.deeplab_flip_test,
-               "no_crf": {k: plain[k] for k in ("miou", "iou")}, "timing": pred}
-    if cfg.deeplab_crf:
-        scores = evaluate_dirs(pred["crf_dir"], gt, len(classes), ids=voc.ids, classes=classes)
+               "split": voc.split, "pseudo_dir": folder.record()["pseudo_dir"],
+               "config_digest": summary["digest"], "parameters": summary["parameters"],
+               "iterations": summary["iterations_done"], "backbone": cfg.deeplab.backbone,
+               "test_scales": list(cfg.deeplab.test_scales), "flip": cfg.deeplab.flip_test,
+               "pred_dir": pred["pred_dir"], "crf_dir": pred["crf_dir"],
+               "no_crf": {k: plain[k] for k in ("miou", "iou")},
+               "timing": {"predict_seconds": pred["seconds"]}}
+    if cfg.deeplab.crf:
+        scores = evaluate_dirs(pred["crf_dir"], gt, len(voc.classes), ids=voc.ids,
+                               classes=voc.classes)
         metrics.update(level="segmentation (DeepLabv2, multi-scale + flip, dense CRF)", **scores,
-                       crf_params=cfg.crf_params().describe())
+                       crf_params=cfg.crf.describe())
     else:
         metrics.update(level="segmentation (DeepLabv2, multi-scale + flip)", **plain)
-    write_json(run_dir / "metrics.json", metrics)
+    folder.write_metrics(metrics)
     return metrics

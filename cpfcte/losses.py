@@ -1,6 +1,6 @@
 """The multi-class entropy (MCE) loss of Eq. 9: binary cross-entropy over the C classes,
 averaged over classes and over the batch. It is computed in float32 outside autocast: BCE on
-probabilities is not autocast-safe (DESIGN note 5)."""
+probabilities is not autocast-safe (note 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mIoU from one confusion matrix over a whole split (DESIGN note 10).
+"""mIoU from one confusion matrix over a whole split (note 10).
 
 Pixels whose ground truth is ``ignore_index`` (255) are skipped. A prediction of
 ``ignore_index`` ("no label") on a valid pixel counts as a miss for the true class. IoU_c =
@@ -45,10 +45,6 @@ class ConfusionMatrix:
                               f"{n}")
         self.unlabelled += np.bincount(g[unl], minlength=n)
         self.matrix += np.bincount(g[~unl] * n + p[~unl], minlength=n * n).reshape(n, n)
-
-    def merge(self, other: "ConfusionMatrix") -> None:
-        self.matrix += other.matrix
-        self.unlabelled += other.unlabelled
 
     def iou(self) -> list[float | None]:
         tp = np.diag(self.matrix).astype(np.float64)
@@ -105,3 +101,18 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
     result = cm.summary(classes)
     result["images"] = len(ids)
     return result
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """The mIoU values (%, one decimal) of a stage's metrics.json, by name: BPM, BPM + CRF and
+    the model-free references of a pseudo-label run; DeepLabv2 without and with CRF."""
+    if metrics.get("stage") == "deeplab":
+        scores = {"DeepLabv2": metrics["no_crf"]["miou"]}
+        if metrics.get("crf_dir"):
+            scores["DeepLabv2 + CRF"] = metrics["miou"]
+    else:
+        scores = {"BPM": metrics["miou"]}
+        if metrics.get("crf"):
+            scores["BPM + CRF"] = metrics["crf"]["miou"]
+        scores.update({f"reference: {k}": v for k, v in (metrics.get("baselines") or {}).items()})
+    return {k: round(100 * v, 1) for k, v in scores.items()}

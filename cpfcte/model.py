@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cpfcte.errors import CpfcteError
@@ -28,7 +27,7 @@ class ClassTokens(nn.Module):
     after the ViT (Eq. 2): f_i = Concat(p_i, t(i)).
 
     The paper pairs each patch with "its corresponding class token" but never says which one
-    (DESIGN note 1). ``soft`` (default): t(i) = Σ_c softmax_c(q(p_i)·t_c / √H) t_c, a
+    (note 1). ``soft`` (default): t(i) = Σ_c softmax_c(q(p_i)·t_c / √H) t_c, a
     differentiable, patch-dependent choice. ``mean``: every patch gets the mean token. ``none``
     is the ablation without class tokens (Table 4)."""
 
@@ -62,7 +61,7 @@ class CFBiLSTM(nn.Module):
     ``hv`` (default, Fig. 2): BiLSTM_H runs along each row of the h×w patch grid and BiLSTM_V
     along each column; their forward and backward states are concatenated and W_c maps them back
     to the input width (Eq. 6). ``raster``: one BiLSTM over the row-major sequence of s patches,
-    as the text of Sec. 3.3 reads (DESIGN note 3)."""
+    as the text of Sec. 3.3 reads (note 3)."""
 
     def __init__(self, dim: int, hidden: int, mode: str = "hv"):
         super().__init__()
@@ -128,10 +127,6 @@ class CPFCTE(nn.Module):
         self.classifier = PatchClassifier(dim, num_classes)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def head_modules(self) -> list[nn.Module]:
-        return [m for m in (self.class_tokens, self.token_proj, self.cf_bilstm, self.classifier)
-                if m is not None]
 
     def patch_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """P (B, s, e) in raster order with the prefix (class/register) tokens dropped."""
@@ -242,10 +237,3 @@ def build_model(cfg, num_classes: int) -> CPFCTE:
                   project_tokens=cfg.project_tokens, cf_bilstm=cfg.cf_bilstm,
                   lstm_hidden=cfg.lstm_hidden, mean=tuple(pcfg.get("mean", (0.5,) * 3)),
                   std=tuple(pcfg.get("std", (0.5,) * 3)))
-
-
-def upsample_probs(z: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Z (B, s, C) → (B, C, H, W) by bilinear interpolation of the patch grid (Sec. 3.4)."""
-    b, s, c = z.shape
-    maps = z.transpose(1, 2).reshape(b, c, grid[0], grid[1])
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)

@@ -55,3 +55,7 @@ TABLE5 = (("gap", 67.7), ("gmp", 68.1), ("topk", 69.5))
 
 # Fig. 5 sweeps the inference size; the paper's choice is 960×960 = 60 patches per side.
 FIG5_PAPER_PATCHES = 60
+
+# Fig. 4 sweeps k of top-k pooling; the paper's choice k = 4 is its final model (Table 2).
+FIG4_PAPER_K = 4
+FIG4_PAPER_MIOU = dict((m, v) for m, _, _, v in TABLE2)["CPF-CTE"]

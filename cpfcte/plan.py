@@ -1,19 +1,20 @@
 """Estimated run times for ``cpfcte paper --dry-run`` (a plan for a GPU machine).
 
-Each pending run's time is estimated from the work it does (images × epochs, iterations, images
-to infer and to refine) divided by a throughput. The throughputs are those measured by the GPU
-benchmark (``benchmarks/throughput.json`` when present); otherwise the reference figures
-measured on one H200 for this project (torch 2.11, bf16, ViT-B/16 at 384): CPF-CTE training
-777 img/s (batch 64, eager), inference at 960 286 img/s, DeepLabv2 ResNet-101 training at 321
-231 img/s, dense CRF 0.75 s per VOC image per core on 16 cores. They are estimates, labelled so.
+Each pending run's time is estimated, by the stage its notebook drives (``Run.stage``, from the
+notebook's metadata), from the work it does (images × epochs, iterations, images to infer and
+to refine) divided by a throughput. The throughputs are those measured by the GPU benchmark
+(``benchmarks/throughput.json`` when present); otherwise the reference figures measured on one
+H200 for this project (torch 2.11, bf16, ViT-B/16 at 384): CPF-CTE training 777 img/s (batch
+64, eager), inference at 960 286 img/s, DeepLabv2 ResNet-101 training at 321 231 img/s, dense
+CRF 0.75 s per VOC image per core on 16 cores. They are estimates, labelled so.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from cpfcte.config import Config
 from cpfcte.paths import project_root
 
 REFERENCE = {"source": "reference H200 figures (issue 7)", "train_img_s": 777.0,
@@ -30,7 +31,7 @@ def throughputs() -> dict:
     return dict(REFERENCE)
 
 
-def split_size(cfg, split: str) -> int:
+def split_size(cfg: Config, split: str) -> int:
     from cpfcte.data import dataset_root
     from cpfcte.data.voc import read_split
     from cpfcte.errors import CpfcteError
@@ -41,39 +42,52 @@ def split_size(cfg, split: str) -> int:
         return KNOWN_SPLITS.get(cfg.dataset, {}).get(split, 0)
 
 
-def estimate_seconds(notebook: str, profile: str, params: dict, tp: dict) -> float:
+def _crf_seconds(cfg: Config, images: int, tp: dict) -> float:
+    return images * tp["crf_s_per_image_core"] / tp["cores"]
+
+
+def _train(cfg: Config, params: dict, tp: dict) -> float:
+    return cfg.epochs * split_size(cfg, cfg.train_split) / tp["train_img_s"]
+
+
+def _pseudo(cfg: Config, params: dict, tp: dict) -> float:
+    n = split_size(cfg, params.get("split") or cfg.pseudo_split)
+    return n / tp["infer_img_s"] + _crf_seconds(cfg, n, tp)
+
+
+def _deeplab(cfg: Config, params: dict, tp: dict) -> float:
+    dl = cfg.deeplab
+    n = split_size(cfg, cfg.val_split)
+    views = len(dl.test_scales) * (2 if dl.flip_test else 1)
+    train = dl.iterations * dl.batch * (1.75 if dl.msc else 1.0) / tp["deeplab_img_s"]
+    return train + n * views / (4 * tp["deeplab_img_s"]) + _crf_seconds(cfg, n, tp)
+
+
+STAGE_ESTIMATES = {"train": _train, "pseudo": _pseudo, "deeplab": _deeplab}
+
+
+def estimate_seconds(stage: str | None, profile: str, params: dict, tp: dict) -> float:
+    """Seconds of GPU time for a run of ``stage`` (0 for the stages that only read or plot)."""
     from cpfcte.config import load_config
 
-    cfg = load_config(profile)
-    crf = split_size(cfg, params.get("split") or cfg.pseudo_split) * tp[
-        "crf_s_per_image_core"] / tp["cores"]
-    if notebook.startswith("02"):
-        return cfg.epochs * split_size(cfg, cfg.train_split) / tp["train_img_s"]
-    if notebook.startswith("03"):
-        n = split_size(cfg, params.get("split") or cfg.pseudo_split)
-        return n / tp["infer_img_s"] + crf
-    if notebook.startswith("04"):
-        n = split_size(cfg, cfg.val_split)
-        views = len(cfg.deeplab_test_scales) * (2 if cfg.deeplab_flip_test else 1)
-        train = cfg.deeplab_iterations * cfg.deeplab_batch * (
-            1.75 if cfg.deeplab_msc else 1.0) / tp["deeplab_img_s"]
-        return train + n * views / (4 * tp["deeplab_img_s"]) + n * tp[
-            "crf_s_per_image_core"] / tp["cores"]
-    return 0.0
+    estimate = STAGE_ESTIMATES.get(stage or "")
+    return estimate(load_config(profile), params, tp) if estimate else 0.0
 
 
 def print_plan(profile: str, results: dict[str, dict]) -> float:
     tp = throughputs()
     total = 0.0
     print(f"\nplan for profile {profile} (throughputs: {tp['source']})")
-    print(f"{'run':<22}{'notebook':<26}{'profile':<10}{'estimate':>10}")
+    print(f"{'run':<22}{'stage':<10}{'notebook':<26}{'profile':<10}{'estimate':>10}")
     for name, r in results.items():
         if not r.get("dry_run"):
             continue
-        sec = estimate_seconds(r["notebook"], r["profile"], r.get("params", {}), tp)
+        sec = estimate_seconds(r.get("stage"), r["profile"], r.get("params", {}), tp)
         total += sec
-        print(f"{name:<22}{r['notebook']:<26}{r['profile']:<10}{sec / 3600:>9.2f}h")
+        print(f"{name:<22}{r.get('stage') or '—':<10}{r['notebook']:<26}{r['profile']:<10}"
+              f"{sec / 3600:>9.2f}h")
     skipped = sum(1 for r in results.values() if r.get("action"))
-    print(f"total: {total / 3600:.1f} GPU hours for {sum(1 for r in results.values() if r.get('dry_run'))}"
-          f" runs ({skipped} unchanged runs skipped; {os.cpu_count()} CPU cores here)")
+    runs = sum(1 for r in results.values() if r.get("dry_run"))
+    print(f"total: {total / 3600:.1f} GPU hours for {runs} runs ({skipped} unchanged runs "
+          f"skipped; {os.cpu_count()} CPU cores here)")
     return total

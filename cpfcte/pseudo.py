@@ -1,10 +1,13 @@
-"""Stage 2 without CRF: the baseline pseudo mask (BPM) of Sec. 3.4 (Eq. 10; DESIGN note 7).
+"""Stage 2: the baseline pseudo mask (BPM) of Sec. 3.4 (Eq. 10; note 7) and its dense-CRF
+refinement (``cpfcte.crf``; note 8).
 
 For each image: resize to infer_size × infer_size (the ViT's position embeddings are
 interpolated by timm), Z = softmax over classes per patch, zero the classes absent from the
 image label (background is always kept), bilinear upsample to the original size, argmax. The
 masks are written as palette PNGs, atomically, and images already done are skipped, so a killed
-run resumes where it stopped.
+run resumes where it stopped. The stage runs with a ``Config`` derived from the training run's
+(``cpfcte.runfolder.run_config``) and records it in its own run folder, from which DeepLabv2's
+config is derived in turn (note 15).
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cpfcte.config import Config, derive
 from cpfcte.data.voc import VOCDataset
+from cpfcte.errors import CpfcteError
 from cpfcte.guard import refuse_ground_truth
 from cpfcte.io import save_label_png
-from cpfcte.model import CPFCTE, upsample_probs
+from cpfcte.model import CPFCTE
+from cpfcte.runfolder import METRICS, RunFolder
 
 BASELINES = ("background", "uniform")
 
@@ -65,9 +71,8 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
     """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png`` and, with ``probs_dir``,
     the masked patch-grid probabilities the CRF stage starts from (``<id>.npz``, only the
     classes of the image label); skip the images whose outputs are all present."""
-    from cpfcte.progress import progress_bar as tqdm
-
     from cpfcte.crf import clean_partial, save_grid_probs
+    from cpfcte.progress import progress_bar
 
     out_dir = refuse_ground_truth(Path(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,7 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
     device = next(model.parameters()).device
     todo = [i for i in range(len(voc)) if not done(i)]
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc=f"pseudo labels @{infer_size}", disable=not progress,
+    bar = progress_bar(total=len(todo), desc=f"pseudo labels @{infer_size}", disable=not progress,
                leave=False)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -120,56 +125,42 @@ def write_baselines(voc: VOCDataset, out_root: str | Path) -> dict[str, Path]:
     return out
 
 
-def infer_size_for(cfg, patch: int, infer_scale: float | None = None,
-                   infer_size: int | None = None) -> int:
-    """The inference size: explicit, or ``infer_scale`` × the training size rounded to whole
-    patches (Fig. 5 sweeps patches per side: 24..72 for ViT-B/16 at 384), else the profile's."""
-    if infer_size:
-        size = int(infer_size)
-    elif infer_scale:
-        size = max(1, round(cfg.img_size * float(infer_scale) / patch)) * patch
+def infer_size_for(cfg: Config, patch: int) -> int:
+    """The inference size: ``infer_scale`` × the training size rounded to whole patches (Fig. 5
+    sweeps patches per side: 24..72 for ViT-B/16 at 384) when it is set, else ``infer_size``."""
+    if cfg.infer_scale:
+        size = max(1, round(cfg.img_size * float(cfg.infer_scale) / patch)) * patch
     else:
-        size = cfg.infer_size
+        size = int(cfg.infer_size)
     if size % patch:
-        from cpfcte.errors import CpfcteError
-
         raise CpfcteError(f"infer_size={size} is not a multiple of the patch size {patch}")
     return size
 
 
-def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int | None = None,
-                 infer_scale: float | None = None, split: str | None = None,
-                 baselines: bool = True, crf: bool = True, crf_overrides: dict | None = None,
-                 device: str = "auto", progress: bool = True) -> dict:
-    """Make the BPMs of a trained run and (with ``crf``) their dense-CRF refinement, score
-    both, and write ``metrics.json`` in ``run_dir``. ``crf_overrides`` replaces fields of the
-    trained run's CRF parameters (``crf_bilateral_sxy=50``, ...)."""
-    from cpfcte.config import config_from_dict
-    from cpfcte.data import classes_for, dataset_root
-    from cpfcte.data.voc import gt_dir
-    from cpfcte.io import write_json
+def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf: bool = True,
+                 baselines: bool = True, progress: bool = True) -> dict:
+    """Make the BPMs of the ``cfg.pseudo_split`` images with the model of ``train_run`` and
+    (with ``crf``) their dense-CRF refinement (``cfg.crf``), score both, and write
+    ``metrics.json`` in ``run_dir``. ``cfg`` is the training run's config or one derived from
+    it (other inference size, split, CRF settings, device); it is recorded in ``run_dir``."""
+    from cpfcte.data import open_split
     from cpfcte.metrics import evaluate_dirs
     from cpfcte.train import load_trained
 
-    run_dir = Path(run_dir)
-    model, cfg = load_trained(train_run, device=device)
-    if crf_overrides:
-        from cpfcte.config import check_keys
-
-        check_keys(crf_overrides, "crf_overrides")
-        cfg = config_from_dict({**cfg.to_dict(), **crf_overrides}).validate()
+    model, cfg = load_trained(train_run, cfg)
+    folder = RunFolder(run_dir).start(
+        "pseudo", cfg, {"training": cfg.digest(), "crf": cfg.crf.parameters()},
+        train_run=str(train_run))
     patch = model.patch_size[0]
-    size = infer_size_for(cfg, patch, infer_scale, infer_size)
-    split = split or cfg.pseudo_split
-    classes = classes_for(cfg.dataset)
-    root = dataset_root(cfg)
-    voc = VOCDataset(root, split, classes)
-    bpm_dir = run_dir / f"bpm_{split}_{size}"
-    probs_dir = run_dir / f"probs_{split}_{size}" if crf else None
+    size = infer_size_for(cfg, patch)
+    split = cfg.pseudo_split
+    voc = open_split(cfg, split)
+    bpm_dir = folder.path / f"bpm_{split}_{size}"
+    probs_dir = folder.path / f"probs_{split}_{size}" if crf else None
     timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size, probs_dir=probs_dir,
                                 batch_size=cfg.infer_batch, progress=progress)
-    gt = gt_dir(root, split)
-    scores = evaluate_dirs(bpm_dir, gt, len(classes), ids=voc.ids, classes=classes)
+    gt = voc.gt_dir()
+    scores = evaluate_dirs(bpm_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
     metrics = {
         "stage": "pseudo_labels", "level": "pseudo-label (BPM, no CRF)", "profile": cfg.profile,
         "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
@@ -177,53 +168,85 @@ def pseudo_stage(train_run: str | Path, run_dir: str | Path, *, infer_size: int 
         "bpm_dir": str(bpm_dir), **scores, "timing": timing,
     }
     if crf:
-        metrics["crf"] = crf_refine(voc, probs_dir, run_dir / f"crf_{split}_{size}", gt, cfg,
-                                    progress=progress)
+        metrics["crf"] = crf_refine(voc, probs_dir, folder.path / f"crf_{split}_{size}", gt,
+                                    cfg, progress=progress)
     if baselines:
         metrics["baselines"] = {
-            kind: evaluate_dirs(folder, gt, len(classes), ids=voc.ids)["miou"]
-            for kind, folder in write_baselines(voc, run_dir / "baselines").items()}
-    write_json(run_dir / "metrics.json", metrics)
+            kind: evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids)["miou"]
+            for kind, path in write_baselines(voc, folder.path / "baselines").items()}
+    folder.write_metrics(metrics)
     return metrics
 
 
-def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path, cfg,
+def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path, cfg: Config,
                progress: bool = True) -> dict:
     """The CRF stage over a split; scored against ``gt``. A failed image is an error naming
     it (after every other image was written, so a rerun only redoes the failures)."""
-    from cpfcte.crf import crf_stage
-    from cpfcte.errors import CpfcteError
+    from cpfcte.crf import CRFJob, crf_stage
     from cpfcte.metrics import evaluate_dirs
 
-    params = cfg.crf_params()
-    jobs = [(str(voc.image_path(i)), str(probs_dir / f"{image_id}.npz"),
-             str(out_dir / f"{image_id}.png")) for i, image_id in enumerate(voc.ids)]
-    run = crf_stage(jobs, params, workers=cfg.crf_workers, progress=progress)
-    if run["failed"]:
-        first = next(iter(run["failed"].items()))
-        raise CpfcteError(f"dense CRF failed on {len(run['failed'])} image(s), e.g. {first[0]}: "
-                          f"{first[1]}; the others are written to {out_dir}")
+    jobs = [CRFJob(str(out_dir / f"{image_id}.png"), str(voc.image_path(i)),
+                   str(probs_dir / f"{image_id}.npz")) for i, image_id in enumerate(voc.ids)]
+    run = crf_stage(jobs, cfg.crf, progress=progress)
+    raise_on_failures(run, out_dir)
     scores = evaluate_dirs(out_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
-    from dataclasses import asdict
-
     return {"level": "pseudo-label (BPM + dense CRF)", "crf_dir": str(out_dir),
-            "params": asdict(params), "params_text": params.describe(), **scores,
+            "params": cfg.crf.parameters(), "params_text": cfg.crf.describe(), **scores,
             "timing": {k: v for k, v in run.items() if k != "failed"}}
 
 
+def raise_on_failures(run: dict, out_dir: Path) -> None:
+    """A CRF stage with failed images is an error naming them (the others are written)."""
+    if run["failed"]:
+        first = next(iter(run["failed"].items()))
+        raise CpfcteError(f"dense CRF failed on {len(run['failed'])} image(s), e.g. {first[0]}: "
+                          f"{first[1]}; the others are written to {out_dir}; rerun to retry")
+
+
 def ensure_pseudo_labels(profile: str, pseudo_run: str | Path, train_run: str | Path,
-                         split: str, progress: bool = True) -> Path:
-    """The CRF-refined pseudo labels of ``split`` for DeepLab training: those of
-    ``pseudo_run`` when it made them, else made now (training ``train_run`` first if needed)."""
-    from cpfcte.io import read_json
+                         progress: bool = True) -> Path:
+    """The pseudo-label run that DeepLabv2 learns from: ``pseudo_run`` when it holds the CRF
+    pseudo labels of its training split, else made now from ``train_run`` (trained first when
+    needed) on that run's training split."""
     from cpfcte.train import ensure_trained
 
-    pseudo_run = Path(pseudo_run)
-    saved = pseudo_run / "metrics.json"
-    if saved.exists():
-        m = read_json(saved)
-        if m.get("split") == split and m.get("crf"):
-            return Path(m["crf"]["crf_dir"])
-    ensure_trained(profile, train_run, progress=progress)
-    m = pseudo_stage(train_run, pseudo_run, split=split, baselines=False, progress=progress)
+    folder = RunFolder(pseudo_run)
+    if (folder.path / METRICS).exists():
+        m = folder.metrics()
+        if m.get("crf") and m.get("split") == folder.config().train_split:
+            return folder.path
+    train_dir = ensure_trained(profile, train_run, progress=progress)
+    trained = RunFolder(train_dir).config()
+    pseudo_stage(derive(trained, {"pseudo_split": trained.train_split}), train_dir, folder.path,
+                 baselines=False, progress=progress)
+    return folder.path
+
+
+def pseudo_run_of(path: str | Path) -> Path | None:
+    """The pseudo-label run folder ``path`` is, or whose output folder it is; None for a plain
+    folder of PNGs."""
+    path = Path(path)
+    for folder in (path, path.parent):
+        if (folder / "config.json").is_file() and RunFolder(folder).stage == "pseudo":
+            return folder
+    return None
+
+
+def pseudo_label_dir(path: str | Path) -> Path:
+    """The folder of pseudo-label PNGs that DeepLabv2 trains on: ``path`` itself, or, for a
+    pseudo-label run folder, its CRF pseudo labels of its config's training split."""
+    path = Path(path)
+    run = pseudo_run_of(path)
+    if run is None or run != path:
+        if (path / "config.json").is_file():
+            raise CpfcteError(f"{path}: holds a {RunFolder(path).stage} run; give a pseudo-label "
+                              "run or a folder of pseudo-label PNGs")
+        return path
+    folder = RunFolder(run)
+    cfg = folder.config()
+    m = folder.metrics() if (folder.path / METRICS).exists() else {}
+    if not (m.get("crf") and m.get("split") == cfg.train_split):
+        raise CpfcteError(f"{folder.path}: holds no CRF pseudo labels of the training split "
+                          f"{cfg.train_split!r}; make them with `cpfcte pseudo --split "
+                          f"{cfg.train_split}` (or notebook 03 with split={cfg.train_split!r})")
     return Path(m["crf"]["crf_dir"])

@@ -1,11 +1,11 @@
-"""Stage 1: train CPF-CTE on image-level labels (Sec. 4.2; DESIGN note 6).
+"""Stage 1: train CPF-CTE on image-level labels (Sec. 4.2; notes 6, 12, 13).
 
 Adam with the paper's two-stage learning rate (``lr_warmup`` for ``warmup_epochs`` epochs, then
 ``lr``), the backbone optionally frozen during the first stage, bf16 autocast on CUDA, the MCE
-loss in float32. A checkpoint is written atomically after every epoch; calling ``train`` again
-on the same run folder resumes from it (or returns at once when training is complete), and the
-result equals that of an uninterrupted run: the data order and the flips of epoch ``e`` depend
-only on (seed, e).
+loss in float32. The run folder follows ``cpfcte.runfolder``: a checkpoint is written atomically
+after every epoch; calling ``train`` again on the same run folder resumes from it (or returns at
+once when training is complete), and the result equals that of an uninterrupted run: the data
+order and the flips of epoch ``e`` depend only on (seed, e).
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cpfcte.config import NOT_TRAINING, Config, config_from_dict
-from cpfcte.data import classes_for, dataset_root
+from cpfcte.config import Config, derive
+from cpfcte.data import classes_for, open_split
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
-from cpfcte.io import read_json, torch_save, write_json
+from cpfcte.io import read_json, write_json
 from cpfcte.losses import mce_loss
 from cpfcte.model import CPFCTE, build_model
 from cpfcte.pooling import pool
-
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-LOG = "train_log.jsonl"
+from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder
 
 
 class ClassificationData(Dataset):
@@ -65,22 +62,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CpfcteError(f"device={name!r} but CUDA is not available here; use device=cpu")
     return torch.device(name)
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Create the run folder and its config.json; refuse a folder that holds another config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CONFIG
-    if path.exists():
-        saved = read_json(path)
-        if saved.get("digest") != cfg.digest():
-            changed = sorted(k for k, v in cfg.to_dict().items()
-                             if saved.get("config", {}).get(k) != v and k not in NOT_TRAINING)
-            raise CpfcteError(f"{run_dir}: this run folder was trained with another config "
-                              f"(differs in {', '.join(changed) or 'version'}); use another run "
-                              "name or delete the folder to start over")
-    else:
-        write_json(path, {"digest": cfg.digest(), "config": cfg.to_dict()})
 
 
 def set_seed(seed: int) -> None:
@@ -135,46 +116,44 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     share with batch_size / N images per step (the global batch stays ``batch_size``); DDP keeps
     the replicas identical; rank 0 alone writes the config, checkpoints and logs; every rank
     writes ``rank<r>.digest``, the hash of its final weights."""
-    from cpfcte.progress import progress_bar as tqdm
+    from cpfcte.progress import progress_bar
 
     world, rank, local = dist_info()
     if cfg.batch_size % world:
         raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     if rank == 0:
-        prepare_run_dir(run_dir, cfg)
+        folder.start("train", cfg, cfg.training_fields())
     _barrier(world)
-    logger = _file_logger(run_dir) if rank == 0 else logging.getLogger("cpfcte.quiet")
+    logger = folder.logger() if rank == 0 else logging.getLogger("cpfcte.quiet")
     device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     progress = progress and rank == 0
-    classes = classes_for(cfg.dataset)
-    voc = VOCDataset(dataset_root(cfg), cfg.train_split, classes)
-    data = ClassificationData(voc, cfg.img_size, cfg.hflip, cfg.seed)
+    data = ClassificationData(open_split(cfg, cfg.train_split), cfg.img_size, cfg.hflip,
+                              cfg.seed)
 
     model = make_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_warmup,
                                  weight_decay=cfg.weight_decay)
     start_epoch, history = 0, []
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg)
+    state = folder.load_checkpoint(cfg.digest())
+    if state is not None:
         if not resume and state["epoch"] < cfg.epochs:
-            raise CpfcteError(f"{run_dir}: holds a checkpoint at epoch {state['epoch']} of "
+            raise CpfcteError(f"{folder.path}: holds a checkpoint at epoch {state['epoch']} of "
                               f"{cfg.epochs}; pass --resume to continue it, or choose another "
                               "run name")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
-        logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+        logger.info("resumed from %s at epoch %d", folder.path / CHECKPOINT, start_epoch)
     end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     use_amp = cfg.amp and device.type == "cuda"
     per_rank = cfg.batch_size // world
     wrapped, wrapped_frozen = model, None
 
-    epochs_bar = tqdm(total=cfg.epochs, initial=start_epoch, desc="training", unit="epoch",
+    epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training", unit="epoch",
                       disable=not progress)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
@@ -203,7 +182,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                             **shuffle_kw)
         t0 = time.time()
         sums = torch.zeros(3, device=device)           # loss·n, correct, n
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
         for x, y in bar:
             x = x.to(device, non_blocking=True)
@@ -226,15 +205,14 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                   "label_accuracy": correct / seen, "seconds": round(time.time() - t0, 3)}
         history.append(record)
         if rank == 0:
-            torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "epoch": epoch + 1, "history": history, "digest": cfg.digest()},
-                       ckpt_path)
+            folder.save_checkpoint({"model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                    "history": history, "digest": cfg.digest()})
             epochs_bar.update(1)
             epochs_bar.set_postfix(loss=f"{record['loss']:.4f}",
                                    acc=f"{record['label_accuracy']:.3f}")
             logger.info(json.dumps(record))
-            with open(run_dir / LOG, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            folder.append_log(record)
         _barrier(world)
 
     epochs_bar.close()
@@ -242,9 +220,9 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                "complete": len(history) >= cfg.epochs, "history": history,
                "digest": cfg.digest(), "device": str(device), "processes": world}
     if world > 1:
-        (run_dir / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
+        (folder.path / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
     if rank == 0:
-        write_json(run_dir / "train_summary.json", summary)
+        folder.write_summary(summary)
     _barrier(world)
     return summary
 
@@ -267,49 +245,37 @@ def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:
     if done.returncode != 0:
         raise CpfcteError(f"distributed training in {run_dir} failed (torchrun exit "
                           f"{done.returncode}); see its output above and {run_dir / 'log.txt'}")
-    return read_json(run_dir / "train_summary.json")
+    return read_json(run_dir / SUMMARY)
 
 
-def load_checkpoint(path: Path, cfg: Config | None = None) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CpfcteError(f"{path}: cannot read checkpoint ({e}); delete it to retrain") from None
-    if cfg is not None and state.get("digest") != cfg.digest():
-        raise CpfcteError(f"{path}: checkpoint was trained with another config; use another "
-                          "run folder")
-    return state
-
-
-def load_trained(run_dir: str | Path, device: str = "auto") -> tuple[CPFCTE, Config]:
-    """The trained model of a run folder (config from its config.json), in eval mode."""
-    run_dir = Path(run_dir)
-    cfg = config_from_dict(read_json(run_dir / CONFIG)["config"], run_dir / CONFIG)
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.exists():
-        raise CpfcteError(f"{run_dir}: no {CHECKPOINT}; train this run first "
-                          f"(cpfcte train --run {run_dir})")
-    state = load_checkpoint(ckpt, cfg)
+def load_trained(run_dir: str | Path, cfg: Config | None = None,
+                 device: str | None = None) -> tuple[CPFCTE, Config]:
+    """The trained model of a run folder, in eval mode, and the config it runs with: the run's
+    own, or ``cfg`` (a config derived from it, e.g. with other inference or CRF settings),
+    which must describe the same trained network. ``device`` defaults to ``cfg.device``."""
+    folder = RunFolder(run_dir)
+    saved = folder.config()
+    if folder.stage != "train":
+        raise CpfcteError(f"{folder.path}: holds a {folder.stage} run, not a training run")
+    cfg = cfg or saved
+    if cfg.digest() != saved.digest():
+        changed = sorted(k for k, v in cfg.training_fields().items()
+                         if saved.training_fields().get(k) != v)
+        raise CpfcteError(f"{folder.path}: the config given differs from the trained run's in "
+                          f"{', '.join(changed)}; those fields shape the network, so they can "
+                          "only change by training another run")
+    state = folder.load_checkpoint(cfg.digest())
+    if state is None:
+        raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train this run first "
+                          f"(cpfcte train --run {folder.path})")
     if state["epoch"] < cfg.epochs:
-        raise CpfcteError(f"{ckpt}: training stopped at epoch {state['epoch']} of {cfg.epochs}; "
-                          "resume it before making pseudo labels")
+        raise CpfcteError(f"{folder.path / CHECKPOINT}: training stopped at epoch "
+                          f"{state['epoch']} of {cfg.epochs}; resume it before making pseudo "
+                          "labels")
     # the architecture only: weights come from the checkpoint, never from the hub
-    arch = Config(**{**cfg.to_dict(), "pretrained": False, "weights": None,
-                     "random_init_ok": True})
-    model = make_model(arch)
+    model = make_model(derive(cfg, {"pretrained": False, "weights": None, "random_init_ok": True}))
     model.load_state_dict(state["model"])
-    return model.to(resolve_device(device)).eval(), cfg
-
-
-def _file_logger(run_dir: Path) -> logging.Logger:
-    logger = logging.getLogger(f"cpfcte.run.{run_dir.resolve()}")
-    if not logger.handlers:
-        handler = logging.FileHandler(run_dir / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return logger
+    return model.to(resolve_device(device or cfg.device)).eval(), cfg
 
 
 def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = None,
@@ -318,10 +284,7 @@ def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = N
     it has no config yet, resume it when it stopped early, do nothing when it is complete."""
     from cpfcte.config import load_config
 
-    run_dir = Path(run_dir)
-    if (run_dir / CONFIG).exists():
-        cfg = config_from_dict(read_json(run_dir / CONFIG)["config"], run_dir / CONFIG)
-    else:
-        cfg = load_config(profile, overrides)
-    train(cfg, run_dir, progress=progress)
-    return run_dir
+    folder = RunFolder(run_dir)
+    cfg = folder.config() if (folder.path / CONFIG).exists() else load_config(profile, overrides)
+    train(cfg, folder.path, progress=progress)
+    return folder.path

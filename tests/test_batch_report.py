@@ -5,7 +5,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cpfcte.batch import load_batch, run_batch, select
+from cpfcte.batch import run_batch, select
+from cpfcte.catalog import load_batch
 from cpfcte.errors import CpfcteError
 from cpfcte.io import write_json
 from cpfcte.paths import runs_dir
@@ -205,7 +206,7 @@ def seeded_batch(tmp_path):
 
 
 def test_seeds_expand_and_follow_their_needs(seeded_batch):
-    from cpfcte.batch import expand
+    from cpfcte.catalog import expand
 
     runs, _ = expand(load_batch(seeded_batch), "toy")
     assert list(runs) == ["train", "train_s1", "train_s2", "pseudo", "pseudo_s1", "pseudo_s2",
@@ -259,7 +260,7 @@ def test_killed_batch_resumes_without_redoing_finished_runs(seeded_batch):
 
 
 def test_every_table_and_figure_of_the_paper_has_a_batch_entry():
-    from cpfcte.batch import group_runs
+    from cpfcte.catalog import group_runs
 
     batch = load_batch()
     assert {f"table{i}" for i in range(1, 6)} | {f"fig{i}" for i in range(4, 8)} <= set(batch.groups)
@@ -299,3 +300,85 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     md5 = table5("toy", out_dir=tmp_path)["md"].read_text()
     assert "| ✓ |  |  | 67.7 | not run (runs/toy/pseudo_gap) |" in md5
     assert "|  |  | ✓ | 69.5 | 72.0 ± 2.0 (n=3) | +2.5 |" in md5
+
+
+# ---- the catalog: report runs wait for what their tables and figures read ----------------
+
+
+def _closure(runs, name):
+    seen, stack = set(), list(runs[name].needs)
+    while stack:
+        need = stack.pop()
+        if need not in seen:
+            seen.add(need)
+            stack += runs[need].needs
+    return seen
+
+
+@pytest.mark.parametrize("profile", ["toy", "voc", "coco"])
+def test_every_report_run_waits_for_every_run_its_tables_and_figures_read(profile, monkeypatch):
+    """Record which runs the report functions actually read while drawing a report run's
+    tables and figures: each must be among that run's (transitive) needs. The paper run once
+    did not wait for deeplab_coco and showed Table 3 as "not run"."""
+    from cpfcte import catalog, report
+
+    runs, _ = catalog.expand(catalog.load_batch(), profile)
+    read: list[str] = []
+    real_metrics, real_status = catalog.run_metrics, catalog.run_status
+    monkeypatch.setattr(catalog, "run_metrics",
+                        lambda p, run: (read.append(run), real_metrics(p, run))[1])
+    monkeypatch.setattr(catalog, "run_status",
+                        lambda folder: (read.append(folder.name), real_status(folder))[1])
+    report_runs = [n for n, r in runs.items() if r.reports is not None]
+    assert "paper" in report_runs
+    for name in report_runs:
+        read.clear()
+        report.write(profile, runs[name].params["reports"])
+        wanted = {r for r in read if r in runs}             # runs outside the profile never come
+        missing = wanted - _closure(runs, name)
+        assert not missing, f"{profile}: report run {name!r} reads {sorted(missing)} unawaited"
+        assert wanted, name
+    toy_paper = catalog.expand(catalog.load_batch(), "toy")[0]["paper"]
+    assert "deeplab_coco" in toy_paper.needs
+
+
+def test_a_group_read_below_its_report_run_is_refused(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("runs:\n  r: {notebook: x.ipynb, reports: [t]}\n  a: {notebook: x.ipynb}\n"
+                 "groups:\n  t: {runs: [a]}\n")
+    with pytest.raises(CpfcteError, match="reads 'a', declared below it"):
+        load_batch(p)
+    p.write_text("runs:\n  r: {notebook: x.ipynb, reports: [nope]}\ngroups: {}\n")
+    with pytest.raises(CpfcteError, match="reports 'nope', which is not a group"):
+        load_batch(p)
+
+
+def test_tables_4_and_5_match_the_papers_rows_by_label(tmp_path, monkeypatch):
+    """A batch whose rows are in another order still puts each value on its paper row; a
+    missing row is an error naming it."""
+    from cpfcte import catalog
+    from cpfcte.report import table5
+
+    write_json(runs_dir() / "toy" / "pseudo_gap" / "metrics.json",
+               {"miou": 0.1, "crf": {"miou": 0.111}, "iou": [0.1]})
+    batch = catalog.load_batch()
+    rows = batch.groups["table5"]["rows"]
+    batch.groups["table5"]["rows"] = dict(reversed(list(rows.items())))
+    monkeypatch.setattr(catalog, "load_batch", lambda path=None: batch)
+    md = table5("toy", out_dir=tmp_path)["md"].read_text()
+    assert "| ✓ |  |  | 67.7 | 11.1 | -56.6 |" in md
+    del batch.groups["table5"]["rows"]["gmp"]
+    with pytest.raises(CpfcteError, match="group 'table5' has no row 'gmp'"):
+        table5("toy", out_dir=tmp_path)
+
+
+def test_the_dry_run_plan_is_keyed_by_stage(capsys):
+    from cpfcte.plan import estimate_seconds, throughputs
+
+    res = run_batch("voc", dry_run=True, log=lambda *_: None)
+    stages = {r["stage"] for r in res.values() if r.get("dry_run")}
+    assert {"train", "pseudo", "deeplab", "report"} <= stages
+    tp = throughputs()
+    # 50 epochs × 10,582 images at 777 img/s; a report run costs no GPU time
+    assert estimate_seconds("train", "voc", {}, tp) == pytest.approx(50 * 10582 / 777)
+    assert estimate_seconds("report", "voc", {}, tp) == 0.0

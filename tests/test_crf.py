@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cpfcte import crf
-from cpfcte.crf import CRFParams, bilinear_resize, crf_stage, dense_crf, save_grid_probs
+from cpfcte.config import CRFConfig
+from cpfcte.crf import CRFJob, bilinear_resize, crf_stage, dense_crf, save_grid_probs
 from cpfcte.errors import CpfcteError
 from cpfcte.io import read_label_png
 
@@ -85,44 +86,44 @@ def make_jobs(tmp_path, n, size=(48, 64)):
         grid = rng.random((3, 6, 8)).astype(np.float32)
         grid /= grid.sum(0, keepdims=True)
         save_grid_probs(tmp_path / f"{i:03d}.npz", grid, np.array([1, 0, 1]))
-        jobs.append((str(tmp_path / f"{i:03d}.jpg"), str(tmp_path / f"{i:03d}.npz"),
-                     str(tmp_path / "out" / f"{i:03d}.png")))
+        jobs.append(CRFJob(str(tmp_path / "out" / f"{i:03d}.png"), str(tmp_path / f"{i:03d}.jpg"),
+                           str(tmp_path / f"{i:03d}.npz")))
     return jobs
 
 
 def test_stage_writes_only_image_classes_and_resumes(tmp_path):
     jobs = make_jobs(tmp_path, 6)
-    r = crf_stage(jobs, CRFParams(iterations=3), workers=2, progress=False)
+    r = crf_stage(jobs, CRFConfig(iterations=3, workers=2), progress=False)
     assert r["written"] == 6 and not r["failed"]
-    outs = [read_label_png(j[2]) for j in jobs]
+    outs = [read_label_png(j.out) for j in jobs]
     assert all(set(np.unique(o)) <= {0, 2} for o in outs)      # class 1 is not in the label
-    os.remove(jobs[2][2])
-    stamp = os.stat(jobs[0][2]).st_mtime_ns
-    r = crf_stage(jobs, CRFParams(iterations=3), workers=1, progress=False)
+    os.remove(jobs[2].out)
+    stamp = os.stat(jobs[0].out).st_mtime_ns
+    r = crf_stage(jobs, CRFConfig(iterations=3, workers=1), progress=False)
     assert r["written"] == 1 and r["skipped"] == 5
-    assert os.stat(jobs[0][2]).st_mtime_ns == stamp
-    assert (read_label_png(jobs[2][2]) == outs[2]).all()        # same result, 1 or 2 workers
+    assert os.stat(jobs[0].out).st_mtime_ns == stamp
+    assert (read_label_png(jobs[2].out) == outs[2]).all()        # same result, 1 or 2 workers
 
 
 def test_stage_refuses_a_ground_truth_output(tmp_path):
-    jobs = [(a, b, str(tmp_path / "SegmentationClass" / "x.png")) for a, b, _ in
-            make_jobs(tmp_path, 1)]
+    jobs = [CRFJob(str(tmp_path / "SegmentationClass" / "x.png"), j.image, j.probs)
+            for j in make_jobs(tmp_path, 1)]
     with pytest.raises(CpfcteError, match="ground-truth folder"):
-        crf_stage(jobs, CRFParams(), workers=1, progress=False)
+        crf_stage(jobs, CRFConfig(workers=1), progress=False)
 
 
 def test_a_bad_image_is_reported_and_the_others_written(tmp_path):
     jobs = make_jobs(tmp_path, 4)
     (tmp_path / "001.npz").write_bytes(b"not an npz")
-    r = crf_stage(jobs, CRFParams(iterations=2), workers=2, progress=False)
+    r = crf_stage(jobs, CRFConfig(iterations=2, workers=2), progress=False)
     assert list(r["failed"]) == ["001"] and "cannot read saved probabilities" in r["failed"]["001"]
-    assert r["written"] == 3 and not os.path.exists(jobs[1][2])
+    assert r["written"] == 3 and not os.path.exists(jobs[1].out)
 
 
-def _crashing(image_path, probs_path, out_path, params):
-    if out_path.endswith("002.png"):
+def _crashing(job, params):
+    if job.out.endswith("002.png"):
         os._exit(3)                                              # a segfault, as the pool sees it
-    return _real_crf_image(image_path, probs_path, out_path, params)
+    return _real_crf_image(job, params)
 
 
 _real_crf_image = crf.crf_image
@@ -131,20 +132,22 @@ _real_crf_image = crf.crf_image
 def test_a_crashing_worker_is_survived_and_its_image_named(tmp_path, monkeypatch):
     jobs = make_jobs(tmp_path, 8)
     monkeypatch.setattr(crf, "crf_image", _crashing)
-    r = crf_stage(jobs, CRFParams(iterations=2), workers=2, progress=False)
+    r = crf_stage(jobs, CRFConfig(iterations=2, workers=2), progress=False)
     assert list(r["failed"]) == ["002"] and "died" in r["failed"]["002"]
     assert r["written"] == 7
-    assert all(os.path.exists(j[2]) for k, j in enumerate(jobs) if k != 2)
+    assert all(os.path.exists(j.out) for k, j in enumerate(jobs) if k != 2)
 
 
 def test_killed_stage_leaves_no_partial_file_and_resumes(tmp_path):
     jobs = make_jobs(tmp_path, 60, size=(200, 260))
-    code = ("import json, sys; from cpfcte.crf import crf_stage, CRFParams; "
-            f"crf_stage([tuple(j) for j in json.loads(sys.argv[1])], CRFParams(), workers=1, "
+    code = ("import json, sys; from cpfcte.crf import crf_stage, CRFJob; "
+            "from cpfcte.config import CRFConfig; "
+            "crf_stage([CRFJob(*j) for j in json.loads(sys.argv[1])], CRFConfig(workers=1), "
             "progress=False)")
     import json
 
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(jobs)])
+    proc = subprocess.Popen([sys.executable, "-c", code,
+                             json.dumps([(j.out, j.image, j.probs) for j in jobs])])
     out = tmp_path / "out"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
@@ -155,6 +158,34 @@ def test_killed_stage_leaves_no_partial_file_and_resumes(tmp_path):
     assert 3 <= len(written) < 60, "the stage should have been killed midway"
     for png in written:                                          # every PNG there is whole
         assert read_label_png(png).shape == (200, 260)
-    r = crf_stage(jobs, CRFParams(), workers=2, progress=False)
+    r = crf_stage(jobs, CRFConfig(workers=2), progress=False)
     assert r["skipped"] == len(written) and r["written"] == 60 - len(written)
     assert not list(out.glob(".*.tmp")) and len(list(out.glob("*.png"))) == 60
+
+
+def test_a_stream_of_in_memory_jobs_is_consumed_lazily_with_few_in_flight(tmp_path):
+    """DeepLabv2's test-time CRF: probabilities at the image size, produced one image at a time;
+    the pool holds at most 2·workers + 1 of them, and gives what one process gives."""
+    rng = np.random.default_rng(0)
+    images = [two_colour_image(30, 40, edge=20) for _ in range(12)]
+    probs = []
+    for _ in images:
+        p = rng.random((2, 30, 40)).astype(np.float32)
+        probs.append(p / p.sum(0, keepdims=True))
+
+    def stream(folder, written_at_yield):
+        for i, (img, p) in enumerate(zip(images, probs)):
+            written_at_yield.append(len(list(folder.glob("*.png"))))
+            yield CRFJob(str(folder / f"{i:03d}.png"), img, p, np.array([0, 3]))
+
+    seen = []
+    r = crf_stage(stream(tmp_path / "pool", seen), CRFConfig(iterations=2, workers=2),
+                  progress=False)
+    assert r["written"] == 12 and not r["failed"]
+    assert all(done >= i - 5 for i, done in enumerate(seen))   # never more than 5 in flight
+    crf_stage(stream(tmp_path / "one", []), CRFConfig(iterations=2, workers=1), progress=False)
+    for i in range(12):
+        a, b = (read_label_png(tmp_path / d / f"{i:03d}.png") for d in ("pool", "one"))
+        assert (a == b).all() and set(np.unique(a)) <= {0, 3}  # labels mapped through classes
+    again = crf_stage(stream(tmp_path / "pool", []), CRFConfig(workers=2), progress=False)
+    assert again["skipped"] == 12 and again["written"] == 0

@@ -13,7 +13,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tiny_cfg, tmp_path):
     assert [h["backbone_frozen"] for h in summary["history"]] == [True, False]
     digests = [(tmp_path / "ddp" / f"rank{r}.digest").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]                      # DDP kept the replicas identical
-    log = (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()
+    log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [1, 2]   # written once, by rank 0
     assert (tmp_path / "ddp" / "checkpoint.pt").exists()
     # the 24 toy train_aug images, 4 per process per step: every image seen once per epoch

@@ -3,14 +3,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpfcte.deeplab import (ASPP, CHECKPOINT, build_deeplab, load_init, map_kazuto_key,
-                            msc_logits, param_groups, poly_lr, predict_probs, train_deeplab)
+from cpfcte.deeplab import (ASPP, build_deeplab, load_init, map_kazuto_key, msc_logits,
+                            param_groups, poly_lr, predict_probs, train_deeplab)
 from cpfcte.errors import CpfcteError
+from cpfcte.runfolder import CHECKPOINT
 
-TINY_DL = dict(deeplab_backbone="resnet10t", deeplab_backbone_kwargs={"channels": [8, 8, 16, 16]},
-               deeplab_pretrained=False, deeplab_crop=32, deeplab_batch=2, deeplab_iterations=4,
-               deeplab_ckpt_every=2, deeplab_workers=0, deeplab_msc=False, deeplab_freeze_bn=False,
-               deeplab_test_scales=[0.75, 1.0])
+TINY = dict(backbone="resnet10t", backbone_kwargs={"channels": [8, 8, 16, 16]}, pretrained=False,
+            crop=32, batch=2, iterations=4, ckpt_every=2, workers=0, msc=False, freeze_bn=False,
+            test_scales=[0.75, 1.0])
+TINY_DL = {"deeplab": TINY}
+
+
+def dl(**changes):
+    """The tiny DeepLabv2 section with ``changes``."""
+    return {"deeplab": {**TINY, **changes}}
 
 
 def test_output_stride_8(tiny_cfg):
@@ -47,7 +53,7 @@ def test_poly_schedule_known_values():
 
 
 def test_frozen_batchnorm_stays_frozen(tiny_cfg):
-    model = build_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_freeze_bn": True}), 11).train()
+    model = build_deeplab(tiny_cfg(**dl(freeze_bn=True)), 11).train()
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)
     assert all(not p.requires_grad for m in bns for p in m.parameters())
@@ -112,12 +118,11 @@ def test_resume_equals_an_uninterrupted_run(tiny_cfg, toy_root, tmp_path):
     done = train_deeplab(cfg, pseudo, tmp_path / "part", progress=False)
     assert done["complete"] and [h["loss"] for h in done["history"]] == [
         h["loss"] for h in full["history"]]
-    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CpfcteError, match="another config"):
-        train_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_lr": 1.0}), pseudo, tmp_path / "full",
-                      progress=False)
+        train_deeplab(tiny_cfg(**dl(lr=1.0)), pseudo, tmp_path / "full", progress=False)
 
 
 def test_deeplab_stage_scores_val_and_writes_metrics(tiny_cfg, toy_root, tmp_path):
@@ -139,8 +144,7 @@ def test_kazuto_key_mapping_and_init(tiny_cfg, tmp_path):
     assert map_kazuto_key("base.aspp.c3.bias") == "aspp.branches.3.bias"
     assert map_kazuto_key("base.layer5.block3.increase.conv.weight") == \
         "backbone.layer4.2.conv3.weight"
-    cfg = tiny_cfg(**{**TINY_DL, "deeplab_backbone": "resnet50",
-                      "deeplab_backbone_kwargs": {}})
+    cfg = tiny_cfg(**dl(backbone="resnet50", backbone_kwargs={}))
     src = build_deeplab(cfg, 11)
     inverse = {}
     names = {"conv1": "reduce", "conv2": "conv3x3", "conv3": "increase"}
@@ -158,8 +162,7 @@ def test_kazuto_key_mapping_and_init(tiny_cfg, tmp_path):
             inverse[f"base.layer{int(p[1][5:]) + 1}.block{int(p[2]) + 1}."
                     f"{names['conv' + p[3][-1]]}.{conv}.{p[4]}"] = v
     torch.save(inverse, tmp_path / "kazuto.pth")
-    dst = build_deeplab(tiny_cfg(**{**TINY_DL, "deeplab_backbone": "resnet50",
-                                     "deeplab_backbone_kwargs": {}, "seed": 9}), 11)
+    dst = build_deeplab(tiny_cfg(**dl(backbone="resnet50", backbone_kwargs={}), seed=9), 11)
     load_init(dst, tmp_path / "kazuto.pth")
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
     torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
@@ -170,7 +173,7 @@ def test_kazuto_key_mapping_and_init(tiny_cfg, tmp_path):
 def test_resnet101_deeplabv2_parameter_count(tiny_cfg):
     from cpfcte.deeplab import count_parameters
 
-    cfg = tiny_cfg(deeplab_backbone="resnet101", deeplab_backbone_kwargs={}, deeplab_pretrained=False)
+    cfg = tiny_cfg(deeplab={"backbone": "resnet101", "backbone_kwargs": {}, "pretrained": False})
     # ResNet-101 without its classifier: 42,500,160; ASPP: 4 × (2048·3·3·21 + 21) = 1,548,372
     assert count_parameters(build_deeplab(cfg, 21)) == 42_500_160 + 1_548_372
 
@@ -181,10 +184,10 @@ def test_cli_deeplab_train_then_predict(tiny_cfg, toy_root, tmp_path, capsys):
     from cpfcte.cli import main
 
     pseudo = _pseudo_dir(toy_root, tmp_path)
-    sets = [f"data_root={toy_root}", "deeplab_backbone=resnet10t",
-            "deeplab_backbone_kwargs={channels: [8, 8, 16, 16]}", "deeplab_crop=32",
-            "deeplab_batch=2", "deeplab_iterations=2", "deeplab_ckpt_every=1",
-            "deeplab_test_scales=[1.0]", "deeplab_flip_test=false", "deeplab_crf=false"]
+    sets = [f"data_root={toy_root}", "deeplab.backbone=resnet10t",
+            "deeplab.backbone_kwargs={channels: [8, 8, 16, 16]}", "deeplab.crop=32",
+            "deeplab.batch=2", "deeplab.iterations=2", "deeplab.ckpt_every=1",
+            "deeplab.test_scales=[1.0]", "deeplab.flip_test=false", "deeplab.crf=false"]
     main(["deeplab", "train", "--profile", "toy", "--pseudo", str(pseudo), "--run", "d",
           "--set", *sets])
     assert json.loads(capsys.readouterr().out)["complete"] is True
@@ -195,3 +198,42 @@ def test_cli_deeplab_train_then_predict(tiny_cfg, toy_root, tmp_path, capsys):
         main(["deeplab", "train", "--profile", "toy", "--pseudo",
               str(toy_root / "SegmentationClassAug"), "--run", "e", "--set", *sets])
     assert "ground-truth folder" in capsys.readouterr().err
+
+
+def test_a_runs_crf_settings_reach_deeplabs_test_time_crf(tiny_cfg, tmp_path, monkeypatch):
+    """CRF settings given to the training run and to the pseudo-label run follow the pseudo
+    labels to DeepLabv2's test-time CRF, the way notebook 04 derives its config (note 15)."""
+    from cpfcte import crf
+    from cpfcte.deeplab import deeplab_stage
+    from cpfcte.pseudo import pseudo_stage
+    from cpfcte.runfolder import run_config
+    from cpfcte.train import train
+
+    train(tiny_cfg(epochs=1, crf={"workers": 1}, **TINY_DL), tmp_path / "t", progress=False)
+    pseudo_cfg = run_config(tmp_path / "t", {"pseudo_split": "train_aug", "crf.iterations": 2,
+                                             "crf.bilateral_sxy": 17})
+    pseudo_stage(pseudo_cfg, tmp_path / "t", tmp_path / "p", baselines=False, progress=False)
+    seen = []
+    real = crf.dense_crf
+    monkeypatch.setattr(crf, "dense_crf", lambda image, probs, params: (
+        seen.append(params), real(image, probs, params))[1])
+    cfg = run_config(tmp_path / "p", {"deeplab.iterations": 2})          # as notebook 04 does
+    m = deeplab_stage(cfg, tmp_path / "p", tmp_path / "d", progress=False)
+    assert len(seen) == m["images"] == 4      # one CRF per val image, in this process (workers=1)
+    assert {(p.bilateral_sxy, p.iterations, p.gaussian_sxy) for p in seen} == {(17.0, 2, 3.0)}
+    assert "sxy 17" in m["crf_params"] and "2 iterations" in m["crf_params"]
+    assert m["pseudo_dir"].endswith("crf_train_aug_48")                  # the run's CRF labels
+
+
+def test_deeplab_prediction_reports_a_failed_crf_image_and_writes_the_others(
+        tiny_cfg, toy_root, tmp_path, monkeypatch):
+    from cpfcte import crf
+    from cpfcte.deeplab import deeplab_stage
+
+    cfg = tiny_cfg(crf={"workers": 1}, **TINY_DL)
+    real = crf.crf_image
+    monkeypatch.setattr(crf, "crf_image", lambda job, p: (
+        (_ for _ in ()).throw(RuntimeError("boom")) if job.name == "2026_000009" else real(job, p)))
+    with pytest.raises(CpfcteError, match=r"dense CRF failed on 1 image\(s\), e.g. 2026_000009: RuntimeError: boom"):
+        deeplab_stage(cfg, _pseudo_dir(toy_root, tmp_path), tmp_path / "d", progress=False)
+    assert len(list((tmp_path / "d" / "val" / "pred_crf").glob("*.png"))) == 3

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 
 from cpfcte.config import available_profiles, load_config
@@ -46,3 +47,121 @@ def test_every_profile_loads():
     assert {"toy", "voc", "coco"} <= set(available_profiles())
     for name in available_profiles():
         assert load_config(name).profile == name
+
+
+# ---- notebooks are thin, say which stage they drive, and promise nothing stale ------------
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _code_lines(source: str) -> int:
+    return sum(1 for ln in source.splitlines() if ln.strip() and not ln.strip().startswith("#"))
+
+
+def test_notebook_cells_are_short_and_each_notebook_names_its_stage():
+    from cpfcte.catalog import STAGES
+
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata.get("cpfcte", {}).get("stage") in STAGES, path
+        for cell in nb.cells:      # the parameters cell is a list of plain values
+            if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+                assert _code_lines(cell.source) <= 8, (path.name, cell.source)
+
+
+def test_report_notebooks_draw_by_default_what_the_batch_asks_of_them():
+    from cpfcte.catalog import load_batch
+
+    batch = load_batch()
+    for run in batch.runs.values():
+        if run.reports is None:
+            continue
+        nb = nbformat.read(ROOT / "notebooks" / run.notebook, as_version=4)
+        params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        default = ast.literal_eval(next(
+            s.value for s in ast.parse(params.source).body if s.targets[0].id == "reports"))
+        assert (run.reports == list(batch.groups) if default == "all"
+                else default.split(",") == run.reports), run.name
+
+
+PROMISE = re.compile(r"\b(later steps?|comes? (?:in )?later|not (?:yet )?(?:implemented|"
+                     r"reproduced)|until then|to come|will (?:be )?(?:added|come|follow)|"
+                     r"coming soon|TODO)\b", re.IGNORECASE)
+STAGE_WORDS = {r"\bCRF\b": "pseudo", r"DeepLab": "deeplab", r"ablation": "report",
+               r"real data": "data", r"Table \d": "report", r"Fig(?:ure|\.) \d": "report",
+               r"pseudo.label": "pseudo", r"train": "train"}
+
+
+def stale_promises(text: str, batch_stages: set[str]) -> list[str]:
+    """Sentences that promise a stage "later" although the batch already runs it (or that
+    promise something without saying what)."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z*`])|\n\n", text):
+        if not PROMISE.search(sentence):
+            continue
+        named = {stage for word, stage in STAGE_WORDS.items() if re.search(word, sentence)}
+        if not named or named & batch_stages:
+            out.append(sentence.strip())
+    return out
+
+
+def test_the_promise_check_catches_the_old_overview_text():
+    old = ("The dense CRF, DeepLabv2 (Tables 2–3), the ablations (Tables 4–5, Figs. 4, 6, 7) "
+           "and the real datasets come in later steps; until then their cells in the tables "
+           "say *not run*.")
+    assert stale_promises(old, {"pseudo", "deeplab", "report"}) == [old]
+    assert stale_promises(old, set()) == []            # nothing runs those yet: a fair promise
+    assert stale_promises("DeepLabv2 runs after the pseudo labels.", {"deeplab"}) == []
+
+
+def test_no_notebook_promises_a_stage_that_the_batch_already_runs():
+    from cpfcte.catalog import load_batch
+
+    stages = {run.stage for run in load_batch().runs.values()}
+    assert {"data", "train", "pseudo", "deeplab", "report"} <= stages
+    for path in NOTEBOOKS + [ROOT / "README.md"]:
+        if path.suffix == ".ipynb":
+            nb = nbformat.read(path, as_version=4)
+            text = "\n\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+        else:
+            text = path.read_text()
+        assert stale_promises(text, stages) == [], path.name
+
+
+# ---- the interpretation notes: one home, cited by number -----------------------------------
+
+
+def test_interpretation_notes_have_one_home_that_everything_cites():
+    from cpfcte import notes
+
+    numbers = [n.number for n in notes.all_notes()]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 17
+    assert all(n.short and n.text for n in notes.all_notes())
+    cited = set()
+    files = list((ROOT / "cpfcte").rglob("*.py")) + NOTEBOOKS + [ROOT / "README.md"]
+    for path in files:
+        text = path.read_text()
+        assert "DESIGN note" not in text, path            # a file users do not have
+        cited |= {int(n) for n in re.findall(r"\bnotes? (\d+)\b", text)}
+    assert cited and cited <= set(numbers)                # every citation has its note
+    line = notes.table_line()                             # what every table prints
+    assert line.startswith("interpretation (docs/interpretation.md): class tokens: soft")
+    assert "(note 17)" in line
+    overview = nbformat.read(ROOT / "notebooks" / "00_overview.ipynb", as_version=4)
+    assert any("notes.markdown()" in c.source for c in overview.cells)
+    for path in NOTEBOOKS:                                # rendered, never copied
+        assert notes.note(8).short not in path.read_text(), path
+
+
+def test_a_broken_notes_file_is_refused(tmp_path, monkeypatch):
+    from cpfcte import notes
+    from cpfcte.errors import CpfcteError
+
+    bad = tmp_path / "n.md"
+    bad.write_text("## 1. A\n\n*In short:* a\n\n## 3. C\n\n*In short:* c\n")
+    monkeypatch.setattr(notes, "notes_file", lambda: bad)
+    with pytest.raises(CpfcteError, match=r"numbered 1, 2, 3, ... in order \(got \[1, 3\]\)"):
+        notes.all_notes()
+    bad.write_text("## 1. A\n\nno summary\n")
+    with pytest.raises(CpfcteError, match="note 1 has no"):
+        notes.all_notes()

@@ -7,7 +7,13 @@ import torch
 from cpfcte.errors import CpfcteError
 from cpfcte.io import read_label_png
 from cpfcte.pseudo import baseline_mask, bpm_from_probs, pseudo_stage
-from cpfcte.train import CHECKPOINT, load_trained, train
+from cpfcte.runfolder import CHECKPOINT, LOG, run_config
+from cpfcte.train import load_trained, train
+
+
+def pseudo(train_dir, run_dir, overrides=None, **kw):
+    """The pseudo-label stage with the training run's config (and ``overrides``)."""
+    return pseudo_stage(run_config(train_dir, overrides), train_dir, run_dir, progress=False, **kw)
 
 
 def test_same_seed_gives_identical_metrics(tiny_cfg, tmp_path):
@@ -16,8 +22,8 @@ def test_same_seed_gives_identical_metrics(tiny_cfg, tmp_path):
     b = train(cfg, tmp_path / "b", progress=False)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
-    ma = pseudo_stage(tmp_path / "a", tmp_path / "pa", progress=False)
-    mb = pseudo_stage(tmp_path / "b", tmp_path / "pb", progress=False)
+    ma = pseudo(tmp_path / "a", tmp_path / "pa")
+    mb = pseudo(tmp_path / "b", tmp_path / "pb")
     assert ma["miou"] == mb["miou"] and ma["iou"] == mb["iou"]
     c = train(tiny_cfg(epochs=2, seed=1), tmp_path / "c", progress=False)
     assert strip(c["history"]) != strip(a["history"])
@@ -33,12 +39,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_cfg, tmp_pa
     resumed = train(cfg, tmp_path / "resumed", progress=False)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(full["history"])
-    sa = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=False)["model"]
-    sb = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["model"]
+    sa = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)["model"]
+    sb = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     again = train(cfg, tmp_path / "resumed", progress=False)                 # complete: no-op
     assert strip(again["history"]) == strip(full["history"])
-    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    log = (tmp_path / "resumed" / LOG).read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log] == [1, 2, 3]
 
 
@@ -49,7 +55,7 @@ def test_two_stage_lr_and_frozen_backbone_in_the_first_stage(tiny_cfg, tmp_path)
 
     before = make_model(cfg).state_dict()
     train(cfg, tmp_path / "r", max_epochs=1, progress=False)
-    after = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=False)
+    after = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)
     assert after["optimizer"]["param_groups"][0]["lr"] == 1e-3
     state = after["model"]
     backbone_same = all(torch.equal(before[k], state[k]) for k in before if k.startswith("backbone."))
@@ -59,7 +65,7 @@ def test_two_stage_lr_and_frozen_backbone_in_the_first_stage(tiny_cfg, tmp_path)
     summary = train(cfg, tmp_path / "r", progress=False)
     assert [h["lr"] for h in summary["history"]] == [1e-3, 1e-4]
     assert [h["backbone_frozen"] for h in summary["history"]] == [True, False]
-    state2 = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=False)["model"]
+    state2 = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)["model"]
     assert any(not torch.equal(state[k], state2[k]) for k in state if k.startswith("backbone."))
 
 
@@ -87,7 +93,7 @@ def test_baselines():
 
 def test_pseudo_stage_writes_pngs_and_metrics_and_resumes(tiny_cfg, tmp_path):
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
-    m = pseudo_stage(tmp_path / "t", tmp_path / "p", progress=False)
+    m = pseudo(tmp_path / "t", tmp_path / "p")
     assert m["images"] == 8 and 0.0 <= m["miou"] <= 1.0
     assert m["infer_size"] == 48 and m["patches_per_side"] == 6
     pngs = sorted((tmp_path / "p" / "bpm_train_48").glob("*.png"))
@@ -100,12 +106,11 @@ def test_pseudo_stage_writes_pngs_and_metrics_and_resumes(tiny_cfg, tmp_path):
     assert saved["miou"] == m["miou"]
     stamp = pngs[0].stat().st_mtime_ns
     pngs[1].unlink()                                                  # as if killed before it
-    again = pseudo_stage(tmp_path / "t", tmp_path / "p", baselines=False, progress=False)
+    again = pseudo(tmp_path / "t", tmp_path / "p", baselines=False)
     assert again["timing"]["written"] == 1 and again["timing"]["skipped"] == 7
     assert pngs[0].stat().st_mtime_ns == stamp and pngs[1].exists()
     assert again["miou"] == m["miou"]
-    m2 = pseudo_stage(tmp_path / "t", tmp_path / "p", infer_scale=2.0, baselines=False,
-                      progress=False)
+    m2 = pseudo(tmp_path / "t", tmp_path / "p", {"infer_scale": 2.0}, baselines=False)
     assert m2["infer_size"] == 64
     mask = read_label_png(pngs[0])
     assert mask.dtype == np.uint8

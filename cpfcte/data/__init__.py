@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpfcte.data.classes import TOY_CLASSES, VOC_CLASSES, classes_for  # noqa: F401
-from cpfcte.errors import CpfcteError
 from cpfcte.paths import data_dir, resolve
 
 PREPARE_HINT = {
@@ -25,6 +24,14 @@ def dataset_root(cfg) -> Path:
 
     root = resolve(cfg.data_root, data_dir())
     return require_root(root, hint=f"; {PREPARE_HINT.get(cfg.dataset, '')}")
+
+
+def open_split(cfg, split: str):
+    """The images and image-level labels of one split of a config's dataset (a ``VOCDataset``;
+    its ground truth, for evaluation only, is ``.gt_dir()``). Every reader opens data here."""
+    from cpfcte.data.voc import VOCDataset
+
+    return VOCDataset(dataset_root(cfg), split, classes_for(cfg.dataset))
 
 
 def dataset_stats(root: str | Path, classes: tuple[str, ...],

@@ -1,4 +1,4 @@
-"""Class lists. Index 0 is background, always present in an image label (DESIGN note 4)."""
+"""Class lists. Index 0 is background, always present in an image label (note 4)."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
                  classes: tuple[str, ...] | None = None, splits: dict[str, str] | None = None,
                  known_counts: dict[str, int] | None = KNOWN_COUNTS, allow_partial: bool = False,
                  progress: bool = True) -> dict:
-    from cpfcte.progress import progress_bar as tqdm
+    from cpfcte.progress import progress_bar
 
     from cpfcte.data.coco_classes import COCO_CLASSES
 
@@ -131,7 +131,7 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
         if not keep:
             raise CpfcteError(f"{source}: no annotated image in split {split!r}")
         ids = []
-        for image in tqdm(keep, desc=f"COCO {split}", disable=not progress):
+        for image in progress_bar(keep, desc=f"COCO {split}", disable=not progress):
             stem = Path(image["file_name"]).stem
             src = coco_root / folder / image["file_name"]
             if not src.is_file():

@@ -63,7 +63,7 @@ def md5sum(path: Path) -> str:
 
 def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: float = 60) -> Path:
     """Download ``archive`` into ``downloads``; resume a ``.part`` file; verify; return the path."""
-    from cpfcte.progress import progress_bar as tqdm
+    from cpfcte.progress import progress_bar
 
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / archive.name
@@ -96,9 +96,9 @@ def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: 
                 length = response.headers.get("Content-Length")
                 total = archive.size or (have + int(length) if length else None)
                 mode = "ab" if have else "wb"
-                with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B",
-                                                  unit_scale=True, desc=archive.name,
-                                                  disable=not progress) as bar:
+                with open(part, mode) as fh, progress_bar(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=archive.name,
+                        disable=not progress) as bar:
                     try:
                         for block in iter(lambda: response.read(CHUNK), b""):
                             fh.write(block)

@@ -73,7 +73,7 @@ def _require(path: Path, what: str, fix: str) -> Path:
 
 def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | None = None, *,
                 allow_partial: bool = False, progress: bool = True) -> dict:
-    from cpfcte.progress import progress_bar as tqdm
+    from cpfcte.progress import progress_bar
 
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     get = "download it with `cpfcte data download voc --to DIR` (or by hand)"
@@ -103,7 +103,7 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
     aug_dir = out / "SegmentationClassAug"
     aug_dir.mkdir(parents=True, exist_ok=True)
     written = from_voc = from_sbd = 0
-    for image_id in tqdm(train_aug + voc_val, desc="SegmentationClassAug", disable=not progress):
+    for image_id in progress_bar(train_aug + voc_val, desc="SegmentationClassAug", disable=not progress):
         voc_mask = voc_root / "SegmentationClass" / f"{image_id}.png"
         target = aug_dir / f"{image_id}.png"
         if voc_mask.exists():

@@ -293,7 +293,7 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
     """Write the toy dataset to ``root`` (idempotent: an existing dataset made from the same
     spec is kept). The dataset is built in a sibling folder and renamed into place, so an
     interrupted generation never leaves a half-written dataset at ``root``."""
-    from cpfcte.progress import progress_bar as tqdm
+    from cpfcte.progress import progress_bar
 
     root = Path(root)
     if not force and is_complete(root, spec):
@@ -310,8 +310,8 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
              "val": _CocoTwin(staging / "coco", "val2014")}
     val_ids = set(ids["val"])
     start = time.time()
-    for n, (image_id, segmented) in enumerate(tqdm(order, desc="toy dataset", disable=not progress,
-                                                   leave=False)):
+    bar = progress_bar(order, desc="toy dataset", disable=not progress, leave=False)
+    for n, (image_id, segmented) in enumerate(bar):
         rng = np.random.default_rng([spec.seed, spec.version, n])
         twin = twins["val" if image_id in val_ids else "train"]
         _write_scene(staging, image_id, rng, spec, segmented, twin)

@@ -98,6 +98,10 @@ class VOCDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def gt_dir(self) -> Path:
+        """The split's ground-truth folder: for evaluation only (``gt_dir``)."""
+        return gt_dir(self.root, self.split)
+
     def image_path(self, index: int) -> Path:
         return self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
 

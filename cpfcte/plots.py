@@ -1,0 +1,213 @@
+"""Every picture the notebooks show, drawn once: masks side by side, per-class IoU bars, training
+curves and the dataset overview. The stage notebooks (01-04) and the paper's figures
+(``cpfcte.report.figures``: Figs. 6 and 7 are these pictures) use the same functions.
+
+Functions return matplotlib figures made with pyplot (they render inline in Jupyter); save one
+with ``save_figure``, which writes atomically. Label maps are drawn in the VOC palette, 255 (the
+boundary band, COCO's crowd regions) in its cream colour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cpfcte.io import atomic_path
+
+IMAGE = "<image>"                 # a column of ``examples``: the image itself
+GROUND_TRUTH = "<ground truth>"   # a column of ``examples``: the split's ground-truth mask
+PAIR_COLOURS = ("#9e9e9e", "#d62728")
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Save ``fig`` to ``path`` (format from the suffix: png, pdf), atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def colorize(labels) -> np.ndarray:
+    """A label map as an RGB array in the VOC palette (255 in its cream colour)."""
+    from cpfcte.io import voc_palette
+
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return pal[np.asarray(labels)]
+
+
+def mask_grid(rows: list[tuple[str, list]], titles: list[str]):
+    """A grid: one row per image (``(row name, panels)``), one column per title; H×W panels
+    are label maps (colourised), H×W×3 panels images."""
+    import matplotlib.pyplot as plt
+
+    n, m = len(rows), len(titles)
+    fig, axes = plt.subplots(n, m, figsize=(1.9 * m, 1.9 * n), squeeze=False)
+    for r, (name, panels) in enumerate(rows):
+        for c, panel in enumerate(panels):
+            arr = np.asarray(panel)
+            axes[r][c].imshow(colorize(arr) if arr.ndim == 2 else arr, interpolation="nearest")
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+            if r == 0:
+                axes[r][c].set_title(titles[c], fontsize=9)
+        axes[r][0].set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def examples(voc, columns: dict[str, str | Path], n: int = 4):
+    """The first ``n`` images of a split (a ``VOCDataset``), one column per entry of
+    ``columns`` (title → ``IMAGE``, ``GROUND_TRUTH`` or a folder of label PNGs named by image
+    id); each row is named by the image id and its image-level labels."""
+    from cpfcte.io import read_label_png
+
+    gt = voc.gt_dir() if GROUND_TRUTH in columns.values() else None
+    rows = []
+    for i in range(min(n, len(voc))):
+        image_id = voc.ids[i]
+        panels = []
+        for source in columns.values():
+            if source == IMAGE:
+                panels.append(voc.image(i))
+            else:
+                folder = gt if source == GROUND_TRUTH else Path(source)
+                panels.append(read_label_png(folder / f"{image_id}.png"))
+        labels = ", ".join(dict.fromkeys(voc.label_names(i)))
+        rows.append((f"{image_id}\n{labels[:40]}", panels))
+    return mask_grid(rows, list(columns))
+
+
+def stage_columns(metrics: dict) -> dict[str, str]:
+    """The label-map folders of a stage's metrics.json, by title: BPM (+ CRF) of a pseudo-label
+    run; DeepLabv2 (+ CRF) of a DeepLabv2 run."""
+    if metrics.get("stage") == "deeplab":
+        out = {"DeepLabv2": metrics["pred_dir"]}
+        if metrics.get("crf_dir"):
+            out["DeepLabv2 + CRF"] = metrics["crf_dir"]
+        return out
+    out = {"BPM": metrics["bpm_dir"]}
+    if metrics.get("crf"):
+        out["BPM + CRF"] = metrics["crf"]["crf_dir"]
+    return out
+
+
+def stage_examples(cfg, metrics: dict, n: int = 4):
+    """Image, the stage's outputs and the ground truth for the first ``n`` images of the split
+    a stage scored (``metrics``: its metrics.json)."""
+    from cpfcte.data import open_split
+
+    voc = open_split(cfg, metrics["split"])
+    return examples(voc, {"image": IMAGE, **stage_columns(metrics),
+                          "ground truth": GROUND_TRUTH}, n)
+
+
+def per_class_iou(series: dict[str, list], classes: list[str], *, ylabel: str = "IoU (%)",
+                  title: str | None = None, colours=None):
+    """Grouped bars of per-class IoU (fractions, None = class absent from the ground truth),
+    one group per class, one bar per series."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 3.0))
+    x = np.arange(len(classes))
+    width = 0.8 / max(1, len(series))
+    for j, (label, values) in enumerate(series.items()):
+        heights = [0 if v is None or np.isnan(v) else 100 * v for v in values]
+        kw = {"color": colours[j % len(colours)]} if colours else {}
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, heights, width=width, label=label, **kw)
+    ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def stage_iou(metrics: dict):
+    """Per-class IoU of a stage's metrics.json: BPM and BPM + CRF of a pseudo-label run;
+    DeepLabv2 without and with CRF of a DeepLabv2 run."""
+    if metrics.get("stage") == "deeplab":
+        series = {"DeepLabv2": metrics["no_crf"]["iou"]}
+        if metrics.get("crf_dir"):
+            series["DeepLabv2 + CRF"] = metrics["iou"]
+        where = f"{metrics['split']}, segmentation"
+    else:
+        series = {"BPM": metrics["iou"]}
+        if metrics.get("crf"):
+            series["BPM + CRF"] = metrics["crf"]["iou"]
+        where = f"{metrics['split']}, pseudo labels"
+    return per_class_iou(series, metrics["classes"], ylabel=f"IoU (%), {where}")
+
+
+def training_curves(run_dir: str | Path):
+    """The training history of a run folder: MCE loss and image-label accuracy per epoch of a
+    stage-1 run (grey: epochs with a frozen backbone), or the loss per checkpoint interval of a
+    DeepLabv2 run."""
+    import matplotlib.pyplot as plt
+
+    from cpfcte.runfolder import RunFolder
+
+    folder = RunFolder(run_dir)
+    history = folder.summary()["history"]
+    if folder.stage == "deeplab":
+        fig, ax = plt.subplots(figsize=(4.5, 2.8))
+        ax.plot([h["iteration"] for h in history], [h["loss"] for h in history], marker=".")
+        ax.set_title("DeepLabv2: cross-entropy on the pseudo labels", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    axes[0].plot(epochs, [h["loss"] for h in history], marker=".")
+    axes[0].set_title("MCE loss (Eq. 9)")
+    axes[1].plot(epochs, [h["label_accuracy"] for h in history], marker=".", color="C2")
+    axes[1].set_title("image-label accuracy (p > 0.5)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for h in history:
+        if h.get("backbone_frozen"):
+            for ax in axes:
+                ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="gray", alpha=0.1)
+    fig.tight_layout()
+    return fig
+
+
+def class_frequency(profile: str, images_per_class: dict[str, int], split: str):
+    """How many images of ``split`` carry each foreground class (labels from the XML)."""
+    import matplotlib.pyplot as plt
+
+    names, counts = list(images_per_class)[1:], list(images_per_class.values())[1:]
+    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.25 * len(images_per_class)), 2.4))
+    ax.bar(names, counts, color="C0")
+    ax.set_ylabel(f"images ({split})")
+    ax.set_title(f"{profile}: class frequency (image-level labels from the XML)", fontsize=10)
+    ax.tick_params(axis="x", rotation=75, labelsize=7 if len(names) > 30 else 9)
+    fig.tight_layout()
+    return fig
+
+
+def dataset_overview(profile: str, n_show: int = 6, split: str | None = None) -> dict | None:
+    """Counts per split, the class-frequency plot and a grid of images with their ground-truth
+    masks for the dataset of ``profile``; ``None`` when that dataset is not prepared here."""
+    from cpfcte.config import load_config
+    from cpfcte.data import dataset_root, dataset_stats, open_split
+    from cpfcte.errors import CpfcteError
+
+    cfg = load_config(profile)
+    try:
+        root = dataset_root(cfg)
+    except CpfcteError:
+        return None
+    splits = tuple(dict.fromkeys((cfg.train_split, cfg.pseudo_split, cfg.val_split)))
+    voc = open_split(cfg, split or cfg.val_split)
+    stats = dataset_stats(root, voc.classes, splits)
+    frequency = class_frequency(profile, stats[cfg.train_split]["images_per_class"],
+                                cfg.train_split)
+    grid = examples(voc, {"image": IMAGE, f"ground truth ({voc.gt_dir().name})": GROUND_TRUTH},
+                    n_show)
+    return {"root": str(root), "counts": {s: v["images"] for s, v in stats.items()},
+            "stats": stats, "frequency": frequency, "grid": grid}

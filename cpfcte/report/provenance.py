@@ -1,0 +1,63 @@
+"""Where a table's numbers come from: code version, profile, dataset fingerprint, config
+digests, seeds, hardware and run time of the runs it reads (from their ``run.json`` and
+``metrics.json``)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+from cpfcte import catalog
+from cpfcte.paths import project_root
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(),
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpfcte", "notebooks"],
+                               cwd=project_root(), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dataset_fingerprint(profile: str) -> str:
+    """A short hash of the dataset's split lists (and the toy generator's spec)."""
+    from cpfcte.config import load_config
+    from cpfcte.data import dataset_root
+    from cpfcte.errors import CpfcteError
+
+    try:
+        root = dataset_root(load_config(profile))
+    except CpfcteError:
+        return "—"
+    h = hashlib.sha256()
+    for path in sorted(list((root / "ImageSets").rglob("*.txt")) + list(root.glob("*spec*.json"))):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def provenance(profile: str, runs: list[str], level: str | None = None) -> list[str]:
+    """Notes naming where a table's numbers come from."""
+    digests, seeds, seconds, hardware, nb_profiles = set(), set(), 0.0, set(), set()
+    for name in runs:
+        status = catalog.run_status(catalog.run_dir(profile, name))
+        m, _ = catalog.run_metrics(profile, name)
+        if m and m.get("config_digest"):
+            digests.add(m["config_digest"])
+        seconds += float(status.get("seconds", 0) or 0)
+        params = status.get("params", {})
+        seeds.add(params.get("seed", 0))
+        nb_profiles.add(params.get("profile", profile))
+        if status.get("hardware"):
+            hardware.add(status["hardware"])
+    notes = [f"provenance: code {git_commit()}; profile {profile}"
+             + (f" (runs with {', '.join(sorted(nb_profiles))})" if nb_profiles - {profile} else "")
+             + f"; dataset {', '.join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))}"
+             + f"; config {', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; "
+             f"hardware {', '.join(sorted(hardware)) or '—'}; run time {seconds / 60:.1f} min; "
+             f"runs: {', '.join(f'runs/{profile}/{r}' for r in runs)}"]
+    if level:
+        notes.insert(0, f"level: {level}")
+    return notes

@@ -1,0 +1,153 @@
+"""The run-folder protocol every stage follows (training, pseudo labels, DeepLabv2).
+
+    runs/<profile>/<run>/
+        config.json     {"stage", "digest", "digest_of", "config", ...}: the whole Config of
+                        the stage's latest call, and the digest of the fields that shaped its
+                        outputs; a folder made by another stage, or with another digest, is
+                        refused (results of two configs never mix in one folder)
+        checkpoint.pt   training and DeepLabv2: weights, optimizer, progress; written atomically
+                        after every epoch / checkpoint interval, so a killed run resumes from it
+        log.jsonl       one JSON record per epoch (training) or checkpoint interval (DeepLabv2)
+        log.txt         the text log
+        summary.json    what training did (history, whether it is complete)
+        metrics.json    the scores; the report reads these (``cpfcte.catalog``)
+        run.json        written by the batch runner around the stage (``cpfcte.batch``)
+
+Every file is written atomically (``cpfcte.io``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from cpfcte.config import Config, config_from_dict, short_digest
+from cpfcte.errors import CpfcteError
+from cpfcte.io import read_json, torch_save, write_json
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+TEXT_LOG = "log.txt"
+SUMMARY = "summary.json"
+METRICS = "metrics.json"
+STAGES = ("train", "pseudo", "deeplab")
+
+
+def run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """The config of the run in ``run_dir`` with ``overrides`` on top (None keeps the run's
+    value): what a downstream stage runs with."""
+    from cpfcte.config import derive
+
+    return derive(RunFolder(run_dir).config(), overrides)
+
+
+class RunFolder:
+    """One stage's run folder (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # --- config -----------------------------------------------------------------------------
+    def start(self, stage: str, cfg: Config, digest_of: dict[str, Any],
+              **extra: Any) -> "RunFolder":
+        """Create the folder and write its config.json, or check the one there: same stage and
+        same digest of ``digest_of`` (the fields that shape this stage's outputs)."""
+        if stage not in STAGES:
+            raise ValueError(stage)
+        digest = short_digest(digest_of)
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / CONFIG
+        if path.exists():
+            saved = read_json(path)
+            if not isinstance(saved, dict) or "stage" not in saved:
+                raise CpfcteError(f"{path}: written by an older cpfcte (no 'stage'); delete "
+                                  f"{self.path} or use another run name")
+            if saved["stage"] != stage:
+                raise CpfcteError(f"{self.path}: holds a {saved['stage']} run, not a {stage} "
+                                  "run; use another run name")
+            if saved.get("digest") != digest:
+                before = saved.get("digest_of", {})
+                changed = sorted(k for k in set(before) | set(digest_of)
+                                 if before.get(k) != digest_of.get(k))
+                raise CpfcteError(f"{self.path}: this run folder holds a {stage} run with "
+                                  f"another config (differs in {', '.join(changed) or 'version'}"
+                                  "); use another run name or delete the folder to start over")
+        write_json(path, {"stage": stage, "digest": digest, "digest_of": digest_of,
+                          "config": cfg.to_dict(), **extra})
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """The config.json of the folder, with a clear error when there is none."""
+        path = self.path / CONFIG
+        if not path.is_file():
+            raise CpfcteError(f"{self.path}: no {CONFIG}: not a run folder, or the run never "
+                              "started (check the run name)")
+        saved = read_json(path)
+        if not isinstance(saved, dict) or "config" not in saved:
+            raise CpfcteError(f"{path}: not a cpfcte run config; delete the folder and rerun")
+        return saved
+
+    def config(self) -> Config:
+        """The Config of the folder's run (what downstream stages start from)."""
+        return config_from_dict(self.record()["config"], self.path / CONFIG).validate()
+
+    @property
+    def stage(self) -> str | None:
+        return self.record().get("stage")
+
+    # --- checkpoint --------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        torch_save(state, self.path / CHECKPOINT)
+
+    def load_checkpoint(self, digest: str | None = None) -> dict[str, Any] | None:
+        """The checkpoint (None when there is none), refused when it was written with another
+        config (``digest``) or cannot be read."""
+        import torch
+
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CpfcteError(f"{path}: cannot read checkpoint ({e}); delete it to retrain") \
+                from None
+        if not isinstance(state, dict):
+            raise CpfcteError(f"{path}: not a cpfcte checkpoint; delete it to retrain")
+        if digest is not None and state.get("digest") != digest:
+            raise CpfcteError(f"{path}: checkpoint was trained with another config; use another "
+                              "run folder")
+        return state
+
+    # --- logs, summary, metrics -----------------------------------------------------------------
+    def append_log(self, record: dict[str, Any]) -> None:
+        with open(self.path / LOG, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def logger(self) -> logging.Logger:
+        logger = logging.getLogger(f"cpfcte.run.{self.path.resolve()}")
+        if not logger.handlers:
+            handler = logging.FileHandler(self.path / TEXT_LOG)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        return logger
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / SUMMARY, summary)
+
+    def summary(self) -> dict[str, Any]:
+        return read_json(self.path / SUMMARY)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.path / METRICS, metrics)
+
+    def metrics(self) -> dict[str, Any]:
+        return read_json(self.path / METRICS)

@@ -1,0 +1,91 @@
+"""The one Config: nested sections, dotted overrides, derivation downstream, digests."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cpfcte.config import CRFConfig, config_from_dict, derive, load_config, parse_set_args
+from cpfcte.errors import CpfcteError
+
+
+def test_profiles_nest_their_sections_and_inherit_them_section_by_section():
+    toy = load_config("toy")
+    assert toy.deeplab.backbone == "resnet10t" and toy.deeplab.iterations == 500
+    assert toy.deeplab.momentum == 0.9                     # a default the profile leaves alone
+    assert toy.crf == CRFConfig()                          # the one home of the CRF defaults
+    twin = load_config("toy_coco")                         # extends toy, sets no deeplab field
+    assert twin.deeplab == toy.deeplab and twin.data_root == "toy/coco"
+    coco = load_config("coco")                             # extends voc
+    assert coco.deeplab.backbone == "resnet101.tv_in1k" and coco.deeplab.iterations == 20000
+
+
+def test_dotted_and_nested_overrides_are_the_same_and_none_keeps_the_value():
+    a = load_config("toy", {"deeplab.iterations": 7, "crf.bilateral_sxy": 50})
+    b = load_config("toy", {"deeplab": {"iterations": 7}, "crf": {"bilateral_sxy": 50}})
+    assert a == b and a.deeplab.iterations == 7 and a.crf.bilateral_sxy == 50.0
+    assert a.deeplab.crop == 96                            # the rest of the section is kept
+    assert load_config("toy", {"deeplab.iterations": None, "k": None}) == load_config("toy")
+    assert parse_set_args(["deeplab.iterations=3", "crf.iterations=2", "k=8"]) == {
+        "deeplab.iterations": 3, "crf.iterations": 2, "k": 8}
+
+
+def test_bad_names_and_values_are_refused_with_the_valid_ones():
+    with pytest.raises(CpfcteError, match=r"unknown parameter 'deeplab.iteratons'.*did you mean "
+                                          r"deeplab.iterations"):
+        load_config("toy", {"deeplab.iteratons": 3})
+    with pytest.raises(CpfcteError, match="unknown parameter 'crf_iterations'"):
+        load_config("toy", {"crf_iterations": 3})          # the old flat names are gone
+    with pytest.raises(CpfcteError, match="is a section"):
+        load_config("toy", {"deeplab": 3})
+    with pytest.raises(CpfcteError, match="crf.iterations=0 must be ≥ 1"):
+        load_config("toy", {"crf.iterations": 0})
+    with pytest.raises(CpfcteError, match="crf.bilateral_sxy=-1.0 must be > 0"):
+        load_config("toy", {"crf.bilateral_sxy": -1})
+    with pytest.raises(CpfcteError, match="deeplab.crop=0 must be ≥ 1"):
+        load_config("toy", {"deeplab.crop": 0})
+    with pytest.raises(CpfcteError, match="deeplab.iterations='many' must be of type int"):
+        load_config("toy", {"deeplab.iterations": "many"})
+    with pytest.raises(CpfcteError, match="infer_scale=0.0 must be > 0"):
+        load_config("toy", {"infer_scale": 0})
+
+
+def test_derive_changes_a_copy_and_validates():
+    base = load_config("toy", {"crf.bilateral_sxy": 30})
+    down = derive(base, {"pseudo_split": "train_aug", "deeplab.iterations": 2, "k": None})
+    assert down.crf.bilateral_sxy == 30.0                  # upstream settings flow on
+    assert down.pseudo_split == "train_aug" and down.deeplab.iterations == 2 and down.k == base.k
+    assert base.pseudo_split == "train" and base.deeplab.iterations == 500
+    with pytest.raises(CpfcteError, match="crf.iterations=0"):
+        derive(base, {"crf.iterations": 0})
+    assert config_from_dict(down.to_dict()) == down        # a saved config.json round-trips
+
+
+def test_digests_cover_what_shapes_each_network_and_nothing_else():
+    cfg = load_config("toy")
+    later = derive(cfg, {"crf.bilateral_sxy": 5, "deeplab.lr": 1.0, "infer_size": 80,
+                         "infer_scale": 2.0, "pseudo_split": "val", "device": "cpu"})
+    assert later.digest() == cfg.digest()                  # stage 1 is untouched by later stages
+    assert derive(cfg, {"k": 8}).digest() != cfg.digest()
+    assert derive(cfg, {"deeplab.lr": 1.0}).deeplab_digest() != cfg.deeplab_digest()
+    assert derive(cfg, {"deeplab.test_scales": [1.0], "deeplab.crf": False, "crf.iterations": 3,
+                        "deeplab.workers": 2}).deeplab_digest() == cfg.deeplab_digest()
+    assert derive(cfg, {"seed": 1}).deeplab_digest() != cfg.deeplab_digest()
+
+
+def _imported(module: str) -> set[str]:
+    code = (f"import sys, {module}; "
+            "print(' '.join(m for m in sys.modules if m.startswith('cpfcte')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_the_layers_import_downwards_only():
+    assert _imported("cpfcte.config") == {"cpfcte", "cpfcte.config", "cpfcte.errors"}
+    report = _imported("cpfcte.report")
+    assert "cpfcte.batch" not in report                    # the batch feeds the report
+    assert not {"cpfcte.train", "cpfcte.deeplab", "cpfcte.pseudo"} & report
+    plots = _imported("cpfcte.plots")
+    assert not {m for m in plots if m.startswith(("cpfcte.report", "cpfcte.batch"))}
+    catalog = _imported("cpfcte.catalog")
+    assert not {m for m in catalog if m.startswith(("cpfcte.report", "cpfcte.batch"))}
