@@ -292,8 +292,9 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     from cpfcte.train import resolve_device, set_seed
 
     dl = cfg.deeplab
+    labels = pseudo_label_dir(pseudo_dir)
     voc = open_split(cfg, cfg.train_split)
-    pseudo_dir = check_pseudo_labels(pseudo_label_dir(pseudo_dir), voc)
+    pseudo_dir = check_pseudo_labels(labels, voc)
     digest = cfg.deeplab_digest()
     folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
                                       pseudo_dir=str(pseudo_dir))

@@ -237,3 +237,28 @@ def test_deeplab_prediction_reports_a_failed_crf_image_and_writes_the_others(
     with pytest.raises(CpfcteError, match=r"dense CRF failed on 1 image\(s\), e.g. 2026_000009: RuntimeError: boom"):
         deeplab_stage(cfg, _pseudo_dir(toy_root, tmp_path), tmp_path / "d", progress=False)
     assert len(list((tmp_path / "d" / "val" / "pred_crf").glob("*.png"))) == 3
+
+
+def test_cli_deeplab_on_a_pseudo_label_run_starts_from_that_runs_config(tiny_cfg, toy_root,
+                                                                       capsys):
+    from cpfcte.cli import main
+    from cpfcte.paths import runs_dir
+    from cpfcte.runfolder import RunFolder
+
+    model = ["data_root=" + str(toy_root), "img_size=32", "token_dim=8", "lstm_hidden=8", "k=2",
+             "infer_size=48", "batch_size=8", "epochs=1",
+             "backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"]
+    main(["train", "--profile", "toy", "--run", "t", "--set", *model])
+    main(["pseudo", "--profile", "toy", "--train-run", "t", "--run", "p", "--split", "train_aug",
+          "--set", "crf.iterations=2", "crf.workers=1"])
+    capsys.readouterr()
+    main(["deeplab", "train", "--profile", "toy", "--pseudo", str(runs_dir() / "toy" / "p"),
+          "--run", "d", "--set", "deeplab.backbone_kwargs={channels: [8, 8, 16, 16]}",
+          "deeplab.crop=32", "deeplab.batch=2", "deeplab.iterations=1", "deeplab.workers=0"])
+    cfg = RunFolder(runs_dir() / "toy" / "d").config()
+    assert cfg.crf.iterations == 2 and cfg.img_size == 32 and cfg.deeplab.iterations == 1
+    assert RunFolder(runs_dir() / "toy" / "d").record()["pseudo_dir"].endswith("crf_train_aug_48")
+    with pytest.raises(SystemExit):                       # a training run is no pseudo-label run
+        main(["deeplab", "train", "--profile", "toy", "--pseudo", str(runs_dir() / "toy" / "t"),
+              "--run", "e"])
+    assert "holds a train run" in capsys.readouterr().err
