@@ -64,10 +64,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / CONFIG
         if path.exists():
-            saved = read_json(path)
-            if not isinstance(saved, dict) or "stage" not in saved:
-                raise CpfcteError(f"{path}: written by an older cpfcte (no 'stage'); delete "
-                                  f"{self.path} or use another run name")
+            saved = self.record()
             if saved["stage"] != stage:
                 raise CpfcteError(f"{self.path}: holds a {saved['stage']} run, not a {stage} "
                                   "run; use another run name")
@@ -91,6 +88,9 @@ class RunFolder:
         saved = read_json(path)
         if not isinstance(saved, dict) or "config" not in saved:
             raise CpfcteError(f"{path}: not a cpfcte run config; delete the folder and rerun")
+        if "stage" not in saved:
+            raise CpfcteError(f"{path}: written by an older cpfcte (no 'stage'); delete "
+                              f"{self.path} or use another run name")
         return saved
 
     def config(self) -> Config:
