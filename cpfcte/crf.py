@@ -279,14 +279,7 @@ def _settle(fut, job: CRFJob, tally: _Tally, bar) -> list[CRFJob]:
 
 
 def _run_alone(job: CRFJob, p: dict, tally: _Tally, bar) -> None:
+    """Rerun a suspect in a pool of its own: if that pool breaks too, the job killed it."""
     with process_pool(1) as pool:
-        fut = pool.submit(crf_image, job, p)
-        try:
-            fut.result()
-        except BrokenProcessPool:
+        if _settle(pool.submit(crf_image, job, p), job, tally, bar):
             tally.outcome(job, RuntimeError("the CRF worker process died on this image"), bar)
-            return
-        except Exception as e:  # noqa: BLE001
-            tally.outcome(job, e, bar)
-            return
-    tally.outcome(job, None, bar)

@@ -153,8 +153,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     per_rank = cfg.batch_size // world
     wrapped, wrapped_frozen = model, None
 
-    epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training", unit="epoch",
-                      disable=not progress)
+    epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training",
+                              unit="epoch", disable=not progress)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
         frozen = bool(warm and cfg.freeze_backbone_warmup)
@@ -182,8 +182,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                             **shuffle_kw)
         t0 = time.time()
         sums = torch.zeros(3, device=device)           # loss·n, correct, n
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not progress, leave=False)
         for x, y in bar:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
