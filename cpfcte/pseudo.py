@@ -211,10 +211,8 @@ def ensure_pseudo_labels(profile: str, pseudo_run: str | Path, train_run: str | 
     from cpfcte.train import ensure_trained
 
     folder = RunFolder(pseudo_run)
-    if (folder.path / METRICS).exists():
-        m = folder.metrics()
-        if m.get("crf") and m.get("split") == folder.config().train_split:
-            return folder.path
+    if (folder.path / "config.json").is_file() and _training_split_labels(folder):
+        return folder.path
     train_dir = ensure_trained(profile, train_run, progress=progress)
     trained = RunFolder(train_dir).config()
     pseudo_stage(derive(trained, {"pseudo_split": trained.train_split}), train_dir, folder.path,
@@ -243,10 +241,18 @@ def pseudo_label_dir(path: str | Path) -> Path:
                               "run or a folder of pseudo-label PNGs")
         return path
     folder = RunFolder(run)
-    cfg = folder.config()
-    m = folder.metrics() if (folder.path / METRICS).exists() else {}
-    if not (m.get("crf") and m.get("split") == cfg.train_split):
+    labels = _training_split_labels(folder)
+    if labels is None:
+        split = folder.config().train_split
         raise CpfcteError(f"{folder.path}: holds no CRF pseudo labels of the training split "
-                          f"{cfg.train_split!r}; make them with `cpfcte pseudo --split "
-                          f"{cfg.train_split}` (or notebook 03 with split={cfg.train_split!r})")
-    return Path(m["crf"]["crf_dir"])
+                          f"{split!r}; make them with `cpfcte pseudo --split {split}` (or "
+                          f"notebook 03 with split={split!r})")
+    return labels
+
+
+def _training_split_labels(folder: RunFolder) -> Path | None:
+    """The CRF pseudo labels of a pseudo-label run's training split, if it made them."""
+    m = folder.metrics() if (folder.path / METRICS).exists() else {}
+    if m.get("crf") and m.get("split") == folder.config().train_split:
+        return Path(m["crf"]["crf_dir"])
+    return None

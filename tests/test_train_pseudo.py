@@ -172,3 +172,18 @@ def test_cli_train_and_pseudo(tiny_cfg, toy_root, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--profile", "toy", "--run", "x", "--set", "pooing=gap"])
     assert "unknown parameter 'pooing'" in capsys.readouterr().err
+
+
+def test_ensure_pseudo_labels_makes_the_training_split_once(tiny_cfg, tmp_path):
+    from cpfcte.pseudo import ensure_pseudo_labels, pseudo_label_dir
+
+    train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
+    made = ensure_pseudo_labels("toy", tmp_path / "p", tmp_path / "t", progress=False)
+    labels = pseudo_label_dir(made)
+    assert labels.name == "crf_train_aug_48" and len(list(labels.glob("*.png"))) == 24
+    stamp = (made / "metrics.json").stat().st_mtime_ns
+    assert ensure_pseudo_labels("toy", made, tmp_path / "t", progress=False) == made
+    assert (made / "metrics.json").stat().st_mtime_ns == stamp          # reused, not remade
+    pseudo(tmp_path / "t", tmp_path / "q")                               # the train split only
+    with pytest.raises(CpfcteError, match="no CRF pseudo labels of the training split"):
+        pseudo_label_dir(tmp_path / "q")
