@@ -2,7 +2,13 @@
 Weakly Supervised Semantic Segmentation* (CPF-CTE).
 
 The library holds all logic; the numbered notebooks in ``notebooks/`` are thin drivers over it.
+Importing it pins the CPU code paths of numpy, torch and MKL (``cpfcte.numerics``) before they
+load, so that a run gives the same bits on every AVX2 machine.
 """
+
+from cpfcte.numerics import pin_environment as _pin
+
+_LOADED_BEFORE_PINNING = _pin()   # numpy / torch imported before cpfcte: see numerics.check
 
 __version__ = "0.1.0"
 

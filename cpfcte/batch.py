@@ -170,9 +170,9 @@ def execute_run(run: Run, profile: str, nb_profile: str, run_dir: Path, notebook
 
     run_dir.mkdir(parents=True, exist_ok=True)
     params = notebook_params(run, profile, nb_profile)
-    record = {"run": run.name, "notebook": run.notebook, "params": params, "stamp": stamp,
-              "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "hardware": hardware()}
+    record = {"run": run.name, "notebook": run.notebook, "stage": run.stage, "params": params,
+              "stamp": stamp, "status": "running",
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": hardware()}
     write_json(run_dir / RUN_FILE, record)
     out_nb = run_dir / run.notebook
     log(f"[run] {run.name}: {run.notebook} {run.params}")
@@ -195,10 +195,31 @@ def execute_run(run: Run, profile: str, nb_profile: str, run_dir: Path, notebook
     return record
 
 
+def stage_times(results: dict[str, dict]) -> list[str]:
+    """Where the minutes went: runs and seconds per stage of the runs this batch executed (each
+    run's own wall time; with --jobs N they overlap)."""
+    per: dict[str, list[float]] = {}
+    for record in results.values():
+        if record.get("seconds") is not None and not record.get("action"):
+            per.setdefault(record.get("stage") or "?", []).append(float(record["seconds"]))
+    if not per:
+        return []
+    total = sum(sum(v) for v in per.values())
+    lines = [f"{'stage':<10}{'runs':>6}{'seconds':>10}{'per run':>10}{'share':>8}"]
+    for stage, secs in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"{stage:<10}{len(secs):>6}{sum(secs):>10.0f}{sum(secs) / len(secs):>10.1f}"
+                     f"{sum(secs) / total:>8.0%}")
+    lines.append(f"{'all':<10}{sum(len(v) for v in per.values()):>6}{total:>10.0f}")
+    return lines
+
+
 def hardware() -> str:
-    """One line naming the machine a run executed on (CPU cores, GPU if any)."""
+    """One line naming the machine a run executed on (CPU model and cores, GPU if any); the
+    stages record their code paths and versions themselves (``numerics.describe``)."""
     import os
     import platform
+
+    from cpfcte.numerics import cpu_model
 
     try:
         import torch
@@ -206,7 +227,7 @@ def hardware() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:  # a broken CUDA install must not stop the batch
         gpu = "GPU unknown"
-    return f"{platform.machine()} {os.cpu_count()} cores, {gpu}"
+    return f"{cpu_model()}, {platform.machine()} {os.cpu_count()} cores, {gpu}"
 
 
 def _short_error(e: Exception) -> str:

@@ -15,7 +15,7 @@ Each stage's config follows its input downstream: ``pseudo`` starts from the tra
 config, ``deeplab train`` from the pseudo-label run's (when --pseudo is one, or one of its
 folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab.NAME).
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
-    cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N]
+    cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N] [--check]
     cpfcte report --profile toy
 """
 
@@ -73,8 +73,8 @@ def _train(args: argparse.Namespace) -> None:
     from cpfcte.train import train, train_distributed
 
     overrides = parse_set_args(args.set)
-    if args.weights:
-        overrides["weights"] = args.weights
+    if args.weights:   # a path given on the command line is relative to the current folder
+        overrides["weights"] = str(Path(args.weights).resolve())
     if args.from_config:
         cfg = derive(config_from_dict(read_json(args.from_config), args.from_config), overrides)
     else:
@@ -158,10 +158,22 @@ def _headless_plots() -> None:
     matplotlib.use("Agg")   # the command line draws figures only to files
 
 
+def _print_check(profile: str) -> bool:
+    from cpfcte.report.check import check
+
+    ok, lines = check(profile)
+    print("\nreproduction check against the committed tables (git HEAD): " + lines[0])
+    for line in lines[1:]:
+        print("  " + line)
+    return ok
+
+
 def _paper(args: argparse.Namespace) -> None:
-    from cpfcte.batch import run_batch
+    from cpfcte.batch import run_batch, stage_times
     from cpfcte.report import write_all
 
+    if args.check:
+        sys.exit(0 if _print_check(args.profile) else 1)
     _headless_plots()
     results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs)
     if args.dry_run:
@@ -172,6 +184,11 @@ def _paper(args: argparse.Namespace) -> None:
     outputs = write_all(args.profile)
     failed = {k: v for k, v in results.items() if v.get("status") not in ("done", "not applicable")}
     print("\nwritten: " + ", ".join(str(p) for d in outputs.values() for p in d.values()))
+    times = stage_times(results)
+    if times:
+        print("\ntime per stage (each run's own seconds; with --jobs they overlap):")
+        print("\n".join("  " + line for line in times))
+    _print_check(args.profile)
     if failed:
         print("\nnot done: " + "; ".join(f"{k} ({v.get('status')}: {v.get('error', v.get('needs', ''))})"
                                          for k, v in failed.items()))
@@ -272,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--only", nargs="*", help="groups (table1, fig5) or runs to run")
     pa.add_argument("--dry-run", action="store_true",
                     help="list what would run, with the estimated GPU time of each run")
+    pa.add_argument("--check", action="store_true",
+                    help="only compare tables/ with the committed tables, cell by cell "
+                         "(exit 1 when a cell differs)")
     pa.add_argument("--jobs", type=int, default=1,
                     help="independent runs executed in parallel (one GPU each where there are several)")
     pa.set_defaults(func=_paper)

@@ -165,6 +165,9 @@ class Config:
     workers: int = 4                   # DataLoader workers
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    threads: int = 0                   # CPU threads of a run (0: every core); fixed, the split
+                                       # of reductions (and so the bits) does not depend on the
+                                       # machine (cpfcte.numerics)
     # --- pseudo labels (Sec. 3.4, note 7) -------------------------------------------------
     infer_size: int = 960              # images are resized to infer_size × infer_size
     infer_scale: float | None = None   # or infer_scale × img_size, in whole patches (Fig. 5)
@@ -188,8 +191,8 @@ class Config:
                      "infer_size", "infer_batch"):
             if int(getattr(self, name)) < 1:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be ≥ 1")
-        if self.warmup_epochs < 0 or self.workers < 0:
-            raise CpfcteError("parameters warmup_epochs and workers must be ≥ 0")
+        if self.warmup_epochs < 0 or self.workers < 0 or self.threads < 0:
+            raise CpfcteError("parameters warmup_epochs, workers and threads must be ≥ 0")
         if self.infer_scale is not None and self.infer_scale <= 0:
             raise CpfcteError(f"parameter infer_scale={self.infer_scale!r} must be > 0")
         if self.lr <= 0 or self.lr_warmup <= 0:
@@ -234,8 +237,8 @@ class Config:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
-NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "infer_size",
-                          "infer_scale", "infer_batch"})
+NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "threads",
+                          "infer_size", "infer_scale", "infer_batch"})
 DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
 
 

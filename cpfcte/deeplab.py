@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cpfcte import numerics
 from cpfcte.config import Config
 from cpfcte.errors import CpfcteError
 from cpfcte.runfolder import CHECKPOINT, RunFolder
@@ -291,6 +292,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     from cpfcte.pseudo import pseudo_label_dir
     from cpfcte.train import resolve_device, set_seed
 
+    numerics.apply(cfg)
     dl = cfg.deeplab
     labels = pseudo_label_dir(pseudo_dir)
     voc = open_split(cfg, cfg.train_split)
@@ -479,7 +481,8 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                "test_scales": list(cfg.deeplab.test_scales), "flip": cfg.deeplab.flip_test,
                "pred_dir": pred["pred_dir"], "crf_dir": pred["crf_dir"],
                "no_crf": {k: plain[k] for k in ("miou", "iou")},
-               "timing": {"predict_seconds": pred["seconds"]}}
+               "timing": {"predict_seconds": pred["seconds"]},
+               "numerics": numerics.describe(model.mean.device)}
     if cfg.deeplab.crf:
         scores = evaluate_dirs(pred["crf_dir"], gt, len(voc.classes), ids=voc.ids,
                                classes=voc.classes)

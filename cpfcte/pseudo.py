@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cpfcte import numerics
 from cpfcte.config import Config, derive
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
@@ -147,6 +148,7 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     from cpfcte.metrics import evaluate_dirs
     from cpfcte.train import load_trained
 
+    numerics.apply(cfg)
     model, cfg = load_trained(train_run, cfg)
     folder = RunFolder(run_dir).start(
         "pseudo", cfg, {"training": cfg.digest(), "crf": cfg.crf.parameters()},
@@ -166,6 +168,7 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
         "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
         "config_digest": cfg.digest(), "infer_size": size, "patches_per_side": size // patch,
         "bpm_dir": str(bpm_dir), **scores, "timing": timing,
+        "numerics": numerics.describe(next(model.parameters()).device),
     }
     if crf:
         metrics["crf"] = crf_refine(voc, probs_dir, folder.path / f"crf_{split}_{size}", gt,

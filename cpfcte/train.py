@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cpfcte import numerics
 from cpfcte.config import Config, derive
 from cpfcte.data import classes_for, open_split
 from cpfcte.data.voc import VOCDataset
@@ -32,12 +33,17 @@ from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder
 
 
 class ClassificationData(Dataset):
-    """Images resized to S×S (uint8, CHW) with their image-level label vectors."""
+    """Images resized to S×S (uint8, CHW) with their image-level label vectors. When all the
+    resized images fit in ``CACHE_BYTES`` (the toy: 7 MB), each is decoded once per run."""
+
+    CACHE_BYTES = 256 * 2**20
 
     def __init__(self, voc: VOCDataset, size: int, hflip: bool, seed: int):
         self.voc, self.size, self.hflip, self.seed = voc, size, hflip, seed
         self.labels = voc.label_matrix()
         self.epoch = 0
+        self.cache: dict[int, np.ndarray] | None = (
+            {} if len(voc) * size * size * 3 <= self.CACHE_BYTES else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,8 +54,12 @@ class ClassificationData(Dataset):
     def __getitem__(self, index: int):
         from PIL import Image
 
-        img = self.voc.image(index).resize((self.size, self.size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = self.cache.get(index) if self.cache is not None else None
+        if arr is None:
+            img = self.voc.image(index).resize((self.size, self.size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+            if self.cache is not None:
+                self.cache[index] = arr
         if self.hflip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
             arr = arr[:, ::-1]
         x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -118,6 +128,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     writes ``rank<r>.digest``, the hash of its final weights."""
     from cpfcte.progress import progress_bar
 
+    numerics.apply(cfg)
     world, rank, local = dist_info()
     if cfg.batch_size % world:
         raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
@@ -218,7 +229,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     epochs_bar.close()
     summary = {"epochs_done": len(history), "epochs": cfg.epochs,
                "complete": len(history) >= cfg.epochs, "history": history,
-               "digest": cfg.digest(), "device": str(device), "processes": world}
+               "digest": cfg.digest(), "device": str(device), "processes": world,
+               "numerics": numerics.describe(device)}
     if world > 1:
         (folder.path / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
     if rank == 0:

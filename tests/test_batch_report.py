@@ -119,13 +119,14 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
 
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not measured in runs/toy/pseudo_full |  |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not measured in runs/toy/pseudo_full |" in md
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17},
              crf={"miou": 0.5871, "params_text": "Gaussian (sxy 3, compat 3), ..."})
     paths = table1("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
-    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 | -15.9 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 | -12.1 |" in md
+    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 |" in md
+    assert "Δ (this − paper)" not in md                 # a toy number is never subtracted
     assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in md
     assert "all background | this run | none |  | 6.1 |" in md
     assert "not comparable" in md and "profile toy" in md
@@ -133,7 +134,7 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
     assert rows[0].startswith("Method,Pub.,Backbone") and len(rows) == 13
     _metrics("pseudo_full_s1", 0.5323, crf={"miou": 0.6071, "params_text": "..."})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 59.7 ± 1.4 (n=2) | -11.1 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 59.7 ± 1.4 (n=2) |" in md
     for run, scale_miou, pps in (("pseudo_scale_1.0", 0.3, 8), ("pseudo_scale_2.0", 0.4, 16)):
         write_json(runs_dir() / "toy" / run / "metrics.json", {"miou": scale_miou,
                    "patches_per_side": pps, "infer_size": pps * 8})
@@ -145,7 +146,7 @@ def test_table1_marks_missing_and_failed_runs(tmp_path):
     from cpfcte.report import table1
 
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| 67.1 | not run (runs/toy/pseudo_full) |  |" in md
+    assert "| 67.1 | not run (runs/toy/pseudo_full) |" in md
     write_json(runs_dir() / "toy" / "pseudo_full" / "run.json",
                {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
@@ -166,16 +167,16 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
     _deeplab_metrics("deeplab_full", 0.5571)
     md = table2("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 | -13.8 |" in md
-    assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |  |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md
+    assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
     assert "1,364,452 parameters" in md and "without CRF: 50.7" in md
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |  |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |" in md
     _deeplab_metrics("deeplab_coco", 0.4012)
     _metrics("pseudo_coco", 0.3, crf={"miou": 0.4444, "params_text": "..."})
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 | +3.1 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 | -5.3 |" in md
+    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
     md = table3("voc", out_dir=tmp_path)["md"].read_text()
     assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
     assert (tmp_path / "table3.voc.md").exists() and "45.4" in md
@@ -280,7 +281,7 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
                    {"status": "done", "seconds": 60, "hardware": "x86_64 2 cores, no GPU",
                     "params": {"seed": seed, "profile": "toy"}, "notebook": "03_pseudo_labels.ipynb"})
 
-    for run, vals in (("pseudo_base", (0.60, 0.62, 0.64)), ("pseudo_full", (0.70, 0.72, 0.74))):
+    for run, vals in (("pseudo_base", (0.60, 0.62, 0.64)), ("pseudo_full", (0.70, 0.73, 0.74))):
         for seed, v in enumerate(vals):
             pseudo(run if seed == 0 else f"{run}_s{seed}", v, seed)
     pseudo("pseudo_tokens", 0.66)                                    # one seed only
@@ -288,9 +289,12 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
                {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
     paths = table4("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
-    assert "| ✓ |  |  | 65.2 | 62.0 ± 2.0 (n=3) | -3.2 |" in md
-    assert "| ✓ | ✓ | ✓ | 69.5 | 72.0 ± 2.0 (n=3) | +2.5 |" in md
-    assert "| ✓ | ✓ |  | 67.1 | 66.0 (n=1) |" not in md and "| 67.1 | 66.0 | -1.1 |" in md
+    assert "| ✓ |  |  | 65.2 | reference | 62.0 ± 2.0 (n=3) | reference |" in md
+    # paired by seed: differences 10, 11, 10 → mean 10.33, t(0.975, 2) = 4.303, half-width
+    # 4.303 · 0.577 / √3 = 1.43: [8.9, 11.8], which excludes zero (*)
+    assert "| ✓ | ✓ | ✓ | 69.5 | +4.3 | 72.3 ± 2.1 (n=3) | +10.3 [+8.9, +11.8] * (n=3) |" in md
+    assert "| ✓ | ✓ |  | 67.1 | +1.9 | 66.0 | +6.0 (n=1, no interval) |" in md
+    assert "Δ (this − paper)" not in md
     assert "failed: see runs/toy/pseudo_lstm/03_pseudo_labels.ipynb" in md
     assert "level: pseudo-label" in md and "seeds [0, 1, 2]" in md
     assert "hardware x86_64 2 cores, no GPU" in md and "code " in md and "dataset " in md
@@ -298,8 +302,8 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     tex = paths["tex"].read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"\checkmark" in tex
     md5 = table5("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| ✓ |  |  | 67.7 | not run (runs/toy/pseudo_gap) |" in md5
-    assert "|  |  | ✓ | 69.5 | 72.0 ± 2.0 (n=3) | +2.5 |" in md5
+    assert "| ✓ |  |  | 67.7 | -1.8 | not run (runs/toy/pseudo_gap) |  |" in md5
+    assert "|  |  | ✓ | 69.5 | reference | 72.3 ± 2.1 (n=3) | reference |" in md5
 
 
 # ---- the catalog: report runs wait for what their tables and figures read ----------------
@@ -366,7 +370,7 @@ def test_tables_4_and_5_match_the_papers_rows_by_label(tmp_path, monkeypatch):
     batch.groups["table5"]["rows"] = dict(reversed(list(rows.items())))
     monkeypatch.setattr(catalog, "load_batch", lambda path=None: batch)
     md = table5("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| ✓ |  |  | 67.7 | 11.1 | -56.6 |" in md
+    assert "| ✓ |  |  | 67.7 | -1.8 | 11.1 |  |" in md
     del batch.groups["table5"]["rows"]["gmp"]
     with pytest.raises(CpfcteError, match="group 'table5' has no row 'gmp'"):
         table5("toy", out_dir=tmp_path)
@@ -382,3 +386,44 @@ def test_the_dry_run_plan_is_keyed_by_stage(capsys):
     # 50 epochs × 10,582 images at 777 img/s; a report run costs no GPU time
     assert estimate_seconds("train", "voc", {}, tp) == pytest.approx(50 * 10582 / 777)
     assert estimate_seconds("report", "voc", {}, tp) == 0.0
+
+
+def test_the_check_names_each_cell_that_differs_from_the_committed_table():
+    from cpfcte.report.check import compare
+
+    committed = ("Method,Pub.,Backbone,mIoU paper (%),mIoU this run (%)\n"
+                 "A,X,ViT,60.0,51.2 ± 1.0 (n=3)\nB,Y,ViT,61.0,55.0\n")
+    assert compare("t", committed, committed) == (4, [])
+    here = committed.replace("51.2 ± 1.0", "51.5 ± 0.9")
+    cells, diffs = compare("t", committed, here)
+    assert cells == 4 and len(diffs) == 1
+    assert str(diffs[0]) == ("t, row 'A X ViT', column 'mIoU this run (%)': committed "
+                             "'51.2 ± 1.0 (n=3)', this machine '51.5 ± 0.9 (n=3)' (Δ +0.3)")
+    _, diffs = compare("t", committed, committed.replace("B,Y", "C,Y"))
+    assert {d.committed for d in diffs} == {"(no such row)", "(row)"}
+
+
+def test_check_against_git_head(tmp_path, monkeypatch):
+    import subprocess
+
+    from cpfcte.report import check as chk
+
+    repo = tmp_path / "repo"
+    (repo / "tables").mkdir(parents=True)
+    (repo / "tables" / "table1.csv").write_text("Method,mIoU this run\nA,50.0\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=n", "add", "."], cwd=repo,
+                   check=True)
+    subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=n", "commit", "-qm", "t"],
+                   cwd=repo, check=True)
+    monkeypatch.setattr(chk, "project_root", lambda: repo)
+    monkeypatch.setenv("CPFCTE_OUT", str(repo))
+    ok, lines = chk.check("toy")
+    assert ok and lines[1] == "table1: all 1 cells as committed"
+    assert "table2: no committed reference" in lines[2]
+    (repo / "tables" / "table1.csv").write_text("Method,mIoU this run\nA,50.4\n")
+    ok, lines = chk.check("toy")
+    assert not ok and lines[0].startswith("NOT reproduced") and "(Δ +0.4)" in lines[2]
+    monkeypatch.setattr(chk, "project_root", lambda: tmp_path)      # no git clone
+    with pytest.raises(CpfcteError, match="not a git clone"):
+        chk.check("toy")

@@ -58,3 +58,46 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
     if force or not (root / "coco" / "cpfcte_prepare_coco.json").exists():
         prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)
     return root
+
+
+FINGERPRINT_FOLDERS = ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug",
+                       "ImageSets")
+FINGERPRINT_CACHE = ".cpfcte-fingerprint.json"
+
+
+def fingerprint(root: str | Path) -> str:
+    """A short hash of a dataset's content: every image, annotation, mask and split list, by
+    path and bytes (never a file date or a generator's log), so two identical datasets have the
+    same fingerprint on any machine. Hashes of unchanged files (same size and modification time)
+    are cached in ``root/.cpfcte-fingerprint.json``, so a large dataset is read once."""
+    import hashlib
+    import json
+
+    root = Path(root)
+    cache_path = root / FINGERPRINT_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    files, fresh = [], {}
+    for folder in FINGERPRINT_FOLDERS:
+        if (root / folder).is_dir():
+            files += sorted(p for p in (root / folder).rglob("*") if p.is_file())
+    total = hashlib.sha256()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        stat = path.stat()
+        key = f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest = cache.get(rel, {}).get(key)
+        if digest is None:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        fresh[rel] = {key: digest}
+        total.update(f"{rel}\0{digest}\n".encode())
+    if fresh != cache:
+        try:
+            from cpfcte.io import write_json
+
+            write_json(cache_path, fresh)
+        except OSError:   # a read-only dataset: no cache, same fingerprint
+            pass
+    return total.hexdigest()[:12]

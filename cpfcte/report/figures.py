@@ -8,7 +8,7 @@ from pathlib import Path
 from cpfcte import catalog, paper_values, plots
 from cpfcte.paths import output_dir
 from cpfcte.report.results import group, group_measures, per_class_iou
-from cpfcte.report.tables import suffix
+from cpfcte.report.tables import paper_scale, suffix
 
 
 def save_paper_figure(fig, name: str, profile: str, out_dir: Path | None = None) -> dict[str, Path]:
@@ -44,8 +44,10 @@ def fig4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
         return None
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     ks, ys, es = zip(*pts)
+    n = max(len(m.values) for m in measures.values())
     ax.errorbar(range(len(ks)), ys, yerr=es, marker="o", capsize=3, color="#1f77b4",
-                label=f"this run ({level})")
+                label=f"this run ({level}; mean ± std, {n} seeds)" if n > 1
+                else f"this run ({level})")
     for i, y in enumerate(ys):
         ax.annotate(f"{y:.1f}", (i, y), textcoords="offset points", xytext=(0, 7), ha="center",
                     fontsize=7)
@@ -61,34 +63,39 @@ def fig4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
 
 
 def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] | None:
-    """Fig. 5: pseudo-label mIoU against the inference size (patches per side)."""
+    """Fig. 5: pseudo-label mIoU against the inference size (patches per side), mean ± std
+    over seeds."""
     import matplotlib.pyplot as plt
+
+    from cpfcte.report.results import bpm_miou, collect, crf_miou
 
     points = []
     for run in catalog.group_reads(group("fig5"), profile):
         m, _ = catalog.run_metrics(profile, run)
         if m:
-            crf = (m.get("crf") or {}).get("miou")
-            points.append((m["patches_per_side"], 100 * m["miou"],
-                           None if crf is None else 100 * crf))
+            points.append((m["patches_per_side"], collect(profile, run, bpm_miou),
+                           collect(profile, run, crf_miou)))
     if not points:
         return None
-    points.sort()
+    points.sort(key=lambda p: p[0])
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
     xs = [p[0] for p in points]
     for k, (name, colour) in enumerate((("BPM", "#1f77b4"), ("BPM + CRF", "#d62728")), start=1):
-        pts = [(p[0], p[k]) for p in points if p[k] is not None]
+        pts = [(p[0], p[k].mean, p[k].std or 0.0) for p in points if p[k].mean is not None]
         if not pts:
             continue
-        ax.plot(*zip(*pts), marker="o", color=colour, label=name)
-        for x, y in pts:
-            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6),
+        n = max(len(p[k].values) for p in points)
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colour,
+                    label=f"{name} (mean ± std, {n} seeds)" if n > 1 else name)
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=colour)
     ax.set_xlabel("patches per side at inference")
     ax.set_ylabel("pseudo-label mIoU (%)")
     ax.set_xticks(xs)
     ax.margins(y=0.12)
-    if not profile.startswith("toy"):
+    if paper_scale(profile):
         ax.axvline(paper_values.FIG5_PAPER_PATCHES, color="gray", ls="--", lw=1,
                    label="paper's choice (960 px)")
     return _finish(fig, ax, "fig5", "Fig. 5: inference size", profile, out_dir)

@@ -4,7 +4,6 @@ digests, seeds, hardware and run time of the runs it reads (from their ``run.jso
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 
 from cpfcte import catalog
@@ -23,19 +22,15 @@ def git_commit() -> str:
 
 
 def dataset_fingerprint(profile: str) -> str:
-    """A short hash of the dataset's split lists (and the toy generator's spec)."""
+    """A short hash of the content of the profile's dataset (``cpfcte.data.fingerprint``)."""
     from cpfcte.config import load_config
-    from cpfcte.data import dataset_root
+    from cpfcte.data import dataset_root, fingerprint
     from cpfcte.errors import CpfcteError
 
     try:
-        root = dataset_root(load_config(profile))
+        return fingerprint(dataset_root(load_config(profile)))
     except CpfcteError:
         return "—"
-    h = hashlib.sha256()
-    for path in sorted(list((root / "ImageSets").rglob("*.txt")) + list(root.glob("*spec*.json"))):
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def provenance(profile: str, runs: list[str], level: str | None = None) -> list[str]:
@@ -50,7 +45,9 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
         params = status.get("params", {})
         seeds.add(params.get("seed", 0))
         nb_profiles.add(params.get("profile", profile))
-        if status.get("hardware"):
+        if m and m.get("numerics"):           # recorded by the stage in its own process
+            hardware.add(m["numerics"])
+        elif status.get("hardware"):
             hardware.add(status["hardware"])
     notes = [f"provenance: code {git_commit()}; profile {profile}"
              + (f" (runs with {', '.join(sorted(nb_profiles))})" if nb_profiles - {profile} else "")

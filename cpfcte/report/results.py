@@ -16,10 +16,17 @@ def fmt(value: float | None) -> str:
 
 
 class Measure:
-    """One table cell over the seeds of a run: mean ± sample std, or why there is no value."""
+    """One table cell over the seeds of a run: mean ± sample std, or why there is no value.
+    ``seeds`` gives the seed of each value, for differences paired by seed."""
 
-    def __init__(self, values: list[float], runs: list[str], why: str = ""):
+    def __init__(self, values: list[float], runs: list[str], why: str = "",
+                 seeds: list[int] | None = None):
         self.values, self.runs, self.why = values, runs, why
+        self.seeds = list(seeds) if seeds is not None else list(range(len(values)))
+
+    @property
+    def by_seed(self) -> dict[int, float]:
+        return dict(zip(self.seeds, self.values))
 
     @property
     def mean(self) -> float | None:
@@ -38,6 +45,48 @@ class Measure:
         return f"{self.mean:.1f} ± {self.std:.1f} (n={len(self.values)})"
 
 
+class Paired:
+    """The difference of two configurations over the seeds both ran: mean and its 95 %
+    confidence interval (Student's t with n - 1 degrees of freedom)."""
+
+    def __init__(self, row: Measure, reference: Measure):
+        a, b = row.by_seed, reference.by_seed
+        self.seeds = sorted(set(a) & set(b))
+        self.diffs = [a[s] - b[s] for s in self.seeds]
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.diffs)) if self.diffs else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        if self.n < 2:
+            return None
+        from scipy import stats
+
+        half = stats.t.ppf(0.975, self.n - 1) * np.std(self.diffs, ddof=1) / np.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def excludes_zero(self) -> bool:
+        ci = self.interval
+        return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+    @property
+    def text(self) -> str:
+        if not self.diffs:
+            return ""
+        if self.interval is None:
+            return f"{self.mean:+.1f} (n=1, no interval)"
+        lo, hi = self.interval
+        return (f"{self.mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if self.excludes_zero else "")
+                + f" (n={self.n})")
+
+
 def group(name: str) -> dict:
     return catalog.load_batch().groups[name]
 
@@ -46,10 +95,15 @@ def seed_runs(profile: str, base: str) -> list[str]:
     return catalog.seed_runs(profile, base)
 
 
+def seed_of(base: str, name: str) -> int:
+    """The seed of a run name: ``base`` is seed 0, ``base_s<k>`` seed k."""
+    return 0 if name == base else int(name[len(base) + 2:])
+
+
 def collect(profile: str, base: str, extract: Callable[[dict], float | None]) -> Measure:
     """``extract(metrics)`` (a fraction) over every seed of ``base``, in percent."""
     names = seed_runs(profile, base) or [base]
-    values, why = [], ""
+    values, seeds, why = [], [], ""
     for name in names:
         m, reason = catalog.run_metrics(profile, name)
         value = extract(m) if m else None
@@ -57,7 +111,8 @@ def collect(profile: str, base: str, extract: Callable[[dict], float | None]) ->
             why = why or reason or f"not measured in runs/{profile}/{name}"
         else:
             values.append(100 * value)
-    return Measure(values, names, why)
+            seeds.append(seed_of(base, name))
+    return Measure(values, names, why, seeds)
 
 
 def bpm_miou(m: dict) -> float | None:

@@ -18,11 +18,20 @@ from cpfcte.errors import CpfcteError
 from cpfcte.io import write_text
 from cpfcte.paths import output_dir, project_root
 from cpfcte.report.provenance import provenance
-from cpfcte.report.results import (Measure, bpm_miou, collect, crf_miou, fmt, group,
+from cpfcte.report.results import (Measure, Paired, bpm_miou, collect, crf_miou, fmt, group,
                                    group_measures, pseudo_miou, seed_runs, segmentation_miou)
 
-TOY_NOTE = ("toy profile: a synthetic dataset and tiny randomly initialised networks on a CPU; "
-            "its numbers are not comparable to the paper's.")
+TOY_NOTE = ("toy profile: a synthetic dataset and tiny networks on a CPU; its numbers are not "
+            "comparable to the paper's, so no difference to the paper's values is shown.")
+PAIRED_NOTE = ("Δ this run: the mean over seeds of the difference to the reference row on the same "
+               "seed, with its 95 % confidence interval (Student's t, n − 1 degrees of freedom); "
+               "* the interval excludes zero. The paper's Δ is its own difference to its reference "
+               "row; the two are differences of different quantities and are not compared.")
+
+
+def paper_scale(profile: str) -> bool:
+    """A profile whose numbers may be set beside the paper's (voc, coco; not the toy)."""
+    return not profile.startswith("toy")
 
 
 def suffix(profile: str) -> str:
@@ -75,18 +84,20 @@ def _delta(paper: float | None, ours: Measure | None) -> str:
 
 def comparison_table(name: str, title: str, profile: str, paper_rows, ours: dict[str, Measure | str],
                      table_notes: list[str], extra_rows=(), out_dir: Path | None = None) -> dict[str, Path]:
-    """A paper table (method, publication, backbone, mIoU) with this run's value and the
-    difference beside the rows named in ``ours``; ``extra_rows`` are references of this run."""
-    header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)",
-              "Δ (this − paper)"]
+    """A paper table (method, publication, backbone, mIoU) with this run's value beside the
+    rows named in ``ours`` and, on a paper-scale profile, the difference; ``extra_rows`` are
+    references of this run."""
+    delta = paper_scale(profile)
+    header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)"]
+    header += ["Δ (this − paper)"] if delta else []
     rows = []
     for method, pub, backbone, value in paper_rows:
         mine = ours.get(method, "")
         measure = mine if isinstance(mine, Measure) else None
-        rows.append([method, pub, backbone, fmt(value),
-                     measure.text if measure else mine, _delta(value, measure)])
+        rows.append([method, pub, backbone, fmt(value), measure.text if measure else mine]
+                    + ([_delta(value, measure)] if delta else []))
     rows += [list(r) + [""] * (len(header) - len(r)) for r in extra_rows]
-    if profile.startswith("toy"):
+    if not delta:
         table_notes = table_notes + [TOY_NOTE]
     return write_table(name, profile, header, rows, title, table_notes, out_dir)
 
@@ -189,36 +200,63 @@ def _matched(group_name: str, labels: list[str], measures: dict[str, Measure]) -
 
 
 def _ablation_notes(level: str, profile: str, measures: dict[str, Measure]) -> list[str]:
-    table_notes = [_level_note(level)] + provenance(
+    table_notes = [_level_note(level), PAIRED_NOTE] + provenance(
         profile, [r for m in measures.values() for r in m.runs])
-    if profile.startswith("toy"):
+    if not paper_scale(profile):
         table_notes.append(TOY_NOTE)
     return table_notes
 
 
+def _ablation_rows(group_name: str, paper_rows, reference: str, profile: str,
+                   marks) -> tuple[str, list[list[str]], dict[str, Measure]]:
+    """Rows of an ablation table: ``marks(label)`` (the ✓ columns), the paper's value and its Δ
+    to the paper's reference row, this run's value and its Δ to this run's reference row
+    (paired by seed), and on a paper-scale profile this run − paper."""
+    level, measures = group_measures(group_name, profile)
+    labels = [r[0] for r in paper_rows]
+    ours = dict(zip(labels, _matched(group_name, labels, measures)))
+    paper = {r[0]: r[-1] for r in paper_rows}
+    rows = []
+    for label in labels:
+        is_ref = label == reference
+        row = marks(label) + [
+            fmt(paper[label]), "reference" if is_ref else f"{paper[label] - paper[reference]:+.1f}",
+            ours[label].text, "reference" if is_ref else Paired(ours[label], ours[reference]).text]
+        if paper_scale(profile):
+            row.append(_delta(paper[label], ours[label]))
+        rows.append(row)
+    return level, rows, measures
+
+
+def _ablation_header(marks: list[str], reference: str, profile: str) -> list[str]:
+    reference = {"topk": "top-k"}.get(reference, reference)
+    return marks + ["mIoU paper (%)", f"Δ vs {reference}, paper",
+                    f"mIoU this run, {profile} (%)", f"Δ vs {reference}, this run (95 % CI)"] + (
+        ["Δ (this − paper)"] if paper_scale(profile) else [])
+
+
 def table4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
-    """Table 4: the components (baseline, + class tokens, + CF-BiLSTM, both)."""
-    level, measures = group_measures("table4", profile)
-    header = ["Original framework", "Class tokens", "Context enhancement (CF-BiLSTM)",
-              "mIoU paper (%)", f"mIoU this run, {profile} (%)", "Δ (this − paper)"]
-    ours = _matched("table4", [r[0] for r in paper_values.TABLE4], measures)
-    rows = [["✓", "✓" if tokens != "none" else "", "✓" if lstm != "none" else "",
-             fmt(paper), measure.text, _delta(paper, measure)]
-            for (_, tokens, lstm, paper), measure in zip(paper_values.TABLE4, ours)]
+    """Table 4: the components (baseline, + class tokens, + CF-BiLSTM, both), each against the
+    baseline on the same seeds."""
+    parts = {r[0]: (r[1], r[2]) for r in paper_values.TABLE4}
+    level, rows, measures = _ablation_rows(
+        "table4", paper_values.TABLE4, "baseline", profile,
+        lambda label: ["✓", "✓" if parts[label][0] != "none" else "",
+                       "✓" if parts[label][1] != "none" else ""])
+    header = _ablation_header(["Original framework", "Class tokens",
+                               "Context enhancement (CF-BiLSTM)"], "baseline", profile)
     return write_table("table4", profile, header, rows,
                        "Table 4: ablation of class tokens and context enhancement (mIoU)",
                        _ablation_notes(level, profile, measures), out_dir)
 
 
 def table5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
-    """Table 5: pooling (gap, gmp, top-k)."""
-    level, measures = group_measures("table5", profile)
+    """Table 5: pooling (gap, gmp, top-k), each against top-k (the paper's choice) on the same
+    seeds."""
     modes = ("gap", "gmp", "topk")
-    header = ["Average pooling", "Max pooling", "Top-K", "mIoU paper (%)",
-              f"mIoU this run, {profile} (%)", "Δ (this − paper)"]
-    ours = _matched("table5", [r[0] for r in paper_values.TABLE5], measures)
-    rows = [["✓" if m == mode else "" for m in modes] + [fmt(paper), measure.text,
-                                                         _delta(paper, measure)]
-            for (mode, paper), measure in zip(paper_values.TABLE5, ours)]
+    level, rows, measures = _ablation_rows(
+        "table5", paper_values.TABLE5, "topk", profile,
+        lambda label: ["✓" if m == label else "" for m in modes])
+    header = _ablation_header(["Average pooling", "Max pooling", "Top-K"], "topk", profile)
     return write_table("table5", profile, header, rows, "Table 5: pooling strategies (mIoU)",
                        _ablation_notes(level, profile, measures), out_dir)

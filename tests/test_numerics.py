@@ -1,0 +1,77 @@
+"""Pinned CPU numerics: the same training gives the same weights whatever code paths the
+machine would pick by itself (cpfcte.numerics)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+
+TRAIN = """
+import hashlib, json, sys
+from pathlib import Path
+from cpfcte.config import load_config     # cpfcte first: it pins the paths numpy and torch load
+import torch
+from cpfcte.numerics import active_paths
+from cpfcte.train import train
+root, out = sys.argv[1], Path(sys.argv[2])
+cfg = load_config("toy", {"data_root": root, **json.loads(sys.argv[3]), "epochs": 2})
+train(cfg, out, progress=False)
+state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+h = hashlib.sha256()
+for k, v in sorted(state.items()):
+    h.update(k.encode() + v.numpy().tobytes())
+print(json.dumps({"digest": h.hexdigest(), **active_paths()}))
+"""
+
+OTHER_MACHINE = {   # what another processor, or a user's shell, would choose by itself
+    "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_DISABLE_CPU_FEATURES": ""}
+
+
+def _train(toy_root, tmp_path, name, env):
+    base = {k: v for k, v in os.environ.items() if k not in OTHER_MACHINE and k != "MKL_CBWR"}
+    done = subprocess.run([sys.executable, "-c", TRAIN, str(toy_root), str(tmp_path / name),
+                           json.dumps({k: v for k, v in TINY_MODEL.items() if k != "epochs"})],
+                          capture_output=True, text=True, env={**base, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_training_gives_the_same_weights_under_other_cpu_code_paths(toy_root, tmp_path):
+    here = _train(toy_root, tmp_path, "here", {})
+    other = _train(toy_root, tmp_path, "other", OTHER_MACHINE)
+    assert (here["aten"], here["numpy"], here["threads"]) == ("AVX2", "X86_V3", "1")
+    assert other["aten"] == "AVX2" and other["threads"] == "1"
+    assert other["digest"] == here["digest"]
+    # the control: the machine's own paths (no pinning, ATen without vectorisation) give
+    # other bits, so the equality above is the pinning's doing
+    native = _train(toy_root, tmp_path, "native",
+                    {"CPFCTE_NUMERICS": "native", "ATEN_CPU_CAPABILITY": "default"})
+    assert native["aten"] == "DEFAULT" and native["digest"] != here["digest"]
+
+
+def test_a_pinned_stage_refuses_a_process_with_other_code_paths(tiny_cfg, tmp_path):
+    code = ("import numpy, torch, json, sys\n"           # loaded before cpfcte: not pinned
+            "from cpfcte.errors import CpfcteError\n"
+            "from cpfcte.config import load_config\n"
+            "from cpfcte.numerics import apply\n"
+            "try:\n    apply(load_config('toy'))\nexcept CpfcteError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES", "MKL_CBWR")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if "AVX512" not in out.stdout and "numpy dispatches" not in out.stdout:
+        pytest.skip("this processor has no code path above AVX2 to catch")
+    assert "import cpfcte before numpy and torch" in out.stdout
+
+
+def test_the_provenance_line_names_cpu_paths_threads_and_versions():
+    from cpfcte.numerics import describe
+
+    line = describe()
+    for part in ("numerics pinned", "ATen AVX2", "MKL CBWR AVX2,STRICT", "numpy ≤ X86_V3",
+                 "oneDNN", "torch 2.", "MKL 20"):
+        assert part in line, (part, line)
