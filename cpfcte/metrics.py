@@ -116,3 +116,29 @@ def headline(metrics: dict) -> dict[str, float]:
             scores["BPM + CRF"] = metrics["crf"]["miou"]
         scores.update({f"reference: {k}": v for k, v in (metrics.get("baselines") or {}).items()})
     return {k: round(100 * v, 1) for k, v in scores.items()}
+
+
+def average_precision(scores, labels) -> float | None:
+    """Average precision of one class: the mean, over its positive images, of the precision
+    among the images scored at least as high (ties counted pessimistically); None without a
+    positive."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0.5
+    if not labels.any():
+        return None
+    order = np.argsort(-scores, kind="stable")
+    ranked_scores, ranked = scores[order], labels[order]
+    hits = np.cumsum(ranked)
+    # at ties, every tied image counts as ranked above: precision at the end of the tie group
+    last_of_group = np.searchsorted(-ranked_scores, -ranked_scores, side="right") - 1
+    precision = hits[last_of_group] / (last_of_group + 1)
+    return float(precision[ranked].mean())
+
+
+def label_map(p, y) -> float:
+    """Mean average precision of the image-level scores ``p`` (N, C) against the labels ``y``
+    over the foreground classes (column 0, the background, is in every image): a threshold-free
+    measure of what the classifier has learnt."""
+    aps = [average_precision(p[:, c], y[:, c]) for c in range(1, np.asarray(p).shape[1])]
+    aps = [a for a in aps if a is not None]
+    return float(np.mean(aps)) if aps else float("nan")

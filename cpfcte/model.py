@@ -94,11 +94,20 @@ class CFBiLSTM(nn.Module):
 
 
 class PatchClassifier(nn.Module):
-    """One linear layer W ∈ R^{(e+H)×C} and a softmax over classes (Eq. 7)."""
+    """One linear layer W ∈ R^{(e+H)×C}, without bias as in Eq. 7 (Z = softmax(F W)), and a
+    softmax over classes. W starts near zero (normal, std 1e-3; note 4): every class starts with
+    almost the same score on every patch, so the image labels, not an arbitrary initial
+    preference, decide which patches a class takes first (heads that fine-tune a pretrained ViT
+    start at zero for the same reason; the tiny random part breaks the ties of top-k). With the
+    default initialisation, a class whose initial scores peaked off its objects could lose its
+    objects to the background in the first epoch: the toy's collapsed runs (notebook 00)."""
+
+    INIT_STD = 1e-3
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.fc.weight, std=self.INIT_STD)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f)  # logits; Z = softmax(logits, -1)

@@ -27,6 +27,7 @@ from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
 from cpfcte.io import read_json, write_json
 from cpfcte.losses import mce_loss
+from cpfcte.metrics import label_map
 from cpfcte.model import CPFCTE, build_model
 from cpfcte.pooling import pool
 from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder
@@ -193,6 +194,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                             **shuffle_kw)
         t0 = time.time()
         sums = torch.zeros(3, device=device)           # loss·n, correct, n
+        scores, truths = [], []                        # image-level p and y, for the mAP
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not progress, leave=False)
         for x, y in bar:
@@ -208,12 +210,18 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
             sums += torch.stack([loss.detach() * len(x),
                                  ((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum(),
                                  torch.tensor(float(len(x)), device=device)])
+            scores.append(p.detach().float())
+            truths.append(y.float())
+        scores, truths = torch.cat(scores), torch.cat(truths)
         if world > 1:
             torch.distributed.all_reduce(sums)
+            scores, truths = _gather(scores, world), _gather(truths, world)
         total, correct, seen = sums.tolist()
         record = {"epoch": epoch + 1, "lr": cfg.lr_warmup if warm else cfg.lr,
                   "backbone_frozen": frozen, "loss": total / seen,
-                  "label_accuracy": correct / seen, "seconds": round(time.time() - t0, 3)}
+                  "label_accuracy": correct / seen,
+                  "label_map": label_map(scores.cpu().numpy(), truths.cpu().numpy()),
+                  "seconds": round(time.time() - t0, 3)}
         history.append(record)
         if rank == 0:
             folder.save_checkpoint({"model": model.state_dict(),
@@ -237,6 +245,13 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         folder.write_summary(summary)
     _barrier(world)
     return summary
+
+
+def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The rows of ``t`` from every rank (equal shares: the sampler drops the remainder)."""
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:

@@ -5,15 +5,20 @@ import sys
 
 import pytest
 
-from cpfcte.config import CRFConfig, config_from_dict, derive, load_config, parse_set_args
+import yaml
+
+from cpfcte.config import (PROFILE_DIR, CRFConfig, config_from_dict, derive, load_config,
+                           parse_set_args)
 from cpfcte.errors import CpfcteError
+
+TOY_ITERATIONS = yaml.safe_load((PROFILE_DIR / "toy.yaml").read_text())["deeplab"]["iterations"]
 
 
 def test_profiles_nest_their_sections_and_inherit_them_section_by_section():
     toy = load_config("toy")
-    assert toy.deeplab.backbone == "resnet10t" and toy.deeplab.iterations == 500
+    assert toy.deeplab.backbone == "resnet10t" and toy.deeplab.iterations == TOY_ITERATIONS
     assert toy.deeplab.momentum == 0.9                     # a default the profile leaves alone
-    assert toy.crf == CRFConfig()                          # the one home of the CRF defaults
+    assert toy.crf.parameters() == CRFConfig().parameters()  # the one home of the defaults
     twin = load_config("toy_coco")                         # extends toy, sets no deeplab field
     assert twin.deeplab == toy.deeplab and twin.data_root == "toy/coco"
     coco = load_config("coco")                             # extends voc
@@ -55,7 +60,7 @@ def test_derive_changes_a_copy_and_validates():
     down = derive(base, {"pseudo_split": "train_aug", "deeplab.iterations": 2, "k": None})
     assert down.crf.bilateral_sxy == 30.0                  # upstream settings flow on
     assert down.pseudo_split == "train_aug" and down.deeplab.iterations == 2 and down.k == base.k
-    assert base.pseudo_split == "train" and base.deeplab.iterations == 500
+    assert base.pseudo_split == "train" and base.deeplab.iterations == TOY_ITERATIONS
     with pytest.raises(CpfcteError, match="crf.iterations=0"):
         derive(base, {"crf.iterations": 0})
     assert config_from_dict(down.to_dict()) == down        # a saved config.json round-trips

@@ -115,3 +115,18 @@ def test_cli_errors_exit_2_with_the_file_named(tmp_path, capsys):
         main(["eval", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path), "--num-classes", "3"])
     assert exc.value.code == 2
     assert f"{tmp_path / 'p'}: prediction folder not found" in capsys.readouterr().err
+
+
+def test_average_precision_known_answers():
+    from cpfcte.metrics import average_precision, label_map
+
+    # ranked: +, -, +, -  → precisions at the positives 1/1 and 2/3 → AP = 5/6
+    assert average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    assert average_precision([0.9, 0.8], [0, 0]) is None
+    # all tied: each positive sees the whole tie group → precision 2/4
+    assert average_precision([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == pytest.approx(0.5)
+    p = np.array([[1, 0.9, 0.1], [1, 0.2, 0.8], [1, 0.6, 0.7]])
+    y = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 0]])
+    # class 1: ranked 0.9(+) 0.6(+) 0.2(-) → 1; class 2: 0.8(+) 0.7(-) 0.1(-) → 1
+    assert label_map(p, y) == pytest.approx(1.0)
+    assert label_map(p, 1 - y) < 0.6

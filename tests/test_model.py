@@ -27,6 +27,15 @@ def test_projection_option_maps_back_to_e(tiny_cfg):
     assert model.token_proj.in_features == 40
 
 
+def test_the_patch_classifier_has_no_bias_and_starts_near_uniform(tiny_cfg):
+    """Eq. 7 is Z = softmax(F W): no bias; W starts near zero (note 4), so every class starts
+    with almost the same score 1/C on every patch."""
+    model = make_model(tiny_cfg(class_tokens="none", cf_bilstm="none"))
+    assert model.classifier.fc.bias is None
+    z = model(torch.rand(2, 3, 32, 32))["z"]
+    assert (z - 1 / z.shape[-1]).abs().max() < 0.01
+
+
 def test_gradients_reach_class_tokens_and_both_lstms(tiny_cfg):
     model = make_model(tiny_cfg(class_tokens="soft", cf_bilstm="hv"))
     out = model(torch.rand(2, 3, 32, 32))
