@@ -116,30 +116,40 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
     if jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     pending = list(order)
+    priority = critical_path(runs, order)
     running: dict = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while pending or running:
             ready = [n for n in pending if all(m in results for m in runs[n].needs)]
+            launch = []
             for name in ready:
-                pending.remove(name)
                 run, run_dir = runs[name], root / name
                 status = run_status(run_dir)
                 if status.get("stamp") == stamps[name] and status.get("status") == "done":
+                    pending.remove(name)
                     results[name] = {**status, "action": "skipped (unchanged)"}
                     log(f"[skip] {name}: unchanged")
                     continue
                 blocked = [n for n in run.needs if results[n].get("status") != "done"]
                 if blocked:
+                    pending.remove(name)
                     results[name] = {"status": "blocked", "needs": blocked}
                     log(f"[blocked] {name}: needs {', '.join(blocked)}")
                     continue
                 if dry_run:
+                    pending.remove(name)
                     results[name] = {"status": "done", "dry_run": True, "stage": run.stage,
                                      "notebook": run.notebook, "profile": nb_profiles[name],
                                      "params": run.params}
                     log(f"[would run] {name}: {run.notebook} ({nb_profiles[name]}) {run.params}")
                     continue
-                if status and status.get("stamp") != stamps[name]:
+                launch.append(name)
+            # as many runs as there are free workers, the longest chain of work first (so
+            # DeepLabv2, at the end of the longest chain, does not wait behind every training)
+            for name in sorted(launch, key=lambda n: -priority[n])[:max(1, jobs) - len(running)]:
+                pending.remove(name)
+                run, run_dir = runs[name], root / name
+                if run_status(run_dir).get("stamp") not in (None, stamps[name]):
                     shutil.rmtree(run_dir, ignore_errors=True)  # stale: other code or params
                 running[pool.submit(execute_run, run, profile, nb_profiles[name], run_dir,
                                     notebook_dir, stamps[name], log)] = name
@@ -152,6 +162,24 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
                     results[name] = {"status": "blocked", "needs": runs[name].needs}
                 pending = []
     return results
+
+
+STAGE_WEIGHT = {"train": 25.0, "pseudo": 6.0, "deeplab": 100.0}   # rough toy seconds
+
+
+def critical_path(runs: dict[str, Run], order: list[str]) -> dict[str, float]:
+    """For each run, the work on the longest chain from it to the end of the batch (its own
+    stage weight plus the longest chain among the runs that need it)."""
+    needed_by: dict[str, list[str]] = {n: [] for n in order}
+    for name in order:
+        for need in runs[name].needs:
+            if need in needed_by:
+                needed_by[need].append(name)
+    path: dict[str, float] = {}
+    for name in reversed(order):
+        path[name] = STAGE_WEIGHT.get(runs[name].stage or "", 1.0) + max(
+            (path[d] for d in needed_by[name]), default=0.0)
+    return path
 
 
 def notebook_params(run: Run, batch_profile: str, nb_profile: str) -> dict[str, Any]:

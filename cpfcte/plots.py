@@ -142,8 +142,8 @@ def stage_iou(metrics: dict):
 
 
 def training_curves(run_dir: str | Path):
-    """The training history of a run folder: MCE loss and image-label accuracy per epoch of a
-    stage-1 run (grey: epochs with a frozen backbone), or the loss per checkpoint interval of a
+    """The training history of a run folder: MCE loss and the mAP of the image-level scores per
+    epoch of a stage-1 run (grey: epochs with a frozen backbone), or the loss per checkpoint interval of a
     DeepLabv2 run."""
     import matplotlib.pyplot as plt
 
@@ -163,8 +163,9 @@ def training_curves(run_dir: str | Path):
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     axes[0].plot(epochs, [h["loss"] for h in history], marker=".")
     axes[0].set_title("MCE loss (Eq. 9)")
-    axes[1].plot(epochs, [h["label_accuracy"] for h in history], marker=".", color="C2")
-    axes[1].set_title("image-label accuracy (p > 0.5)")
+    axes[1].plot(epochs, [h.get("label_map", float("nan")) for h in history], marker=".",
+                 color="C2")
+    axes[1].set_title("image-label mAP")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -172,6 +173,30 @@ def training_curves(run_dir: str | Path):
         if h.get("backbone_frozen"):
             for ax in axes:
                 ax.axvspan(h["epoch"] - 0.5, h["epoch"] + 0.5, color="gray", alpha=0.1)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(runs: dict[str, str | Path]):
+    """Stage-1 learning curves of several runs side by side (e.g. every seed of a
+    configuration): MCE loss and the mAP of the image-level scores per epoch."""
+    import matplotlib.pyplot as plt
+
+    from cpfcte.runfolder import RunFolder
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    for label, run_dir in runs.items():
+        history = RunFolder(run_dir).summary()["history"]
+        epochs = [h["epoch"] for h in history]
+        line, = axes[0].plot(epochs, [h["loss"] for h in history], marker=".", label=label)
+        axes[1].plot(epochs, [h.get("label_map", float("nan")) for h in history], marker=".",
+                     color=line.get_color())
+    axes[0].set_title("MCE loss (Eq. 9)")
+    axes[1].set_title("image-label mAP")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -427,3 +427,15 @@ def test_check_against_git_head(tmp_path, monkeypatch):
     monkeypatch.setattr(chk, "project_root", lambda: tmp_path)      # no git clone
     with pytest.raises(CpfcteError, match="not a git clone"):
         chk.check("toy")
+
+
+def test_the_longest_chain_of_work_is_launched_first():
+    from cpfcte.batch import critical_path
+    from cpfcte.catalog import Run
+
+    runs = {"t1": Run("t1", "x", stage="train"), "t2": Run("t2", "x", stage="train"),
+            "p1": Run("p1", "x", needs=["t1"], stage="pseudo"),
+            "d1": Run("d1", "x", needs=["p1"], stage="deeplab")}
+    path = critical_path(runs, ["t2", "t1", "p1", "d1"])
+    assert path == {"d1": 100.0, "p1": 106.0, "t1": 131.0, "t2": 25.0}
+    assert sorted(["t2", "t1"], key=lambda n: -path[n]) == ["t1", "t2"]
