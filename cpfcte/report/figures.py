@@ -49,8 +49,8 @@ def fig4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
                 label=f"this run ({level}; mean ± std, {n} seeds)" if n > 1
                 else f"this run ({level})")
     for i, y in enumerate(ys):
-        ax.annotate(f"{y:.1f}", (i, y), textcoords="offset points", xytext=(0, 7), ha="center",
-                    fontsize=7)
+        ax.annotate(f"{y:.1f}", (i, y), textcoords="offset points", xytext=(5, 3), ha="left",
+                    va="bottom", fontsize=7)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     if paper_values.FIG4_PAPER_K in ks:
         ax.axvline(list(ks).index(paper_values.FIG4_PAPER_K), color="gray", ls="--", lw=1,
@@ -89,8 +89,8 @@ def fig5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colour,
                     label=f"{name} (mean ± std, {n} seeds)" if n > 1 else name)
         for xi, yi in zip(x, y):
-            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=7, color=colour)
+            ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(5, 3),
+                        ha="left", va="bottom", fontsize=7, color=colour)
     ax.set_xlabel("patches per side at inference")
     ax.set_ylabel("pseudo-label mIoU (%)")
     ax.set_xticks(xs)
