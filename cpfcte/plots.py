@@ -21,10 +21,13 @@ PAIR_COLOURS = ("#9e9e9e", "#d62728")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Save ``fig`` to ``path`` (format from the suffix: png, pdf), atomically."""
+    """Save ``fig`` to ``path`` (format from the suffix: png, pdf), atomically. A PDF carries no
+    creation date, so the same figure gives the same bytes."""
     path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    metadata = {"CreationDate": None} if fmt == "pdf" else None
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
     return path
 
 

@@ -439,3 +439,24 @@ def test_the_longest_chain_of_work_is_launched_first():
     path = critical_path(runs, ["t2", "t1", "p1", "d1"])
     assert path == {"d1": 100.0, "p1": 106.0, "t1": 131.0, "t2": 25.0}
     assert sorted(["t2", "t1"], key=lambda n: -path[n]) == ["t1", "t2"]
+
+
+def test_saved_figures_are_byte_identical(tmp_path):
+    """The committed figures are compared across machines: a PDF must not carry its
+    creation time (matplotlib writes one by default)."""
+    import time
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpfcte.plots import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    for ext in ("pdf", "png"):
+        a = save_figure(fig, tmp_path / f"a.{ext}").read_bytes()
+        time.sleep(1.1)
+        b = save_figure(fig, tmp_path / f"b.{ext}").read_bytes()
+        assert a == b, ext
+    plt.close(fig)
