@@ -15,7 +15,7 @@ TEST_RUNS := runs/_test
 export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv paper test lab report clean-runs
+.PHONY: venv paper test test-scale gpu-check lab report clean-runs
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 	CPFCTE_RUNS=$(abspath $(TEST_RUNS)) CPFCTE_OUT=$(abspath $(TEST_RUNS))/out \
 	  CPFCTE_BROWSER_OUT=$(abspath $(TEST_RUNS))/browser \
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+# the voc and coco profiles through every stage at the paper's sizes, on small real-format
+# datasets, random init and 2 steps each (cpfcte.smoke); about 7 min on 2 CPU cores
+test-scale: $(STAMP)
+	$(PY) -m cpfcte.smoke --out runs/_scale
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -122,6 +122,8 @@ def _deeplab(args: argparse.Namespace) -> None:
         overrides = parse_set_args(args.set)
         if args.init:
             overrides["deeplab.init"] = args.init
+        if not Path(args.pseudo).exists() and run_path(args.profile, args.pseudo).is_dir():
+            args.pseudo = str(run_path(args.profile, args.pseudo))   # a run name of the profile
         upstream = pseudo_run_of(args.pseudo)
         cfg = (run_config(upstream, overrides) if upstream
                else load_config(args.profile, overrides))
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     dtr = dlsub.add_parser("train", help="train (or resume) DeepLabv2 on a pseudo-label folder")
     dtr.add_argument("--profile", default="toy")
     dtr.add_argument("--pseudo", required=True,
-                     help="a pseudo-label run (its config is the base) or a folder of "
+                     help="a pseudo-label run, by name or folder (its config is the base), or a folder of "
                           "pseudo-label PNGs of the training split")
     dtr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
     dtr.add_argument("--init", help="local init file (e.g. a COCO-pretrained DeepLabv2)")

@@ -103,12 +103,19 @@ class DeepLabConfig:
     scale_max: float = 1.5
     test_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     flip_test: bool = True
-    crf: bool = True                   # dense CRF on the test predictions (cfg.crf, note 15)
+    crf: bool = True                   # dense CRF on the test predictions (note 15)
+    test_crf: str = "reference"        # its parameters: the reference recipe's (REFERENCE_TEST_CRF)
+                                       # or "pseudo": the run's cfg.crf, as the pseudo labels'
+    msc_loss: str = "sum"              # MSC: sum of the 4 losses (the reference) or their "mean"
+    amp: bool = True                   # bf16 autocast on CUDA (the reference trains in float32)
     ckpt_every: int = 1000             # iterations between atomic checkpoints
     workers: int = 4                   # DataLoader workers
 
     # what does not shape the trained network (may change after training)
-    NOT_TRAINING = frozenset({"workers", "ckpt_every", "test_scales", "flip_test", "crf"})
+    NOT_TRAINING = frozenset({"workers", "ckpt_every", "test_scales", "flip_test", "crf",
+                              "test_crf"})
+    TEST_CRF_MODES = ("reference", "pseudo")
+    MSC_LOSS_MODES = ("sum", "mean")
 
     def validate(self) -> None:
         for name in ("crop", "batch", "iterations", "ckpt_every"):
@@ -124,6 +131,22 @@ class DeepLabConfig:
                               "non-empty list of positive scales")
         if self.workers < 0:
             raise CpfcteError(f"parameter deeplab.workers={self.workers!r} must be ≥ 0")
+        if self.test_crf not in self.TEST_CRF_MODES:
+            raise CpfcteError(f"parameter deeplab.test_crf={self.test_crf!r} is not one of "
+                              f"{list(self.TEST_CRF_MODES)}")
+        if self.msc_loss not in self.MSC_LOSS_MODES:
+            raise CpfcteError(f"parameter deeplab.msc_loss={self.msc_loss!r} is not one of "
+                              f"{list(self.MSC_LOSS_MODES)}")
+
+
+# DeepLabv2's test-time levels, each scored on its own (Tables 2 and 3; cpfcte.deeplab)
+DEEPLAB_TEST_LEVELS = {"single_scale": "single scale", "multi_scale": "multi-scale + flip",
+                       "crf": "multi-scale + flip + dense CRF"}
+
+# kazuto1011/deeplab-pytorch's test-time CRF for VOC (configs/voc12.yaml): POS_W 3,
+# POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3, ITER_MAX 10 (note 15)
+REFERENCE_TEST_CRF = CRFConfig(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
+                               bilateral_srgb=3.0, bilateral_compat=4.0, iterations=10)
 
 
 SECTIONS = {"crf": CRFConfig, "deeplab": DeepLabConfig}
@@ -234,6 +257,24 @@ class Config:
 
     def deeplab_digest(self) -> str:
         return short_digest(self.deeplab_fields())
+
+    def init_stamp(self) -> str:
+        """Where the networks start from, as the outputs are stamped: ``random init`` for a
+        network without pretrained or local weights (the toy; a smoke run with
+        ``random_init_ok``: not a result)."""
+        vit = ("local weights" if self.weights else "pretrained" if self.pretrained
+               else "random init")
+        dl = self.deeplab
+        res = "local init" if dl.init else "pretrained" if dl.pretrained else "random init"
+        return f"stage 1: {vit}; DeepLabv2: {res}"
+
+    def test_crf(self) -> CRFConfig:
+        """The dense CRF that refines DeepLabv2's predictions (note 15): the reference recipe's
+        parameters (``deeplab.test_crf=reference``) or the run's own ``cfg.crf``
+        (``pseudo``); ``cfg.crf.workers`` processes either way."""
+        if self.deeplab.test_crf == "pseudo":
+            return self.crf
+        return dataclasses.replace(REFERENCE_TEST_CRF, workers=self.crf.workers)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))

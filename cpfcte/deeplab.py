@@ -10,8 +10,10 @@ poly decay (power 0.9), batch 10, 20k iterations, random scale 0.5–1.5, crop 3
 ignore 255; the backbone's BatchNorm is frozen (batch 10 is too small for batch statistics;
 the toy profile, whose backbone starts random, trains it).
 Batch ``i`` is drawn from (seed, i) alone, so a resumed run equals an uninterrupted one.
-Inference: softmax averaged over scales × flips at the image size, then the dense CRF of the
-run's config (``cfg.crf``: the settings the pseudo labels were refined with; note 15), run by the
+The MSC loss is the sum of its four terms, as in the reference recipe (``deeplab.msc_loss``).
+Inference, each scored on its own: single scale; softmax averaged over scales × flips at the
+image size; then the dense CRF (``cfg.test_crf()``: the reference recipe's parameters, or with
+``deeplab.test_crf=pseudo`` those the pseudo labels were refined with; note 15), run by the
 same crash-tolerant pool as the pseudo labels' CRF (``cpfcte.crf.crf_stage``). The run folder
 follows ``cpfcte.runfolder``, as stage 1's does.
 """
@@ -29,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from cpfcte import numerics
-from cpfcte.config import Config
+from cpfcte.config import DEEPLAB_TEST_LEVELS, Config
 from cpfcte.errors import CpfcteError
 from cpfcte.runfolder import CHECKPOINT, RunFolder
 
@@ -98,6 +100,17 @@ def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=(0.75, 0.5)) -> list[to
                                   align_corners=False))
     outs.append(torch.stack(outs).amax(dim=0))
     return outs
+
+
+def msc_loss(outs: list[torch.Tensor], y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy (255 ignored, mean over labelled pixels) of each MSC output against the
+    labels, each output upsampled to the labels' size; summed over the outputs as in the
+    reference recipe (kazuto1011/deeplab-pytorch), or their ``mean`` (a quarter of the step)."""
+    terms = [F.cross_entropy(F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
+                                           align_corners=False), y, ignore_index=255)
+             for o in outs]
+    total = torch.stack(terms).sum()
+    return total if reduction == "sum" else total / len(terms)
 
 
 def build_deeplab(cfg: Config, num_classes: int) -> DeepLabV2:
@@ -319,7 +332,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     loader = torch.utils.data.DataLoader(
         data, batch_size=dl.batch, sampler=IterationSampler(start * dl.batch, stop * dl.batch),
         num_workers=dl.workers, pin_memory=device.type == "cuda")
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = dl.amp and device.type == "cuda"
     model.train()
     t0, running = time.time(), torch.zeros((), device=device)
     bar = progress_bar(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
@@ -331,9 +344,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             outs = msc_logits(model, x) if dl.msc else [model(x)]
-        loss = sum(F.cross_entropy(F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
-                                                 align_corners=False), y, ignore_index=255)
-                   for o in outs) / len(outs)
+        loss = msc_loss(outs, y, dl.msc_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -386,14 +397,17 @@ def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
 
 
 @torch.no_grad()
-def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool = False) -> torch.Tensor:
+def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool = False, *,
+                  single: bool = False):
     """Softmax probabilities (C, H, W) of an H×W×3 uint8 image: the mean over ``scales`` (and
-    horizontal flips) of the softmax of the logits upsampled bilinearly to H×W."""
+    horizontal flips) of the softmax of the logits upsampled bilinearly to H×W. With
+    ``single``, also the single-scale probabilities (scale 1, not flipped; the view of that
+    mean, or computed when 1 is not among the scales): ``(mean, single)``."""
     device = model.mean.device
     h, w = image.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
     total = torch.zeros((model.num_classes, h, w), device=device)
-    n = 0
+    n, one = 0, None
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x.float() / 255.0, size=(max(1, round(h * s)),
                                                                         max(1, round(w * s))),
@@ -404,18 +418,30 @@ def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool
             if flipped:
                 logits = logits.flip(-1)
             up = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            total += up[0].softmax(dim=0)
+            probs = up[0].softmax(dim=0)
+            total += probs
             n += 1
-    return total / n
+            if s == 1.0 and not flipped:
+                one = probs
+    if not single:
+        return total / n
+    if one is None:
+        one = predict_probs(model, image)
+    return total / n, one
+
+
+# the folder of each test-time level (config.DEEPLAB_TEST_LEVELS), each scored on its own
+LEVEL_DIRS = {"single_scale": "pred_ss", "multi_scale": "pred", "crf": "pred_crf"}
 
 
 def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
                   progress: bool = True) -> dict:
-    """Write argmax predictions to ``out_dir/pred`` and, with ``cfg.deeplab.crf``,
-    CRF-refined ones (``cfg.crf``) to ``out_dir/pred_crf``: the CRF runs over the classes whose
-    probability reaches 1e-3 somewhere in the image, in the pseudo labels' crash-tolerant pool
-    (``crf_stage``; a failed image is an error naming it, the others are written). Images
-    already written are skipped."""
+    """Write single-scale argmax predictions to ``out_dir/pred_ss``, multi-scale + flip ones to
+    ``out_dir/pred`` and, with ``cfg.deeplab.crf``, CRF-refined ones (``cfg.test_crf()``) to
+    ``out_dir/pred_crf``: the CRF runs over the classes whose probability reaches 1e-3
+    somewhere in the image, in the pseudo labels' crash-tolerant pool (``crf_stage``; a failed
+    image is an error naming it, the others are written). Images already written are
+    skipped."""
     from cpfcte.crf import CRFJob, clean_partial, crf_stage
     from cpfcte.guard import refuse_ground_truth
     from cpfcte.io import save_label_png
@@ -423,8 +449,8 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
     from cpfcte.pseudo import raise_on_failures
 
     use_crf = cfg.deeplab.crf
-    plain, refined = out_dir / "pred", out_dir / "pred_crf"
-    for d in (plain, refined):
+    single, plain, refined = (out_dir / LEVEL_DIRS[k] for k in LEVEL_DIRS)
+    for d in (single, plain, refined):
         refuse_ground_truth(d, "prediction folder")
         d.mkdir(parents=True, exist_ok=True)
         clean_partial(d)
@@ -435,13 +461,17 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
         for i in progress_bar(range(len(voc)), desc="DeepLabv2 predict", disable=not progress,
                               leave=False):
             image_id = voc.ids[i]
-            need_plain = not (plain / f"{image_id}.png").exists()
+            need_plain = not ((plain / f"{image_id}.png").exists()
+                              and (single / f"{image_id}.png").exists())
             need_crf = use_crf and not (refined / f"{image_id}.png").exists()
             if not (need_plain or need_crf):
                 continue
             image = np.asarray(voc.image(i), dtype=np.uint8)
-            probs = predict_probs(model, image, scales, flip).cpu().numpy()
+            probs, one = predict_probs(model, image, scales, flip, single=True)
+            probs = probs.cpu().numpy()
             if need_plain:
+                save_label_png(single / f"{image_id}.png",
+                               one.argmax(0).cpu().numpy().astype(np.uint8))
                 save_label_png(plain / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
             if need_crf:
                 keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
@@ -451,12 +481,12 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
 
     t0 = time.time()
     if use_crf:
-        raise_on_failures(crf_stage(predictions(), cfg.crf, progress=False), refined)
+        raise_on_failures(crf_stage(predictions(), cfg.test_crf(), progress=False), refined)
     else:
         for _ in predictions():
             pass
-    return {"seconds": round(time.time() - t0, 2), "pred_dir": str(plain),
-            "crf_dir": str(refined) if use_crf else None}
+    return {"seconds": round(time.time() - t0, 2), "single_dir": str(single),
+            "pred_dir": str(plain), "crf_dir": str(refined) if use_crf else None}
 
 
 def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
@@ -472,23 +502,30 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     voc = open_split(cfg, cfg.val_split)
     pred = predict_split(model, voc, folder.path / voc.split, cfg, progress=progress)
     gt = voc.gt_dir()
-    plain = evaluate_dirs(pred["pred_dir"], gt, len(voc.classes), ids=voc.ids,
-                          classes=voc.classes)
+
+    def score(path: str) -> dict:
+        return evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+
+    levels = {"single_scale": score(pred["single_dir"]), "multi_scale": score(pred["pred_dir"])}
+    if cfg.deeplab.crf:
+        levels["crf"] = score(pred["crf_dir"])
+    last = list(levels)[-1]
     metrics = {"stage": "deeplab", "profile": cfg.profile, "dataset": cfg.dataset,
                "split": voc.split, "pseudo_dir": folder.record()["pseudo_dir"],
                "config_digest": summary["digest"], "parameters": summary["parameters"],
                "iterations": summary["iterations_done"], "backbone": cfg.deeplab.backbone,
                "test_scales": list(cfg.deeplab.test_scales), "flip": cfg.deeplab.flip_test,
                "pred_dir": pred["pred_dir"], "crf_dir": pred["crf_dir"],
-               "no_crf": {k: plain[k] for k in ("miou", "iou")},
+               "single_dir": pred["single_dir"],
+               "levels": {k: {"label": DEEPLAB_TEST_LEVELS[k], "miou": v["miou"],
+                              "iou": v["iou"]} for k, v in levels.items()},
+               "no_crf": {k: levels["multi_scale"][k] for k in ("miou", "iou")},
                "timing": {"predict_seconds": pred["seconds"]},
-               "numerics": numerics.describe(model.mean.device)}
+               "weights": cfg.init_stamp(),
+               "numerics": numerics.describe(model.mean.device),
+               **levels[last],
+               "level": f"segmentation (DeepLabv2, {DEEPLAB_TEST_LEVELS[last]})"}
     if cfg.deeplab.crf:
-        scores = evaluate_dirs(pred["crf_dir"], gt, len(voc.classes), ids=voc.ids,
-                               classes=voc.classes)
-        metrics.update(level="segmentation (DeepLabv2, multi-scale + flip, dense CRF)", **scores,
-                       crf_params=cfg.crf.describe())
-    else:
-        metrics.update(level="segmentation (DeepLabv2, multi-scale + flip)", **plain)
+        metrics["crf_params"] = cfg.test_crf().describe()
     folder.write_metrics(metrics)
     return metrics

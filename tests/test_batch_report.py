@@ -159,6 +159,9 @@ def _deeplab_metrics(run, miou):
                 "level": "segmentation",
                 "backbone": "resnet10t", "parameters": 1364452, "iterations": 500,
                 "test_scales": [1.0], "flip": True, "no_crf": {"miou": miou - 0.05},
+                "levels": {"single_scale": {"miou": miou - 0.1}, "multi_scale": {"miou": miou - 0.05},
+                           "crf": {"miou": miou}},
+                "crf_params": "Gaussian (sxy 1, compat 3), …",
                 "pseudo_dir": "runs/toy/pseudo_trainaug/crf", "config_digest": "abc"})
 
 
@@ -167,9 +170,13 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
     _deeplab_metrics("deeplab_full", 0.5571)
     md = table2("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md            # the paper's: + CRF
+    assert "| CPF-CTE: DeepLabv2, single scale | this run | ViT-B/16 | — | 45.7 |" in md
+    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 50.7 |" in md
+    assert md.index("single scale | this") < md.index("multi-scale + flip | this") < md.index(
+        "| CPF-CTE | Ours")
     assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
-    assert "1,364,452 parameters" in md and "without CRF: 50.7" in md
+    assert "1,364,452 parameters" in md and "test-time CRF: Gaussian (sxy 1" in md
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
     assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |" in md
     _deeplab_metrics("deeplab_coco", 0.4012)
@@ -177,6 +184,7 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
     assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
     assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
+    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 35.1 |" in md
     md = table3("voc", out_dir=tmp_path)["md"].read_text()
     assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
     assert (tmp_path / "table3.voc.md").exists() and "45.4" in md

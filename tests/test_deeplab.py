@@ -200,9 +200,12 @@ def test_cli_deeplab_train_then_predict(tiny_cfg, toy_root, tmp_path, capsys):
     assert "ground-truth folder" in capsys.readouterr().err
 
 
-def test_a_runs_crf_settings_reach_deeplabs_test_time_crf(tiny_cfg, tmp_path, monkeypatch):
-    """CRF settings given to the training run and to the pseudo-label run follow the pseudo
-    labels to DeepLabv2's test-time CRF, the way notebook 04 derives its config (note 15)."""
+def test_test_time_crf_is_the_references_or_with_pseudo_the_runs_own(tiny_cfg, tmp_path,
+                                                                    monkeypatch):
+    """DeepLabv2's test-time CRF uses kazuto1011's VOC parameters by default; with
+    ``deeplab.test_crf=pseudo``, the CRF settings given to the training run and to the
+    pseudo-label run follow the pseudo labels to it, the way notebook 04 derives its config
+    (note 15). Every level is scored on its own."""
     from cpfcte import crf
     from cpfcte.deeplab import deeplab_stage
     from cpfcte.pseudo import pseudo_stage
@@ -217,12 +220,58 @@ def test_a_runs_crf_settings_reach_deeplabs_test_time_crf(tiny_cfg, tmp_path, mo
     real = crf.dense_crf
     monkeypatch.setattr(crf, "dense_crf", lambda image, probs, params: (
         seen.append(params), real(image, probs, params))[1])
-    cfg = run_config(tmp_path / "p", {"deeplab.iterations": 2})          # as notebook 04 does
-    m = deeplab_stage(cfg, tmp_path / "p", tmp_path / "d", progress=False)
-    assert len(seen) == m["images"] == 4      # one CRF per val image, in this process (workers=1)
-    assert {(p.bilateral_sxy, p.iterations, p.gaussian_sxy) for p in seen} == {(17.0, 2, 3.0)}
-    assert "sxy 17" in m["crf_params"] and "2 iterations" in m["crf_params"]
-    assert m["pseudo_dir"].endswith("crf_train_aug_48")                  # the run's CRF labels
+    for mode, expected in (("reference", (67.0, 10, 1.0, 3.0, 4.0)),
+                           ("pseudo", (17.0, 2, 3.0, 13.0, 10.0))):
+        seen.clear()
+        cfg = run_config(tmp_path / "p", {"deeplab.iterations": 2,       # as notebook 04 does
+                                          "deeplab.test_crf": mode})
+        m = deeplab_stage(cfg, tmp_path / "p", tmp_path / f"d_{mode}", progress=False)
+        assert len(seen) == m["images"] == 4   # one CRF per val image, in this process
+        assert {(p.bilateral_sxy, p.iterations, p.gaussian_sxy, p.bilateral_srgb,
+                 p.bilateral_compat) for p in seen} == {expected}
+        assert f"sxy {expected[0]:g}" in m["crf_params"]
+        assert m["pseudo_dir"].endswith("crf_train_aug_48")              # the run's CRF labels
+        assert set(m["levels"]) == {"single_scale", "multi_scale", "crf"}
+        assert m["miou"] == m["levels"]["crf"]["miou"]
+        assert m["no_crf"]["miou"] == m["levels"]["multi_scale"]["miou"]
+        for sub in ("pred_ss", "pred", "pred_crf"):
+            assert len(list((tmp_path / f"d_{mode}" / "val" / sub).glob("*.png"))) == 4
+
+
+def test_msc_loss_sums_its_terms_as_the_reference_does():
+    import torch
+
+    from cpfcte.deeplab import msc_loss
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (2, 8, 8))
+    y[0, 0, 0] = 255
+    outs = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)]
+    terms = [torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(o, size=(8, 8), mode="bilinear", align_corners=False),
+        y, ignore_index=255) for o in outs]
+    assert torch.allclose(msc_loss(outs, y), sum(terms))
+    assert torch.allclose(msc_loss(outs, y, "mean"), sum(terms) / 3)
+    assert torch.equal(msc_loss(outs[:1], y), msc_loss(outs[:1], y, "mean"))  # one output
+
+
+def test_single_scale_view_is_part_of_the_multi_scale_mean():
+    import numpy as np
+    import torch
+
+    from cpfcte.config import load_config
+    from cpfcte.deeplab import build_deeplab, predict_probs
+
+    cfg = load_config("toy", {"deeplab.backbone_kwargs": {"channels": [8, 8, 16, 16]}})
+    torch.manual_seed(0)
+    model = build_deeplab(cfg, 3).eval()
+    image = np.random.default_rng(0).integers(0, 255, (20, 28, 3), dtype=np.uint8)
+    one = predict_probs(model, image)
+    mean, single = predict_probs(model, image, (0.75, 1.0), True, single=True)
+    assert torch.equal(single, one) and mean.shape == one.shape == (3, 20, 28)
+    assert not torch.allclose(mean, one)
+    _, single2 = predict_probs(model, image, (0.75,), False, single=True)   # 1 not among them
+    assert torch.equal(single2, one)
 
 
 def test_deeplab_prediction_reports_a_failed_crf_image_and_writes_the_others(

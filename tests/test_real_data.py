@@ -363,3 +363,52 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
         build_backbone(cfg)
     with pytest.raises(CpfcteError, match="unknown backbone 'vit_nonexistent'"):
         build_backbone(load_config("voc", {"backbone": "vit_nonexistent"}))
+
+
+# ---- the paper-scale smoke's fixtures (cpfcte.data.fixtures) -----------------------------
+
+def test_smoke_voc_fixture_is_what_prepare_voc_reads(tmp_path):
+    from cpfcte.data.fixtures import make_voc_sbd
+
+    voc, sbd = make_voc_sbd(tmp_path, n=8)
+    report = prepare_voc(voc, sbd, allow_partial=True, progress=False)
+    assert report["counts"]["train"] == 4 and report["counts"]["val"] == 2
+    assert read_split(voc, "train_aug") == ["2008_000001", "2008_000002", "2008_000003",
+                                            "2008_000004", "2008_000007", "2008_000008"]
+    with Image.open(voc / "SegmentationClass" / "2008_000001.png") as im:
+        assert im.mode == "P" and im.size in ((500, 375), (375, 500))
+    m = read_label_png(voc / "SegmentationClass" / "2008_000001.png")
+    assert 255 in m and set(np.unique(m)) - {255} <= set(range(21))
+    seg = read_sbd_mat(sbd / "cls" / "2008_000007.mat")
+    assert seg.shape == (375, 500) and 255 not in seg
+    ds = VOCDataset(voc, "train", VOC_CLASSES)
+    labels = ds.labels(0)
+    assert set(np.flatnonzero(labels)) - {0} == set(np.unique(m)) - {0, 255}  # XML = mask
+
+
+def test_smoke_coco_fixture_has_the_80_categories_at_their_ids(tmp_path):
+    from cpfcte.data.coco_classes import COCO_CLASSES
+    from cpfcte.data.fixtures import COCO_CATEGORY_IDS, make_coco
+
+    make_coco(tmp_path, n_train=2, n_val=1)
+    data = json.loads((tmp_path / "annotations" / "instances_train2014.json").read_text())
+    assert len(data["categories"]) == 80 and max(c["id"] for c in data["categories"]) == 90
+    assert len(set(COCO_CATEGORY_IDS)) == 80 and 12 not in COCO_CATEGORY_IDS
+    kinds = {("rle" if isinstance(a["segmentation"], dict) else "poly", a["iscrowd"])
+             for a in data["annotations"]}
+    assert ("poly", 0) in kinds and ("rle", 1) in kinds
+    report = prepare_coco(tmp_path, allow_partial=True, progress=False)
+    assert report["counts"] == {"train": 2, "val": 1}
+    ids = read_split(tmp_path, "train")
+    m = read_label_png(tmp_path / "SegmentationClass" / f"{ids[0]}.png")
+    assert m.shape == (375, 500) and m[0, 0] == 255          # the crowd corner is ignored
+    assert set(np.unique(m)) - {0, 255} <= set(range(1, len(COCO_CLASSES)))
+
+
+def test_paper_profiles_keep_the_paper_sizes_and_never_allow_random_init():
+    from cpfcte.smoke import SmokeFailure, check_profile_sizes
+
+    for profile in ("voc", "coco"):
+        check_profile_sizes(profile)
+    with pytest.raises(SmokeFailure, match="profile toy sets random_init_ok"):
+        check_profile_sizes("toy")

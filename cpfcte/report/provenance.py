@@ -36,7 +36,9 @@ def dataset_fingerprint(profile: str) -> str:
 def provenance(profile: str, runs: list[str], level: str | None = None) -> list[str]:
     """Notes naming where a table's numbers come from."""
     digests, seeds, seconds, hardware, nb_profiles = set(), set(), 0.0, set(), set()
+    inits = set()
     for name in runs:
+        inits.update(_init_stamps(catalog.run_dir(profile, name)))
         status = catalog.run_status(catalog.run_dir(profile, name))
         m, _ = catalog.run_metrics(profile, name)
         if m and m.get("config_digest"):
@@ -53,8 +55,23 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
              + (f" (runs with {', '.join(sorted(nb_profiles))})" if nb_profiles - {profile} else "")
              + f"; dataset {', '.join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))}"
              + f"; config {', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; "
-             f"hardware {', '.join(sorted(hardware)) or '—'}; run time {seconds / 60:.1f} min; "
+             f"hardware {', '.join(sorted(hardware)) or '—'}; "
+             f"weights {'; '.join(sorted(inits)) or '—'}; run time {seconds / 60:.1f} min; "
              f"runs: {', '.join(f'runs/{profile}/{r}' for r in runs)}"]
     if level:
         notes.insert(0, f"level: {level}")
+    if any("random init" in s for s in inits) and not profile.startswith("toy"):
+        notes.insert(0, "RANDOM INIT: these runs start from random weights (the paper-scale "
+                        "smoke, random_init_ok); their numbers are not results")
     return notes
+
+
+def _init_stamps(run_dir) -> set[str]:
+    """Where the run's networks started from (``Config.init_stamp``), from its config.json."""
+    from cpfcte.errors import CpfcteError
+    from cpfcte.runfolder import RunFolder
+
+    try:
+        return {RunFolder(run_dir).config().init_stamp()}
+    except (CpfcteError, OSError, ValueError, KeyError, TypeError):
+        return set()

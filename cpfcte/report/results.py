@@ -132,6 +132,13 @@ def segmentation_miou(m: dict) -> float | None:
     return m.get("miou") if m.get("stage") == "deeplab" else None
 
 
+def deeplab_level(level: str) -> Callable[[dict], float | None]:
+    """DeepLabv2's mIoU at one test-time level (``single_scale``, ``multi_scale``, ``crf``)."""
+    def extract(m: dict) -> float | None:
+        return ((m.get("levels") or {}).get(level) or {}).get("miou")
+    return extract
+
+
 LEVELS = {"pseudo-label": pseudo_miou, "segmentation": segmentation_miou}
 
 

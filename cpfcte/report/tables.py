@@ -14,12 +14,13 @@ import io
 from pathlib import Path
 
 from cpfcte import catalog, notes, paper_values
+from cpfcte.config import DEEPLAB_TEST_LEVELS
 from cpfcte.errors import CpfcteError
 from cpfcte.io import write_text
 from cpfcte.paths import output_dir, project_root
 from cpfcte.report.provenance import provenance
-from cpfcte.report.results import (Measure, Paired, bpm_miou, collect, crf_miou, fmt, group,
-                                   group_measures, pseudo_miou, seed_runs, segmentation_miou)
+from cpfcte.report.results import (Measure, Paired, bpm_miou, collect, crf_miou, deeplab_level,
+                                   fmt, group, group_measures, pseudo_miou, seed_runs)
 
 TOY_NOTE = ("toy profile: a synthetic dataset and tiny networks on a CPU; its numbers are not "
             "comparable to the paper's, so no difference to the paper's values is shown.")
@@ -110,12 +111,21 @@ def _relative(path: str) -> str:
 
 
 def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
-    """Table 1: pseudo-label mIoU (VOC train for voc; toy train for toy), mean ± std over seeds."""
-    (run,) = catalog.group_reads(group("table1"), profile)
+    """Table 1: pseudo-label mIoU (VOC train for voc; toy train for toy), mean ± std over seeds,
+    and the same pseudo labels on train_aug (what DeepLabv2 learns from), each row naming its
+    split."""
+    run, aug_run = catalog.group_reads(group("table1"), profile)
     bpm = collect(profile, run, bpm_miou)
     crf = collect(profile, run, crf_miou)
     first, _ = catalog.run_metrics(profile, run)
     extra = []
+    aug, _ = catalog.run_metrics(profile, aug_run)
+    if aug:
+        split = f"{aug['split']} ({aug['images']:,} images)"
+        extra += [[f"CPF-CTE w/o CRF, {split}", "this run", "", "",
+                   collect(profile, aug_run, bpm_miou).text],
+                  [f"CPF-CTE, {split}", "this run", "", "",
+                   collect(profile, aug_run, crf_miou).text]]
     for kind, label in (("background", "all background"),
                         ("uniform", "uniform over the image's labels, argmax")):
         ref = collect(profile, run, lambda m, k=kind: (m.get("baselines") or {}).get(k))
@@ -123,39 +133,65 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
             extra.append([f"reference: {label}", "this run", "none", "", ref.text])
     table_notes = []
     if first:
-        table_notes.append(f"level: pseudo-label (BPM, then dense CRF); split {first['split']} "
-                           f"({first['images']} images); inference {first['infer_size']}×"
-                           f"{first['infer_size']} ({first['patches_per_side']} patches per side)")
+        table_notes.append(f"level: pseudo-label (BPM, then dense CRF); the paper's rows and "
+                           f"ours beside them: split {first['split']} ({first['images']} "
+                           f"images); inference {first['infer_size']}×{first['infer_size']} "
+                           f"({first['patches_per_side']} patches per side)")
         if first.get("crf"):
             table_notes.append(f"CRF (pydensecrf): {first['crf']['params_text']}; unary = -log "
                                "softmax over the image's classes")
-    table_notes += provenance(profile, bpm.runs)
+    table_notes += provenance(profile, bpm.runs + ([aug_run] if aug else []))
     return comparison_table("table1", "Table 1: pseudo-label quality (mIoU)", profile,
                             paper_values.TABLE1, {"CPF-CTE w/o CRF": bpm, "CPF-CTE": crf},
                             table_notes, extra, out_dir)
+
+
+def _deeplab_rows(paper_rows, profile: str, run: str, prefix: str = "CPF-CTE"):
+    """The paper's rows with, before its final CPF-CTE row (DeepLabv2 + CRF: the paper's
+    output, Sec. 4.2), one row per earlier test-time level of this run, and this run's values
+    by row label: ``(rows, ours)``."""
+    rows, ours = [], {}
+    applicable = bool(seed_runs(profile, run))
+    for method, pub, backbone, value in paper_rows:
+        if method == prefix:
+            for level in ("single_scale", "multi_scale"):
+                label = f"{prefix}: DeepLabv2, {DEEPLAB_TEST_LEVELS[level]}"
+                rows.append((label, "this run", backbone, None))
+                if applicable:
+                    ours[label] = collect(profile, run, deeplab_level(level))
+            if applicable:
+                m, _ = catalog.run_metrics(profile, run)
+                final = "crf" if m and "crf" in (m.get("levels") or {}) else "multi_scale"
+                ours[method] = collect(profile, run, deeplab_level(final))
+        rows.append((method, pub, backbone, value))
+    return tuple(rows), ours
 
 
 def _deeplab_notes(profile: str, run: str) -> list[str]:
     m, _ = catalog.run_metrics(profile, run)
     table_notes = []
     if m:
-        table_notes += [f"level: {m['level']}; split {m['split']} ({m['images']} images)",
+        table_notes += [f"level: {m['level']} on the CPF-CTE row, the paper's final output "
+                        f"(Sec. 4.2); the rows above it score the same network's single-scale "
+                        f"and multi-scale + flip predictions; split {m['split']} "
+                        f"({m['images']} images)",
                         f"DeepLabv2: {m['backbone']}, {m['parameters']:,} parameters, "
                         f"{m['iterations']} iterations; test scales {m['test_scales']}"
-                        f"{' + flip' if m['flip'] else ''}; without CRF: "
-                        f"{fmt(100 * m['no_crf']['miou'])}",
+                        f"{' + flip' if m['flip'] else ''}"
+                        + (f"; test-time CRF: {m['crf_params']}" if m.get("crf_params") else ""),
                         f"trained on the pseudo labels of {_relative(m['pseudo_dir'])}"]
     return table_notes + provenance(profile, [run])
 
 
 def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
-    """Table 2: DeepLabv2 on VOC val (toy: the toy val split)."""
+    """Table 2: DeepLabv2 on VOC val (toy: the toy val split), each test-time level a row."""
     (run,) = catalog.group_reads(group("table2"), profile)
-    ours = {"CPF-CTE": collect(profile, run, segmentation_miou) if seed_runs(profile, run) else
-            "no VOC run exists for this profile: make one with `make paper PROFILE=voc`"}
+    rows, ours = _deeplab_rows(paper_values.TABLE2, profile, run)
+    if not seed_runs(profile, run):
+        ours = {"CPF-CTE": "no VOC run exists for this profile: make one with "
+                           "`make paper PROFILE=voc`"}
     return comparison_table("table2", "Table 2: semantic segmentation (mIoU), VOC 2012 val",
-                            profile, paper_values.TABLE2, ours, _deeplab_notes(profile, run),
-                            out_dir=out_dir)
+                            profile, rows, ours, _deeplab_notes(profile, run), out_dir=out_dir)
 
 
 def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -163,9 +199,11 @@ def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
     pseudo_run, deeplab_run = catalog.group_reads(group("table3"), profile)
     hint = "no COCO run exists for this profile: make one with `make paper PROFILE=coco`"
     applicable = bool(seed_runs(profile, deeplab_run))
-    ours = {"CPF-CTE (pseudo-label)": collect(profile, pseudo_run, pseudo_miou) if applicable
-            else hint,
-            "CPF-CTE": collect(profile, deeplab_run, segmentation_miou) if applicable else hint}
+    rows, ours = _deeplab_rows(paper_values.TABLE3, profile, deeplab_run)
+    ours["CPF-CTE (pseudo-label)"] = (collect(profile, pseudo_run, pseudo_miou) if applicable
+                                      else hint)
+    if not applicable:
+        ours["CPF-CTE"] = hint
     table_notes = _deeplab_notes(profile, deeplab_run)
     pm, _ = catalog.run_metrics(profile, pseudo_run)
     if pm:
@@ -177,7 +215,7 @@ def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
                               "RLE, crowd regions) and converted by the COCO path (profile "
                               "toy_coco)")
     return comparison_table("table3", "Table 3: semantic segmentation (mIoU), MS COCO 2014 val",
-                            profile, paper_values.TABLE3, ours, table_notes, out_dir=out_dir)
+                            profile, rows, ours, table_notes, out_dir=out_dir)
 
 
 def _level_note(level: str) -> str:
