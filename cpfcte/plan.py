@@ -74,6 +74,11 @@ def estimate_seconds(stage: str | None, profile: str, params: dict, tp: dict) ->
     return estimate(load_config(profile), params, tp) if estimate else 0.0
 
 
+# the runs of the main result (Tables 1 and 2): stage 1, pseudo labels at 960 + CRF on train
+# and train_aug, DeepLabv2 with its evaluation
+MAIN_RESULT = ("train_full", "pseudo_full", "pseudo_trainaug", "deeplab_full")
+
+
 def print_plan(profile: str, results: dict[str, dict]) -> float:
     tp = throughputs()
     total = 0.0
@@ -90,4 +95,11 @@ def print_plan(profile: str, results: dict[str, dict]) -> float:
     runs = sum(1 for r in results.values() if r.get("dry_run"))
     print(f"total: {total / 3600:.1f} GPU hours for {runs} runs ({skipped} unchanged runs "
           f"skipped; {os.cpu_count()} CPU cores here)")
+    main = [results[n] for n in MAIN_RESULT if n in results]
+    if len(main) == len(MAIN_RESULT):
+        sec = sum(estimate_seconds(r.get("stage"), r["profile"], r.get("params", {}), tp)
+                  for r in main)
+        print(f"main result ({', '.join(MAIN_RESULT)}: stage 1, pseudo labels + CRF, "
+              f"DeepLabv2 and its evaluation): {sec / 60:.0f} min of GPU time, all of it "
+              "(run or not)")
     return total

@@ -67,6 +67,38 @@ class ClassificationData(Dataset):
         return x, torch.from_numpy(self.labels[index])
 
 
+class EpochShard(torch.utils.data.Sampler):
+    """The images of one epoch for one process: the epoch's permutation (``randperm`` seeded by
+    seed·100003 + epoch), cut into global batches of
+    ``batch``; rank r of ``world`` takes the r-th equal slice of each. N processes thus see,
+    step by step, the same images as one process with the same global batch (the DDP parity
+    test), and a run's data order does not depend on N. ``drop_last`` drops a final partial
+    batch; without it, a partial batch is split in equal slices (its remainder dropped when
+    N > 1)."""
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, epoch: int,
+                 drop_last: bool = True):
+        self.n, self.batch, self.world, self.rank = n, batch, world, rank
+        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        full = self.n // self.batch
+        bounds = [(i * self.batch, (i + 1) * self.batch) for i in range(full)]
+        if not self.drop_last and self.n % self.batch:
+            bounds.append((full * self.batch, self.n))
+        return bounds
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        for lo, hi in self._chunks():
+            per = (hi - lo) // self.world
+            yield from perm[lo + self.rank * per: lo + (self.rank + 1) * per]
+
+    def __len__(self) -> int:
+        return sum((hi - lo) // self.world for lo, hi in self._chunks())
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +155,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     run would; the next call resumes). With ``resume=False`` a run folder that already holds an
     unfinished checkpoint is an error instead of being continued.
 
-    Under torchrun (``cpfcte train --nproc N``) each process trains on its DistributedSampler
+    Under torchrun (``cpfcte train --nproc N``) each process trains on its ``EpochShard``
     share with batch_size / N images per step (the global batch stays ``batch_size``); DDP keeps
     the replicas identical; rank 0 alone writes the config, checkpoints and logs; every rank
     writes ``rank<r>.digest``, the hash of its final weights."""
@@ -179,19 +211,13 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
             wrapped_frozen = frozen
         model.train()
         data.set_epoch(epoch)
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank,
-                                                          shuffle=True, seed=cfg.seed,
-                                                          drop_last=True)
-            sampler.set_epoch(epoch)
-            shuffle_kw = {"sampler": sampler}
-        else:
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            shuffle_kw = {"shuffle": True, "generator": gen}
-        loader = DataLoader(data, batch_size=per_rank, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda",
-                            drop_last=len(data) > cfg.batch_size, persistent_workers=False,
-                            **shuffle_kw)
+        sampler = EpochShard(len(data), cfg.batch_size, world, rank, cfg.seed, epoch,
+                             drop_last=len(data) > cfg.batch_size)
+        # its own generator: the loader's worker seed is not drawn from the global RNG
+        loader = DataLoader(data, batch_size=per_rank, sampler=sampler,
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                            persistent_workers=False,
+                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
         t0 = time.time()
         sums = torch.zeros(3, device=device)           # loss·n, correct, n
         scores, truths = [], []                        # image-level p and y, for the mAP

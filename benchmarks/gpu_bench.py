@@ -1,0 +1,288 @@
+"""Throughput of every paper-scale stage on one device, written to ``benchmarks/throughput.json``
+(which ``cpfcte paper --profile voc --dry-run`` reads for its plan).
+
+    python benchmarks/gpu_bench.py                 # on a CUDA machine: the paper's sizes, bf16
+    python benchmarks/gpu_bench.py --tiny --device cpu --out /tmp/t.json   # the test's sizes
+
+Measures, in one run (random init: throughput does not depend on the weights):
+- stage 1 train step (forward, MCE loss, backward, Adam step) in img/s for the bare ViT-B/16
+  (timm's own classification head, BCE on 20 labels) and for the full CPF-CTE (class tokens,
+  CF-BiLSTM, patch classifier, top-k, MCE) at 384, batch 16 and 64, eager and torch.compile;
+  the CPF-CTE head's cost is the ratio of the two at the same batch and mode;
+- pseudo-label inference at 960 (batch 8): patch probabilities, image-label masking, bilinear
+  upsampling to a 500×375 image and the argmax, in img/s;
+- DeepLabv2 train step (ResNet-101, OS 8, MSC, crop 321, batch 10, SGD) in img/s;
+- the dense CRF on 500×375 images over every CPU core (img/s, and seconds per image per core);
+- peak device memory of each.
+Each figure is the median of timed steps after warm-up steps, with the device synchronised
+around the timed region only. The JSON also records the provenance (device, torch, CUDA, date,
+commit) and the keys the plan uses (``train_img_s``: CPF-CTE at the voc profile's batch 16,
+eager, as its training runs; ``infer_img_s``; ``deeplab_img_s``; ``crf_s_per_image_core``;
+``cores``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+PAPER = {"img": 384, "infer": 960, "crop": 321, "dl_batch": 10, "batches": (16, 64),
+         "infer_batch": 8, "crf_images": 32, "image_hw": (375, 500)}
+TINY = {"img": 32, "infer": 64, "crop": 33, "dl_batch": 2, "batches": (2,),
+        "infer_batch": 2, "crf_images": 2, "image_hw": (40, 50)}
+TINY_VIT = {"patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    return None
+
+
+def timed(step, batch: int, device: torch.device, warmup: int, steps: int) -> dict:
+    """img/s of ``step()`` (one batch), the median over ``steps`` timed calls."""
+    _reset_peak(device)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"img_s": round(batch / statistics.median(times), 1), "batch": batch,
+            "steps": steps, "peak_gb": _peak_gb(device)}
+
+
+def stage1_config(tiny: bool):
+    from cpfcte.config import load_config
+
+    over = {"pretrained": False, "random_init_ok": True}
+    if tiny:
+        over.update(backbone_kwargs=TINY_VIT, img_size=TINY["img"], token_dim=8, lstm_hidden=8)
+    return load_config("voc", over)
+
+
+def train_step_fn(model, cfg, kind: str, batch: int, device, amp: bool, compiled: bool):
+    """One stage-1 training step on random images and labels."""
+    from cpfcte.losses import mce_loss
+    from cpfcte.pooling import pool
+
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    y = (torch.rand(batch, 21, device=device) < 0.1).float()    # background + 20 classes
+    y[:, 0] = 1
+    if kind == "bare":
+        y = y[:, 1:]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def forward(x):
+        if kind == "bare":
+            return model(x)
+        return pool(model(x)["z"].float(), cfg.pooling, cfg.k)      # as cpfcte.train does
+
+    fwd = torch.compile(forward) if compiled else forward
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = fwd(x)
+        loss = (F.binary_cross_entropy_with_logits(out.float(), y) if kind == "bare"
+                else mce_loss(out.float(), y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_stage1(cfg, device, amp: bool, sizes: dict, compile_ok: bool, warmup: int,
+                 steps: int) -> dict:
+    import timm
+
+    from cpfcte.train import make_model
+
+    out = {}
+    for kind in ("bare", "full"):
+        for compiled in ((False, True) if compile_ok else (False,)):
+            for batch in sizes["batches"]:
+                torch.manual_seed(0)
+                if kind == "bare":
+                    model = timm.create_model(cfg.backbone, pretrained=False, num_classes=20,
+                                              img_size=cfg.img_size,
+                                              **(cfg.backbone_kwargs or {}))
+                else:
+                    model = make_model(cfg)
+                model = model.to(device).train()
+                key = f"{kind}_b{batch}_{'compiled' if compiled else 'eager'}"
+                out[key] = timed(train_step_fn(model, cfg, kind, batch, device, amp, compiled),
+                                 batch, device, warmup, steps)
+                print(f"stage 1 {key}: {out[key]}", flush=True)
+                del model
+    for key in list(out):
+        if key.startswith("full_"):
+            bare = out.get(key.replace("full_", "bare_"))
+            if bare:
+                out[key]["head_cost"] = round(bare["img_s"] / out[key]["img_s"] - 1, 3)
+    return out
+
+
+def bench_inference(cfg, device, sizes: dict, warmup: int, steps: int) -> dict:
+    from cpfcte.pseudo import mask_absent_classes, patch_probs
+    from cpfcte.train import make_model
+
+    torch.manual_seed(0)
+    model = make_model(cfg).to(device).eval()
+    b, s = sizes["infer_batch"], sizes["infer"]
+    x = torch.randn(b, 3, s, s, device=device)
+    labels = torch.zeros(b, 21, device=device)
+    labels[:, :3] = 1
+
+    @torch.no_grad()
+    def step():
+        probs = mask_absent_classes(patch_probs(model, x), labels)
+        up = F.interpolate(probs, size=sizes["image_hw"], mode="bilinear", align_corners=False)
+        up.argmax(1)
+    r = timed(step, b, device, warmup, steps)
+    print(f"inference @{s}: {r}", flush=True)
+    return r
+
+
+def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps: int) -> dict:
+    from cpfcte.config import load_config
+    from cpfcte.deeplab import build_deeplab, msc_logits, msc_loss, param_groups
+
+    over = {"deeplab.pretrained": False, "random_init_ok": True}
+    if tiny:
+        over.update({"deeplab.backbone": "resnet10t",
+                     "deeplab.backbone_kwargs": {"channels": [8, 8, 16, 16]}})
+    cfg = load_config("voc", over)
+    torch.manual_seed(0)
+    model = build_deeplab(cfg, 21).to(device).train()
+    opt = torch.optim.SGD(param_groups(model, 2.5e-4, 5e-4), lr=2.5e-4, momentum=0.9)
+    b, c = sizes["dl_batch"], sizes["crop"]
+    x = torch.randint(0, 255, (b, 3, c, c), device=device, dtype=torch.uint8)
+    y = torch.randint(0, 21, (b, c, c), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outs = msc_logits(model, x)
+        loss = msc_loss(outs, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    r = timed(step, b, device, warmup, steps)
+    print(f"DeepLabv2 train step: {r}", flush=True)
+    return r
+
+
+def bench_crf(sizes: dict) -> dict:
+    """Dense CRF over every core (the pseudo labels' pool), on VOC-sized inputs."""
+    import numpy as np
+
+    from cpfcte.config import CRFConfig
+    from cpfcte.crf import CRFJob, crf_stage
+
+    cores = os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+    h, w = sizes["image_hw"]
+    jobs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(sizes["crf_images"]):
+            image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            probs = rng.random((3, h, w)).astype(np.float32)
+            probs /= probs.sum(0, keepdims=True)
+            jobs.append(CRFJob(str(Path(tmp) / f"{i}.png"), image, probs, np.array([0, 5, 9])))
+        t0 = time.perf_counter()
+        crf_stage(jobs, CRFConfig(workers=cores), progress=False)
+        seconds = time.perf_counter() - t0
+    img_s = len(jobs) / seconds
+    r = {"img_s": round(img_s, 2), "cores": cores, "images": len(jobs),
+         "s_per_image_core": round(cores / img_s, 3), "classes_per_image": 3}
+    print(f"dense CRF: {r}", flush=True)
+    return r
+
+
+def provenance(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"CPU ({os.cpu_count()} cores)"),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit or "unknown",
+            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+            "weights": "random init"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU test)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "throughput.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_bench: --device cuda but torch sees no CUDA device; on a CPU use "
+                         "--tiny --device cpu (a test of the script, not a benchmark)")
+    sizes = TINY if args.tiny else PAPER
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    steps = args.steps if args.steps is not None else (2 if args.tiny else 20)
+    amp = device.type == "cuda"
+    compile_ok = not args.no_compile
+    cfg = stage1_config(args.tiny)
+    if args.tiny:
+        cfg.infer_size = sizes["infer"]
+    result = {"provenance": provenance(device), "sizes": {k: list(v) if isinstance(v, tuple)
+                                                          else v for k, v in sizes.items()}}
+    result["stage1"] = bench_stage1(cfg, device, amp, sizes, compile_ok, warmup, steps)
+    result["inference"] = bench_inference(cfg, device, sizes, warmup, steps)
+    result["deeplab"] = bench_deeplab(device, amp, sizes, args.tiny, warmup, steps)
+    result["crf"] = bench_crf(sizes)
+    b16 = f"full_b{sizes['batches'][0]}_eager"
+    result.update({"source": f"gpu_bench.py on {result['provenance']['device']}",
+                   "train_img_s": result["stage1"][b16]["img_s"],
+                   "infer_img_s": result["inference"]["img_s"],
+                   "deeplab_img_s": result["deeplab"]["img_s"],
+                   "crf_s_per_image_core": result["crf"]["s_per_image_core"],
+                   "cores": result["crf"]["cores"]})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"written: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
