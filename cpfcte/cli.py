@@ -9,6 +9,7 @@
     cpfcte pseudo --profile toy --train-run NAME --run NAME [--infer-size N | --infer-scale X]
                   [--split S] [--set crf.bilateral_sxy=50 ...]
     cpfcte deeplab train --profile toy --pseudo RUN_OR_DIR --run NAME [--init PATH] [--set ...]
+                         [--nproc N]
     cpfcte deeplab predict --profile toy --run NAME [--split val]
 
 Each stage's config follows its input downstream: ``pseudo`` starts from the training run's
@@ -111,12 +112,17 @@ def _pseudo(args: argparse.Namespace) -> None:
 
 
 def _deeplab(args: argparse.Namespace) -> None:
-    from cpfcte.config import derive, load_config, parse_set_args
-    from cpfcte.deeplab import deeplab_stage, train_deeplab
+    from cpfcte.config import config_from_dict, derive, load_config, parse_set_args
+    from cpfcte.deeplab import deeplab_stage, train_deeplab, train_deeplab_distributed
+    from cpfcte.io import read_json
     from cpfcte.paths import run_path
     from cpfcte.pseudo import pseudo_run_of
     from cpfcte.runfolder import RunFolder, run_config
 
+    if args.action == "train" and args.run is None:
+        if not args.from_config:
+            raise CpfcteError("cpfcte deeplab train needs --run NAME")
+        args.run = str(Path(args.from_config).resolve().parent)
     run_dir = run_path(args.profile, args.run)
     if args.action == "train":
         overrides = parse_set_args(args.set)
@@ -125,9 +131,20 @@ def _deeplab(args: argparse.Namespace) -> None:
         if not Path(args.pseudo).exists() and run_path(args.profile, args.pseudo).is_dir():
             args.pseudo = str(run_path(args.profile, args.pseudo))   # a run name of the profile
         upstream = pseudo_run_of(args.pseudo)
-        cfg = (run_config(upstream, overrides) if upstream
-               else load_config(args.profile, overrides))
-        s = train_deeplab(cfg, args.pseudo, run_dir, max_iterations=args.max_iterations)
+        if args.from_config:              # torchrun's processes: the launcher's whole config
+            cfg = derive(config_from_dict(read_json(args.from_config), args.from_config),
+                         overrides)
+        else:
+            cfg = (run_config(upstream, overrides) if upstream
+                   else load_config(args.profile, overrides))
+        if args.nproc < 1:
+            raise CpfcteError(f"--nproc {args.nproc}: needs at least 1 process")
+        if args.nproc > 1:
+            s = train_deeplab_distributed(cfg, args.pseudo, run_dir, args.nproc)
+        else:
+            s = train_deeplab(cfg, args.pseudo, run_dir, max_iterations=args.max_iterations)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         print(json.dumps({k: s[k] for k in ("iterations_done", "iterations", "complete",
                                             "parameters")} | {"run_dir": str(run_dir)}, indent=2))
         return
@@ -266,11 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     dtr.add_argument("--pseudo", required=True,
                      help="a pseudo-label run, by name or folder (its config is the base), or a folder of "
                           "pseudo-label PNGs of the training split")
-    dtr.add_argument("--run", required=True, help="run name (runs/<profile>/<run>) or folder")
+    dtr.add_argument("--run", help="run name (runs/<profile>/<run>) or folder")
     dtr.add_argument("--init", help="local init file (e.g. a COCO-pretrained DeepLabv2)")
     dtr.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                      help="override fields (deeplab.NAME=..., crf.NAME=...)")
     dtr.add_argument("--max-iterations", type=int, help="stop after this many (resumable)")
+    dtr.add_argument("--nproc", type=int, default=1,
+                     help="processes under torchrun (GPUs on one node; gloo on CPUs)")
+    dtr.add_argument("--from-config", help=argparse.SUPPRESS)   # set by --nproc's launcher
     dtr.set_defaults(func=_deeplab)
     dpr = dlsub.add_parser("predict", help="multi-scale + flip inference, CRF, and mIoU")
     dpr.add_argument("--profile", default="toy")

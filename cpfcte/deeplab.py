@@ -102,13 +102,24 @@ def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=(0.75, 0.5)) -> list[to
     return outs
 
 
-def msc_loss(outs: list[torch.Tensor], y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+def msc_loss(outs: list[torch.Tensor], y: torch.Tensor, reduction: str = "sum",
+             world: int = 1) -> torch.Tensor:
     """Cross-entropy (255 ignored, mean over labelled pixels) of each MSC output against the
     labels, each output upsampled to the labels' size; summed over the outputs as in the
-    reference recipe (kazuto1011/deeplab-pytorch), or their ``mean`` (a quarter of the step)."""
-    terms = [F.cross_entropy(F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
-                                           align_corners=False), y, ignore_index=255)
-             for o in outs]
+    reference recipe (kazuto1011/deeplab-pytorch), or their ``mean`` (a quarter of the step).
+    Under torchrun (``world`` > 1) the mean is over the labelled pixels of the global batch
+    (their count all-reduced), scaled by ``world`` for DDP's gradient average: the same loss
+    as one process, whatever each rank's share of 255 pixels."""
+    def up(o: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+
+    if world == 1:
+        terms = [F.cross_entropy(up(o), y, ignore_index=255) for o in outs]
+    else:
+        count = (y != 255).sum().float()
+        torch.distributed.all_reduce(count)
+        terms = [F.cross_entropy(up(o), y, ignore_index=255, reduction="sum") * world
+                 / count.clamp(min=1) for o in outs]
     total = torch.stack(terms).sum()
     return total if reduction == "sum" else total / len(terms)
 
@@ -264,17 +275,22 @@ class PseudoLabelData(torch.utils.data.Dataset):
 
 
 class IterationSampler(torch.utils.data.Sampler):
-    """The sample numbers start, start + 1, ..., stop - 1 of ``PseudoLabelData``'s stream: a
-    run resumed at iteration i draws exactly the samples an uninterrupted run draws from i on."""
+    """The sample numbers of iterations ``start`` to ``stop`` - 1 of ``PseudoLabelData``'s
+    stream, ``batch`` per iteration: a run resumed at iteration i draws exactly the samples an
+    uninterrupted run draws from i on. Under torchrun, rank r of ``world`` takes the r-th equal
+    slice of each iteration's samples, so N processes draw, step by step, the samples of one."""
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
+    def __init__(self, start: int, stop: int, batch: int = 1, world: int = 1, rank: int = 0):
+        self.start, self.stop, self.batch, self.world, self.rank = start, stop, batch, world, rank
+        self.per = batch // world
 
     def __iter__(self):
-        return iter(range(self.start, self.stop))
+        for it in range(self.start, self.stop):
+            first = it * self.batch + self.rank * self.per
+            yield from range(first, first + self.per)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return (self.stop - self.start) * self.per
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,21 +315,38 @@ def check_pseudo_labels(label_dir: Path, voc) -> Path:
 def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   max_iterations: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) DeepLabv2 on the pseudo labels in ``pseudo_dir`` (a folder of PNGs,
-    or a pseudo-label run folder) into ``run_dir``."""
+    or a pseudo-label run folder) into ``run_dir``.
+
+    Under torchrun (``cpfcte deeplab train --nproc N``) each process draws its slice of every
+    iteration's batch (``IterationSampler``), the loss is normalised over the global batch
+    (``msc_loss``), DDP averages the gradients, and rank 0 alone writes the run folder: the
+    weights equal one process's up to float summation order (tests/test_ddp.py). BatchNorm is
+    frozen in the paper's recipe; where it trains (the toy), each rank's statistics are its
+    own (SyncBatchNorm on CUDA)."""
     from cpfcte.data import open_split
     from cpfcte.progress import progress_bar
     from cpfcte.pseudo import pseudo_label_dir
-    from cpfcte.train import resolve_device, set_seed
+    from cpfcte.train import _barrier, dist_info, resolve_device, set_seed
 
     numerics.apply(cfg)
     dl = cfg.deeplab
+    world, rank, local = dist_info()
+    if dl.batch % world:
+        raise CpfcteError(f"deeplab.batch={dl.batch} is not divisible by {world} processes")
     labels = pseudo_label_dir(pseudo_dir)
     voc = open_split(cfg, cfg.train_split)
     pseudo_dir = check_pseudo_labels(labels, voc)
     digest = cfg.deeplab_digest()
-    folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
-                                      pseudo_dir=str(pseudo_dir))
+    if rank == 0:
+        folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
+                                          pseudo_dir=str(pseudo_dir))
+    _barrier(world)
+    folder = RunFolder(run_dir)
     device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    progress = progress and rank == 0
     set_seed(cfg.seed)
     model = build_deeplab(cfg, len(voc.classes)).to(device)
     optimizer = torch.optim.SGD(param_groups(model, dl.lr, dl.weight_decay),
@@ -329,9 +362,17 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     mean = tuple(int(round(255 * m)) for m in model.mean.flatten().tolist())
     data = PseudoLabelData(voc, pseudo_dir, dl.crop, (dl.scale_min, dl.scale_max), True,
                            cfg.seed, mean)
+    per_rank = dl.batch // world
     loader = torch.utils.data.DataLoader(
-        data, batch_size=dl.batch, sampler=IterationSampler(start * dl.batch, stop * dl.batch),
+        data, batch_size=per_rank,
+        sampler=IterationSampler(start, stop, dl.batch, world, rank),
         num_workers=dl.workers, pin_memory=device.type == "cuda")
+    wrapped = model
+    if world > 1:
+        if device.type == "cuda" and not dl.freeze_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if device.type == "cuda" else None)
     use_amp = dl.amp and device.type == "cuda"
     model.train()
     t0, running = time.time(), torch.zeros((), device=device)
@@ -343,8 +384,8 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
             group["lr"] = lr * group["lr_mult"]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outs = msc_logits(model, x) if dl.msc else [model(x)]
-        loss = msc_loss(outs, y, dl.msc_loss)
+            outs = msc_logits(wrapped, x) if dl.msc else [wrapped(x)]
+        loss = msc_loss(outs, y, dl.msc_loss, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -353,18 +394,50 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
         bar.update(1)
         if it % dl.ckpt_every == 0 or it == stop:
             n = it - (history[-1]["iteration"] if history else start)
+            if world > 1:                              # the global batch's mean loss
+                torch.distributed.all_reduce(running)
+                running /= world
             history.append({"iteration": it, "lr": lr, "loss": float(running) / max(n, 1),
                             "seconds": round(time.time() - t0, 2)})
             running.zero_()
-            folder.save_checkpoint({"model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "iteration": it,
-                                    "history": history, "digest": digest})
-            folder.append_log(history[-1])
+            if rank == 0:
+                folder.save_checkpoint({"model": model.state_dict(),
+                                        "optimizer": optimizer.state_dict(), "iteration": it,
+                                        "history": history, "digest": digest})
+                folder.append_log(history[-1])
+            _barrier(world)
     bar.close()
     summary = {"iterations_done": it, "iterations": total, "complete": it >= total,
-               "history": history, "parameters": count_parameters(model), "digest": digest}
-    folder.write_summary(summary)
+               "history": history, "parameters": count_parameters(model), "digest": digest,
+               "processes": world}
+    if rank == 0:
+        folder.write_summary(summary)
+    _barrier(world)
     return summary
+
+
+def train_deeplab_distributed(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path,
+                              nproc: int) -> dict:
+    """``train_deeplab`` in ``nproc`` processes through torchrun (one GPU each; gloo on
+    CPUs); returns rank 0's summary."""
+    import subprocess
+    import sys
+
+    from cpfcte.io import read_json, write_json
+    from cpfcte.runfolder import SUMMARY
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch = run_dir / "launch_config.json"
+    write_json(launch, cfg.to_dict())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "cpfcte", "deeplab", "train", "--from-config",
+           str(launch), f"--pseudo={Path(pseudo_dir).resolve()}"]   # the run: launch's folder
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise CpfcteError(f"distributed DeepLabv2 training in {run_dir} failed (torchrun exit "
+                          f"{done.returncode}); see its output above and {run_dir / 'log.txt'}")
+    return read_json(run_dir / SUMMARY)
 
 
 def count_parameters(model: nn.Module) -> int:

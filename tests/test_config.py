@@ -21,8 +21,26 @@ def test_profiles_nest_their_sections_and_inherit_them_section_by_section():
     assert toy.crf.parameters() == CRFConfig().parameters()  # the one home of the defaults
     twin = load_config("toy_coco")                         # extends toy, sets no deeplab field
     assert twin.deeplab == toy.deeplab and twin.data_root == "toy/coco"
-    coco = load_config("coco")                             # extends voc
-    assert coco.deeplab.backbone == "resnet101.tv_in1k" and coco.deeplab.iterations == 20000
+    coco = load_config("coco")                             # extends voc, sets iterations
+    assert coco.deeplab.backbone == "resnet101.tv_in1k" and coco.deeplab.iterations == 100000
+    assert coco.deeplab.crop == 321 and load_config("voc").deeplab.iterations == 20000
+
+
+def test_deeplab_recipe_switches_are_validated():
+    cfg = load_config("voc")
+    assert (cfg.deeplab.msc_loss, cfg.deeplab.test_crf, cfg.deeplab.amp) == ("sum", "reference",
+                                                                            True)
+    assert cfg.test_crf().describe().startswith("Gaussian (sxy 1, compat 3), bilateral (sxy 67, "
+                                                "srgb 3, compat 4)")
+    assert load_config("voc", {"deeplab.test_crf": "pseudo"}).test_crf() == cfg.crf
+    for name, bad in (("deeplab.msc_loss", "avg"), ("deeplab.test_crf", "voc")):
+        with pytest.raises(CpfcteError, match=f"parameter {name}='{bad}' is not one of"):
+            load_config("voc", {name: bad})
+    # test-time settings do not retrain DeepLabv2; the loss and precision do
+    assert load_config("voc", {"deeplab.test_crf": "pseudo"}).deeplab_digest() == \
+        cfg.deeplab_digest()
+    assert load_config("voc", {"deeplab.msc_loss": "mean"}).deeplab_digest() != \
+        cfg.deeplab_digest()
 
 
 def test_dotted_and_nested_overrides_are_the_same_and_none_keeps_the_value():
