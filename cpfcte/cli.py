@@ -85,7 +85,7 @@ def _train(args: argparse.Namespace) -> None:
                           "the run folder)")
     run_dir = (run_path(cfg.profile, args.run) if args.run
                else Path(args.from_config).resolve().parent)
-    if args.nproc > 1:
+    if args.nproc != 1:
         summary = train_distributed(cfg, run_dir, args.nproc)
     else:
         summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
@@ -106,9 +106,18 @@ def _pseudo(args: argparse.Namespace) -> None:
     overrides = {"infer_size": args.infer_size, "infer_scale": args.infer_scale,
                  "pseudo_split": args.split, "device": args.device, **parse_set_args(args.set)}
     cfg = run_config(train_dir, overrides)
+    _same_profile(args.profile, cfg.profile, train_dir, "--train-run")
     m = pseudo_stage(cfg, train_dir, run_path(args.profile, args.run))
     print(json.dumps({k: m[k] for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
                      indent=2))
+
+
+def _same_profile(asked: str, found: str, run_dir: Path, flag: str) -> None:
+    """A run of another profile (its checkpoint, its labels) is refused, not filed under the
+    profile asked for."""
+    if asked != found:
+        raise CpfcteError(f"{flag} {run_dir} is a run of profile {found!r}, not {asked!r}: "
+                          f"pass --profile {found}, or give a run of profile {asked!r}")
 
 
 def _deeplab(args: argparse.Namespace) -> None:
@@ -137,9 +146,9 @@ def _deeplab(args: argparse.Namespace) -> None:
         else:
             cfg = (run_config(upstream, overrides) if upstream
                    else load_config(args.profile, overrides))
-        if args.nproc < 1:
-            raise CpfcteError(f"--nproc {args.nproc}: needs at least 1 process")
-        if args.nproc > 1:
+        if upstream and not args.from_config:
+            _same_profile(args.profile, cfg.profile, upstream, "--pseudo")
+        if args.nproc != 1:
             s = train_deeplab_distributed(cfg, args.pseudo, run_dir, args.nproc)
         else:
             s = train_deeplab(cfg, args.pseudo, run_dir, max_iterations=args.max_iterations)

@@ -312,6 +312,27 @@ def check_pseudo_labels(label_dir: Path, voc) -> Path:
     return label_dir
 
 
+def check_crop(voc, dl) -> None:
+    """Refuse a crop that the training images cannot fill: when most of them are smaller than
+    ``dl.crop`` on both sides even at the largest random scale, DeepLabv2 would learn mostly
+    from padding. (Images smaller than the crop at scale 1 are padded with 255, as in the
+    reference recipe.) Reads the image headers only."""
+    from PIL import Image
+
+    small, example = 0, None
+    for i, image_id in enumerate(voc.ids):
+        with Image.open(voc.image_path(i)) as im:
+            w, h = im.size
+        if max(w, h) * dl.scale_max < dl.crop:
+            small += 1
+            example = example or f"{image_id}: {w}×{h}"
+    if small * 2 > len(voc):
+        raise CpfcteError(f"deeplab.crop={dl.crop} exceeds the images: {small} of {len(voc)} "
+                          f"{voc.split} images are smaller than {dl.crop} px on both sides even "
+                          f"at scale {dl.scale_max:g} (e.g. {example}); lower deeplab.crop or "
+                          "raise deeplab.scale_max")
+
+
 def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   max_iterations: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) DeepLabv2 on the pseudo labels in ``pseudo_dir`` (a folder of PNGs,
@@ -333,16 +354,17 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     world, rank, local = dist_info()
     if dl.batch % world:
         raise CpfcteError(f"deeplab.batch={dl.batch} is not divisible by {world} processes")
+    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
     labels = pseudo_label_dir(pseudo_dir)
     voc = open_split(cfg, cfg.train_split)
     pseudo_dir = check_pseudo_labels(labels, voc)
+    check_crop(voc, dl)
     digest = cfg.deeplab_digest()
     if rank == 0:
         folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
                                           pseudo_dir=str(pseudo_dir))
     _barrier(world)
     folder = RunFolder(run_dir)
-    device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -367,13 +389,23 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
         data, batch_size=per_rank,
         sampler=IterationSampler(start, stop, dl.batch, world, rank),
         num_workers=dl.workers, pin_memory=device.type == "cuda")
+    use_amp = dl.amp and device.type == "cuda"
+
+    def probe_step(n: int) -> None:                   # one step's memory, for check_cuda_batch
+        x = torch.randint(0, 255, (n, 3, dl.crop, dl.crop), device=device, dtype=torch.uint8)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outs = msc_logits(model, x) if dl.msc else [model(x)]
+        sum(o.float().sum() for o in outs).backward()
+
+    check_cuda_batch(model, device, per_rank, probe_step,
+                     f"DeepLabv2 ({dl.backbone}, crop {dl.crop}{', MSC' if dl.msc else ''})",
+                     "lower deeplab.batch, or share it over GPUs with --nproc", slots=1)
     wrapped = model
     if world > 1:
         if device.type == "cuda" and not dl.freeze_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.type == "cuda" else None)
-    use_amp = dl.amp and device.type == "cuda"
     model.train()
     t0, running = time.time(), torch.zeros((), device=device)
     bar = progress_bar(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
@@ -425,7 +457,9 @@ def train_deeplab_distributed(cfg: Config, pseudo_dir: str | Path, run_dir: str 
 
     from cpfcte.io import read_json, write_json
     from cpfcte.runfolder import SUMMARY
+    from cpfcte.train import check_nproc
 
+    check_nproc(nproc, cfg.device, cfg.deeplab.batch, "deeplab.batch")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     launch = run_dir / "launch_config.json"

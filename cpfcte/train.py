@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cpfcte import numerics
+from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import Config, derive
 from cpfcte.data import classes_for, open_split
 from cpfcte.data.voc import VOCDataset
@@ -165,12 +166,12 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     world, rank, local = dist_info()
     if cfg.batch_size % world:
         raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
+    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
     folder = RunFolder(run_dir)
     if rank == 0:
         folder.start("train", cfg, cfg.training_fields())
     _barrier(world)
     logger = folder.logger() if rank == 0 else logging.getLogger("cpfcte.quiet")
-    device = resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -195,6 +196,17 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     use_amp = cfg.amp and device.type == "cuda"
     per_rank = cfg.batch_size // world
+
+    def probe_step(n: int) -> None:                   # one step's memory, for check_cuda_batch
+        x = torch.randint(0, 255, (n, 3, cfg.img_size, cfg.img_size), device=device,
+                          dtype=torch.uint8)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+        pool(out["z"].float(), cfg.pooling, cfg.k).sum().backward()
+
+    check_cuda_batch(model, device, per_rank, probe_step,
+                     f"stage 1 ({cfg.backbone} at {cfg.img_size}×{cfg.img_size})",
+                     "lower batch_size, or share it over GPUs with --nproc", slots=2)
     wrapped, wrapped_frozen = model, None
 
     epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training",
@@ -280,12 +292,28 @@ def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def check_nproc(nproc: int, device: str, batch: int, what: str) -> None:
+    """Refuse, before anything starts, a process count that cannot run: < 1, more processes
+    than GPUs on CUDA, or a global batch they cannot share equally."""
+    if nproc < 1:
+        raise CpfcteError(f"--nproc {nproc}: needs at least 1 process")
+    if resolve_device(device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise CpfcteError(f"--nproc {nproc} asks for one GPU per process but this machine has "
+                          f"{torch.cuda.device_count()}; use --nproc "
+                          f"{torch.cuda.device_count()} or fewer")
+    if batch % nproc:
+        raise CpfcteError(f"{what}={batch} is not divisible by --nproc {nproc}: every process "
+                          "takes an equal share of the global batch")
+
+
 def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:
     """Run ``train`` in ``nproc`` processes through torchrun (one GPU each where there are
     several; gloo on CPUs) and return rank 0's summary. Multi-node: call torchrun yourself with
     its rendezvous options on ``python -m cpfcte train --from-config ...`` (README)."""
     import subprocess
     import sys
+
+    check_nproc(nproc, cfg.device, cfg.batch_size, "batch_size")
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

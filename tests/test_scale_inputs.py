@@ -1,0 +1,69 @@
+"""Bad input at paper scale is refused before any long work starts, with the figure and the
+fix: a batch that cannot fit, a CUDA option on a CPU, more processes than GPUs, a crop the
+images cannot fill, a run of the other profile."""
+
+import pytest
+
+from cpfcte.errors import CpfcteError
+
+
+def test_batch_memory_is_extrapolated_from_two_probes_and_refused_with_the_figure():
+    from cpfcte.capacity import check_batch_fits, extrapolate
+
+    gb = 2**30
+    probe = {1: 3 * gb, 2: 3.5 * gb}.__getitem__         # 2.5 GB fixed + 0.5 GB per image
+    assert extrapolate(3 * gb, 3.5 * gb, 16) == 3 * gb + 15 * 0.5 * gb
+    assert check_batch_fits(probe, 16, 80 * gb, "stage 1", "lower it") == 10.5 * gb
+    with pytest.raises(CpfcteError, match=r"stage 1: batch 64 needs about 36\.5 GB .* the "
+                                          r"device has 24\.0 GB; lower batch_size"):
+        check_batch_fits(probe, 64, 24 * gb, "stage 1", "lower batch_size", extra=2 * gb)
+
+
+def test_cuda_options_and_process_counts_are_refused_before_the_run_folder_exists(tiny_cfg,
+                                                                                 tmp_path):
+    import torch
+
+    from cpfcte.train import check_nproc, train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CpfcteError, match="device='cuda' but CUDA is not available"):
+        train(tiny_cfg(device="cuda"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()     # nothing blocks the name
+    with pytest.raises(CpfcteError, match="--nproc -3: needs at least 1 process"):
+        check_nproc(-3, "cpu", 8, "batch_size")
+    with pytest.raises(CpfcteError, match="batch_size=10 is not divisible by --nproc 4"):
+        check_nproc(4, "cpu", 10, "batch_size")
+    with pytest.raises(CpfcteError, match="CUDA is not available"):
+        check_nproc(2, "cuda", 8, "batch_size")
+
+
+def test_a_crop_the_images_cannot_fill_is_refused(tiny_cfg, toy_root):
+    from cpfcte.config import load_config
+    from cpfcte.data import open_split
+    from cpfcte.deeplab import check_crop
+
+    cfg = tiny_cfg(**{"deeplab.crop": 32})
+    voc = open_split(cfg, cfg.train_split)
+    check_crop(voc, cfg.deeplab)                                 # ~45 px images fill 32
+    big = load_config("toy", {"data_root": str(toy_root), "deeplab.crop": 321}).deeplab
+    with pytest.raises(CpfcteError, match=r"deeplab.crop=321 exceeds the images: \d+ of \d+ "
+                                          r"train_aug images are smaller than 321 px"):
+        check_crop(voc, big)
+
+
+def test_a_run_of_another_profile_is_refused_by_the_cli(tiny_cfg, toy_root, capsys):
+    from cpfcte.cli import main
+
+    model = ["data_root=" + str(toy_root), "img_size=32", "token_dim=8", "lstm_hidden=8", "k=2",
+             "batch_size=8", "epochs=1",
+             "backbone_kwargs={patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"]
+    main(["train", "--profile", "toy", "--run", "t", "--set", *model])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["pseudo", "--profile", "voc", "--train-run", "toy/t", "--run", "p"])
+    err = capsys.readouterr().err
+    assert "is a run of profile 'toy', not 'voc': pass --profile toy" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "toy", "--run", "t2", "--nproc", "-3", "--set", *model])
+    assert "--nproc -3: needs at least 1 process" in capsys.readouterr().err
