@@ -1,5 +1,7 @@
 # make paper   regenerate tables/ and figures/ (PROFILE=toy by default; voc and coco need a GPU)
 # make test    the test suite and the notebook tests
+# make test-scale  the voc and coco profiles through every stage at the paper's sizes, on CPU
+# make gpu-check   on a CUDA machine: that smoke on the GPU and the throughput benchmark
 # make lab     JupyterLab on notebooks/
 # The first target run creates .venv and installs the pinned requirements (about 2 minutes).
 
@@ -42,6 +44,16 @@ test: $(STAMP)
 # datasets, random init and 2 steps each (cpfcte.smoke); about 7 min on 2 CPU cores
 test-scale: $(STAMP)
 	$(PY) -m cpfcte.smoke --out runs/_scale
+
+# On a CUDA machine: the same smoke on the GPU, the throughput benchmark (writes
+# benchmarks/throughput.json, which the voc plan reads) and the voc plan. GPU_PY: the venv's
+# python when there is one, else python3 (a GPU machine's own PyTorch and timm).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	$(GPU_PY) -m cpfcte.smoke --out runs/_gpu_scale
+	$(GPU_PY) benchmarks/gpu_bench.py --out benchmarks/throughput.json
+	$(GPU_PY) -m cpfcte paper --profile voc --dry-run
 
 lab: $(STAMP)
 	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from cpfcte import numerics
+from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import DEEPLAB_TEST_LEVELS, Config
 from cpfcte.errors import CpfcteError
 from cpfcte.runfolder import CHECKPOINT, RunFolder

@@ -105,11 +105,15 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
 
 def headline(metrics: dict) -> dict[str, float]:
     """The mIoU values (%, one decimal) of a stage's metrics.json, by name: BPM, BPM + CRF and
-    the model-free references of a pseudo-label run; DeepLabv2 without and with CRF."""
+    the model-free references of a pseudo-label run; DeepLabv2 at each test-time level (single
+    scale, multi-scale + flip, + CRF)."""
     if metrics.get("stage") == "deeplab":
-        scores = {"DeepLabv2": metrics["no_crf"]["miou"]}
-        if metrics.get("crf_dir"):
-            scores["DeepLabv2 + CRF"] = metrics["miou"]
+        if "levels" in metrics:
+            scores = {f"DeepLabv2, {v['label']}": v["miou"] for v in metrics["levels"].values()}
+        else:                                   # a run folder written before the levels
+            scores = {"DeepLabv2": metrics["no_crf"]["miou"]}
+            if metrics.get("crf_dir"):
+                scores["DeepLabv2 + CRF"] = metrics["miou"]
     else:
         scores = {"BPM": metrics["miou"]}
         if metrics.get("crf"):
