@@ -17,6 +17,7 @@ from PIL import Image
 
 from cpfcte.data.classes import TOY_CLASSES, VOC_CLASSES
 from cpfcte.data.coco import prepare_coco
+from cpfcte.data.fixtures import write_sbd_mat
 from cpfcte.data.prepare_voc import prepare_voc, read_sbd_mat
 from cpfcte.data.voc import VOCDataset, read_split
 from cpfcte.errors import CpfcteError
@@ -26,15 +27,6 @@ from cpfcte.io import read_label_png, save_label_png
 def _xml(names):
     objs = "".join(f"<object><name>{n}</name><difficult>0</difficult></object>" for n in names)
     return f"<annotation><filename>x.jpg</filename>{objs}</annotation>"
-
-
-def _sbd_mat(path: Path, seg: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    boundaries = np.empty((20, 1), dtype=object)
-    for i in range(20):
-        boundaries[i, 0] = np.zeros((1, 1))
-    scipy.io.savemat(path, {"GTcls": {"Boundaries": boundaries, "Segmentation": seg,
-                                      "CategoriesPresent": np.unique(seg[seg > 0])[None]}})
 
 
 @pytest.fixture
@@ -58,7 +50,7 @@ def voc_sbd(tmp_path):
     for k in "aecf":                        # SBD masks: class 15 (person), no band
         seg = np.zeros((8, 12), np.uint8)
         seg[1:4, 1:4] = 15
-        _sbd_mat(sbd / "cls" / f"{ids[k]}.mat", seg)
+        write_sbd_mat(sbd / "cls" / f"{ids[k]}.mat", seg)
     (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text(f"{ids['a']}\n{ids['b']}\n")
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text(f"{ids['c']}\n{ids['d']}\n")
@@ -103,22 +95,22 @@ def test_voc_prepare_into_another_folder_links_the_originals(voc_sbd, tmp_path):
 
 def test_sbd_mat_is_read_from_the_gtcls_struct(tmp_path):
     seg = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    _sbd_mat(tmp_path / "x.mat", seg)
-    assert (read_sbd_mat(tmp_path / "x.mat") == seg).all()
+    write_sbd_mat(tmp_path / "x.mat", seg)
+    assert (readwrite_sbd_mat(tmp_path / "x.mat") == seg).all()
     scipy.io.savemat(tmp_path / "bad.mat", {"other": np.zeros(3)})
     with pytest.raises(CpfcteError, match="bad.mat: no GTcls.Segmentation"):
-        read_sbd_mat(tmp_path / "bad.mat")
+        readwrite_sbd_mat(tmp_path / "bad.mat")
     (tmp_path / "junk.mat").write_bytes(b"not matlab")
     with pytest.raises(CpfcteError, match="junk.mat: not a readable MATLAB file"):
-        read_sbd_mat(tmp_path / "junk.mat")
+        readwrite_sbd_mat(tmp_path / "junk.mat")
 
 
 def test_sbd_mask_of_the_wrong_size_or_range_is_refused(voc_sbd):
     voc, sbd, ids = voc_sbd
-    _sbd_mat(sbd / "cls" / f"{ids['e']}.mat", np.zeros((5, 5), np.uint8))
+    write_sbd_mat(sbd / "cls" / f"{ids['e']}.mat", np.zeros((5, 5), np.uint8))
     with pytest.raises(CpfcteError, match=f"{ids['e']}.mat: mask is 5×5 but its image"):
         prepare_voc(voc, sbd, allow_partial=True, progress=False)
-    _sbd_mat(sbd / "cls" / f"{ids['e']}.mat", np.full((8, 12), 21, np.uint8))
+    write_sbd_mat(sbd / "cls" / f"{ids['e']}.mat", np.full((8, 12), 21, np.uint8))
     with pytest.raises(CpfcteError, match="label 21 ≥ 21 classes"):
         prepare_voc(voc, sbd, allow_partial=True, progress=False)
 
@@ -379,7 +371,7 @@ def test_smoke_voc_fixture_is_what_prepare_voc_reads(tmp_path):
         assert im.mode == "P" and im.size in ((500, 375), (375, 500))
     m = read_label_png(voc / "SegmentationClass" / "2008_000001.png")
     assert 255 in m and set(np.unique(m)) - {255} <= set(range(21))
-    seg = read_sbd_mat(sbd / "cls" / "2008_000007.mat")
+    seg = readwrite_sbd_mat(sbd / "cls" / "2008_000007.mat")
     assert seg.shape == (375, 500) and 255 not in seg
     ds = VOCDataset(voc, "train", VOC_CLASSES)
     labels = ds.labels(0)
