@@ -409,6 +409,10 @@ def test_the_check_names_each_cell_that_differs_from_the_committed_table():
                              "'51.2 ± 1.0 (n=3)', this machine '51.5 ± 0.9 (n=3)' (Δ +0.3)")
     _, diffs = compare("t", committed, committed.replace("B,Y", "C,Y"))
     assert {d.committed for d in diffs} == {"(no such row)", "(row)"}
+    ablation = ("Original framework,Class tokens,CF-BiLSTM,mIoU paper (%),mIoU this run (%)\n"
+                "✓,✓,,67.1,78.3\n✓,,✓,67.8,71.5\n")
+    _, diffs = compare("t", ablation, ablation.replace("71.5", "72.0"))
+    assert [d.row for d in diffs] == ["Original framework + CF-BiLSTM"]   # not the ✓ ✓ row
 
 
 def test_check_against_git_head(tmp_path, monkeypatch):

@@ -71,7 +71,7 @@ def compare(name: str, committed: str, here: str) -> tuple[int, list[Difference]
     for row in new[1:]:
         key = tuple(row[:width])
         before = old_rows.pop(key, None)
-        label = " ".join(k for k in key if k) or "(row)"
+        label = _row_label(header, key)
         if before is None:
             diffs.append(Difference(name, label, "", "(no such row)", " | ".join(row)))
             continue
@@ -80,8 +80,15 @@ def compare(name: str, committed: str, here: str) -> tuple[int, list[Difference]
             if a != b:
                 diffs.append(Difference(name, label, column, a, b))
     for key in old_rows:
-        diffs.append(Difference(name, " ".join(key), "", "(row)", "(missing here)"))
+        diffs.append(Difference(name, _row_label(header, key), "", "(row)", "(missing here)"))
     return cells, diffs
+
+
+def _row_label(header: list[str], key: tuple[str, ...]) -> str:
+    """A row's name for the reader: its label cells, a ✓ named by its column (Tables 4 and 5
+    mark their rows with ✓ only)."""
+    parts = [column if cell == "✓" else cell for column, cell in zip(header, key) if cell]
+    return (" + ".join(parts) if any(c == "✓" for c in key) else " ".join(parts)) or "(row)"
 
 
 def _key_width(header: list[str]) -> int:
