@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from cpfcte.config import base_profile
 from cpfcte.errors import CpfcteError
 from cpfcte.io import read_json
 from cpfcte.paths import project_root, runs_dir
@@ -48,10 +49,15 @@ class Run:
 
     def profile_for(self, batch_profile: str) -> str | None:
         """The profile the notebook runs with, or None when the run is not part of this
-        batch profile (e.g. the COCO runs of a voc batch)."""
+        batch profile (e.g. the COCO runs of a voc batch). A profile of yours runs as the
+        built-in profile it extends, with itself in place of that profile; the runs that
+        use another profile there (the toy's COCO twin) are not part of it."""
         if self.profiles is None:
             return batch_profile
-        return self.profiles.get(batch_profile)
+        if batch_profile in self.profiles:
+            return self.profiles[batch_profile]
+        base = base_profile(batch_profile)
+        return batch_profile if self.profiles.get(base) == base else None
 
 
 @dataclass
@@ -144,7 +150,8 @@ def group_runs(group: dict) -> list[str]:
 
 def group_level(group: dict, profile: str) -> str:
     """The level at which a group is scored for a batch profile."""
-    return (group.get("level") or {}).get(profile, "pseudo-label")
+    levels = group.get("level") or {}
+    return levels.get(profile, levels.get(base_profile(profile), "pseudo-label"))
 
 
 def group_rows(group: dict, profile: str) -> dict[str, str]:
@@ -185,7 +192,8 @@ def expand(batch: Batch, profile: str) -> tuple[dict[str, Run], dict[str, str]]:
             declared = list(dict.fromkeys(declared))
         if any(n not in seeds_of for n in declared):
             continue
-        seeds = (run.seeds or {}).get(profile, [0]) if run.seeds is not None else [0]
+        seeds = ((run.seeds or {}).get(profile, run.seeds.get(base_profile(profile), [0]))
+                 if run.seeds is not None else [0])
         seeds_of[name] = seeds
         for seed in seeds:
             needs = []

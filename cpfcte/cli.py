@@ -15,6 +15,9 @@
 Each stage's config follows its input downstream: ``pseudo`` starts from the training run's
 config, ``deeplab train`` from the pseudo-label run's (when --pseudo is one, or one of its
 folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab.NAME).
+    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold 0.5]
+    cpfcte export voc-test --pred DIR --out FILE.tar.gz [--list test.txt] [--images DIR]
+    cpfcte data prepare folder --images DIR --labels labels.csv --out DIR [--masks DIR]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N] [--check]
     cpfcte report --profile toy
@@ -33,7 +36,7 @@ from cpfcte.errors import CpfcteError
 
 def _data(args: argparse.Namespace) -> None:
     from cpfcte.config import load_config
-    from cpfcte.data import classes_for, dataset_root, dataset_stats, prepare_toy
+    from cpfcte.data import classes_of, dataset_root, dataset_stats, prepare_toy
     from cpfcte.paths import data_dir
 
     if args.action == "download":
@@ -46,6 +49,17 @@ def _data(args: argparse.Namespace) -> None:
         if args.dataset == "toy":
             root = prepare_toy(args.root, args.seed, force=args.force)
             print(f"toy dataset ready at {root} (COCO twin in {root / 'coco'})")
+        elif args.dataset == "folder":
+            from cpfcte.data.folder import prepare_folder
+
+            if not (args.images and args.labels and args.out):
+                raise CpfcteError("cpfcte data prepare folder needs --images DIR --labels "
+                                  "labels.csv --out DIR")
+            classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
+            print(json.dumps(prepare_folder(
+                args.images, args.labels, args.out, masks=args.masks, classes=classes,
+                val_fraction=args.val_fraction, seed=args.seed, train_list=args.train_list,
+                val_list=args.val_list), indent=2))
         elif args.dataset == "voc":
             from cpfcte.data.prepare_voc import prepare_voc
 
@@ -63,7 +77,7 @@ def _data(args: argparse.Namespace) -> None:
         return
     cfg = load_config(args.profile)
     root = dataset_root(cfg)
-    print(json.dumps(dataset_stats(root, classes_for(cfg.dataset),
+    print(json.dumps(dataset_stats(root, classes_of(cfg),
                                    (cfg.train_split, cfg.pseudo_split, cfg.val_split)), indent=2))
 
 
@@ -164,6 +178,29 @@ def _deeplab(args: argparse.Namespace) -> None:
                      {"miou_no_crf": m["no_crf"]["miou"]}, indent=2))
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from cpfcte.paths import run_path
+    from cpfcte.predict import predict_folder
+
+    report = predict_folder(run_path(args.profile, args.run), args.images, args.out,
+                            crf=args.crf, scores=args.scores, threshold=args.threshold,
+                            device=args.device, limit=args.limit)
+    print(json.dumps({k: v for k, v in report.items() if k != "classes_kept"}, indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from cpfcte.export import export_voc_test
+
+    test_list = args.list
+    if test_list is None:
+        from cpfcte.config import load_config
+        from cpfcte.paths import data_dir, resolve
+
+        root = resolve(load_config("voc").data_root, data_dir())
+        test_list = root / "ImageSets" / "Segmentation" / "test.txt"
+    print(json.dumps(export_voc_test(args.pred, args.out, test_list, args.images), indent=2))
+
+
 def _eval(args: argparse.Namespace) -> None:
     from cpfcte.metrics import evaluate_dirs
 
@@ -243,16 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--to", required=True, help="folder to download and extract into")
     dl.set_defaults(func=_data)
     prep = dsub.add_parser("prepare", help="generate the toy dataset, or prepare VOC+SBD / COCO")
-    prep.add_argument("dataset", choices=["toy", "voc", "coco"])
+    prep.add_argument("dataset", choices=["toy", "voc", "coco", "folder"])
     prep.add_argument("--root", help="toy: output folder (default: data/toy)")
-    prep.add_argument("--seed", type=int, default=0, help="toy: generator seed")
+    prep.add_argument("--seed", type=int, default=0, help="toy: generator seed; folder: val draw seed")
     prep.add_argument("--force", action="store_true", help="toy: regenerate even if present")
     prep.add_argument("--voc-root", help="voc: VOCdevkit/VOC2012 (default: data/VOCdevkit/VOC2012)")
     prep.add_argument("--sbd-root", help="voc: SBD's benchmark_RELEASE/dataset "
                       "(default: data/benchmark_RELEASE/dataset)")
     prep.add_argument("--coco-root", help="coco: folder with train2014/, val2014/, annotations/ "
                       "(default: data/coco2014)")
-    prep.add_argument("--out", help="voc/coco: write the prepared layout here (default: in place)")
+    prep.add_argument("--out", help="voc/coco: write the prepared layout here (default: in "
+                      "place); folder: the prepared dataset's folder")
+    prep.add_argument("--images", help="folder: the images")
+    prep.add_argument("--labels", help="folder: the label CSV (image,labels or image,<class>,...)")
+    prep.add_argument("--masks", help="folder: label PNGs <stem>.png, for evaluation only")
+    prep.add_argument("--classes", help="folder: the class names, comma-separated (default: "
+                      "those of the CSV)")
+    prep.add_argument("--val-fraction", type=float, default=0.2,
+                      help="folder: share of the images drawn (seeded) for val")
+    prep.add_argument("--train-list", help="folder: train image list (with --val-list)")
+    prep.add_argument("--val-list", help="folder: val image list (with --train-list)")
     prep.add_argument("--allow-partial", action="store_true",
                       help="voc/coco: accept image counts below the standard split's")
     prep.set_defaults(func=_data)
@@ -330,6 +377,31 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write tables/ and figures/ from the run folders")
     rp.add_argument("--profile", default="toy")
     rp.set_defaults(func=_report)
+
+    pr = sub.add_parser("predict", help="label PNGs (VOC palette) and overlays for any folder "
+                                        "of images, with a stage-1 or DeepLabv2 run")
+    pr.add_argument("--profile", default="toy")
+    pr.add_argument("--run", required=True, help="a training or DeepLabv2 run, name or folder")
+    pr.add_argument("--images", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--crf", action="store_true", help="refine with the run's dense CRF")
+    pr.add_argument("--scores", action="store_true",
+                    help="stage 1: also write the per-class patch scores (.npz)")
+    pr.add_argument("--threshold", type=float, default=0.5,
+                    help="stage 1: image score above which a class may appear")
+    pr.add_argument("--device", help="default: the run's (auto)")
+    pr.add_argument("--limit", type=int, help="only the first N images (by name)")
+    pr.set_defaults(func=_predict)
+
+    ex = sub.add_parser("export", help="pack predictions for an evaluation server")
+    exsub = ex.add_subparsers(dest="target", required=True)
+    vt = exsub.add_parser("voc-test", help="VOC 2012 test: comp6 palette PNGs in a .tar.gz")
+    vt.add_argument("--pred", required=True, help="folder of <id>.png predictions")
+    vt.add_argument("--out", required=True, help="FILE.tar.gz to write")
+    vt.add_argument("--list", help="test ids (default: the voc data root's "
+                                   "ImageSets/Segmentation/test.txt)")
+    vt.add_argument("--images", help="the test JPEGs, to check each PNG's size")
+    vt.set_defaults(func=_export)
     return parser
 
 

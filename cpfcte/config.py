@@ -36,7 +36,7 @@ PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 CLASS_TOKEN_MODES = ("none", "soft", "mean")
 CF_BILSTM_MODES = ("none", "hv", "raster")
 POOLING_MODES = ("gap", "gmp", "topk")
-DATASETS = ("toy", "toy_coco", "voc", "coco")
+DATASETS = ("toy", "toy_coco", "voc", "coco", "folder")
 
 
 def short_digest(values: dict[str, Any]) -> str:
@@ -342,16 +342,55 @@ def merge(base: dict[str, Any], top: dict[str, Any], *, skip_none: bool = False)
     return out
 
 
+BASE_PROFILES = ("toy", "voc", "coco")
+
+
+def user_profile_dir() -> Path:
+    """Your own profiles: ``profiles/<name>.yaml`` at the project root (or ``CPFCTE_PROFILES``);
+    a name there that is also a built-in profile's is refused."""
+    import os
+
+    from cpfcte.paths import project_root
+
+    env = os.environ.get("CPFCTE_PROFILES")
+    return Path(env) if env else project_root() / "profiles"
+
+
 def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in (PROFILE_DIR, user_profile_dir()) for p in d.glob("*.yaml")})
+
+
+def profile_file(profile: str) -> Path:
+    """The file of a profile name (built-in, then yours) or a path to a YAML file."""
+    path = Path(profile)
+    if path.suffix:
+        return path
+    builtin, user = PROFILE_DIR / f"{profile}.yaml", user_profile_dir() / f"{profile}.yaml"
+    if builtin.is_file() and user.is_file():
+        raise CpfcteError(f"{user}: profile {profile!r} is a built-in name; rename your file")
+    return builtin if builtin.is_file() else user
+
+
+def base_profile(profile: str) -> str:
+    """The built-in profile (toy, voc or coco) a profile extends, through its ``extends``
+    chain: the batch runs a profile of yours as it runs that one."""
+    seen = []
+    while profile not in BASE_PROFILES:
+        path = profile_file(profile)
+        if not path.is_file() or profile in seen:
+            return profile
+        seen.append(profile)
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict) or "extends" not in values:
+            return profile
+        profile = str(values["extends"])
+    return profile
 
 
 def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields a profile file sets (nested); ``extends: NAME`` first takes those of
     profile NAME, section by section."""
-    path = Path(profile)
-    if not path.suffix:
-        path = PROFILE_DIR / f"{profile}.yaml"
+    path = profile_file(profile)
     if not path.is_file():
         raise CpfcteError(f"unknown profile {profile!r}: no file {path} "
                           f"(available: {', '.join(available_profiles())})")

@@ -482,7 +482,7 @@ def count_parameters(model: nn.Module) -> int:
 def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
     """The trained DeepLabv2 of a run folder (on ``cfg.device``, in eval mode)."""
     from cpfcte.config import derive
-    from cpfcte.data import classes_for
+    from cpfcte.data import classes_of
     from cpfcte.train import resolve_device
 
     folder = RunFolder(run_dir)
@@ -495,7 +495,7 @@ def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
                           "first")
     arch = derive(cfg, {"deeplab.pretrained": False, "deeplab.init": None,
                         "random_init_ok": True})
-    model = build_deeplab(arch, len(classes_for(cfg.dataset)))
+    model = build_deeplab(arch, len(classes_of(cfg)))
     model.load_state_dict(state["model"])
     return model.to(resolve_device(cfg.device)).eval()
 
@@ -602,17 +602,17 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     """Train DeepLabv2 on the pseudo labels (a folder of PNGs or a pseudo-label run folder),
     predict the ``cfg.val_split`` images, score them, write ``metrics.json`` in ``run_dir``."""
     from cpfcte.data import open_split
-    from cpfcte.metrics import evaluate_dirs
+    from cpfcte.pseudo import score_or_none
 
     folder = RunFolder(run_dir)
     summary = train_deeplab(cfg, pseudo_dir, folder.path, progress=progress)
     model = load_deeplab(folder.path, cfg)
     voc = open_split(cfg, cfg.val_split)
     pred = predict_split(model, voc, folder.path / voc.split, cfg, progress=progress)
-    gt = voc.gt_dir()
+    gt = voc.gt_dir_or_none()                      # None: a dataset without masks
 
     def score(path: str) -> dict:
-        return evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+        return score_or_none(Path(path), gt, voc)
 
     levels = {"single_scale": score(pred["single_dir"]), "multi_scale": score(pred["pred_dir"])}
     if cfg.deeplab.crf:

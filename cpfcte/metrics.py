@@ -119,7 +119,7 @@ def headline(metrics: dict) -> dict[str, float]:
         if metrics.get("crf"):
             scores["BPM + CRF"] = metrics["crf"]["miou"]
         scores.update({f"reference: {k}": v for k, v in (metrics.get("baselines") or {}).items()})
-    return {k: round(100 * v, 1) for k, v in scores.items()}
+    return {k: round(100 * v, 1) if v is not None else "no masks" for k, v in scores.items()}
 
 
 def average_precision(scores, labels) -> float | None:

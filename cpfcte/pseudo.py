@@ -161,8 +161,8 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     probs_dir = folder.path / f"probs_{split}_{size}" if crf else None
     timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size, probs_dir=probs_dir,
                                 batch_size=cfg.infer_batch, progress=progress)
-    gt = voc.gt_dir()
-    scores = evaluate_dirs(bpm_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+    gt = voc.gt_dir_or_none()                      # None: a dataset without masks
+    scores = score_or_none(bpm_dir, gt, voc)
     metrics = {
         "stage": "pseudo_labels", "level": "pseudo-label (BPM, no CRF)", "profile": cfg.profile,
         "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
@@ -173,7 +173,7 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     if crf:
         metrics["crf"] = crf_refine(voc, probs_dir, folder.path / f"crf_{split}_{size}", gt,
                                     cfg, progress=progress)
-    if baselines:
+    if baselines and gt is not None:
         metrics["baselines"] = {
             kind: evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids)["miou"]
             for kind, path in write_baselines(voc, folder.path / "baselines").items()}
@@ -181,18 +181,27 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     return metrics
 
 
-def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path, cfg: Config,
+def score_or_none(pred_dir: Path, gt: Path | None, voc: VOCDataset) -> dict:
+    """The scores of a folder of label PNGs against the split's masks, or ``no_masks`` (and no
+    mIoU) for a dataset without them."""
+    from cpfcte.metrics import evaluate_dirs
+
+    if gt is None:
+        return {"miou": None, "iou": None, "no_masks": True}
+    return evaluate_dirs(pred_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+
+
+def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path | None, cfg: Config,
                progress: bool = True) -> dict:
     """The CRF stage over a split; scored against ``gt``. A failed image is an error naming
     it (after every other image was written, so a rerun only redoes the failures)."""
     from cpfcte.crf import CRFJob, crf_stage
-    from cpfcte.metrics import evaluate_dirs
 
     jobs = [CRFJob(str(out_dir / f"{image_id}.png"), str(voc.image_path(i)),
                    str(probs_dir / f"{image_id}.npz")) for i, image_id in enumerate(voc.ids)]
     run = crf_stage(jobs, cfg.crf, progress=progress)
     raise_on_failures(run, out_dir)
-    scores = evaluate_dirs(out_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
+    scores = score_or_none(out_dir, gt, voc)
     return {"level": "pseudo-label (BPM + dense CRF)", "crf_dir": str(out_dir),
             "params": cfg.crf.parameters(), "params_text": cfg.crf.describe(), **scores,
             "timing": {k: v for k, v in run.items() if k != "failed"}}

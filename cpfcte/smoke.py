@@ -135,7 +135,7 @@ def check_profile_sizes(profile: str) -> None:
 
 def smoke_profile(stages: Stages, profile: str) -> dict:
     from cpfcte.config import load_config
-    from cpfcte.data import classes_for
+    from cpfcte.data import classes_of
     from cpfcte.data.voc import read_split
 
     check_profile_sizes(profile)
@@ -143,7 +143,7 @@ def smoke_profile(stages: Stages, profile: str) -> dict:
     sets = _sets(SMOKE_OVERRIDES)
     cfg = load_config(profile)
     root = stages.root / "data" / cfg.data_root
-    n_classes = len(classes_for(cfg.dataset))
+    n_classes = len(classes_of(cfg))
     out = _last_json(stages.run(f"{profile} train", "train", "--profile", profile, "--run",
                                 train_run, "--set", *sets))
     _check(out["complete"] and out["epochs_done"] == 2, f"{profile} training: {out}")

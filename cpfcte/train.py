@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cpfcte import numerics
 from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import Config, derive
-from cpfcte.data import classes_for, open_split
+from cpfcte.data import classes_of, open_split
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
 from cpfcte.io import read_json, write_json
@@ -118,7 +118,7 @@ def set_seed(seed: int) -> None:
 
 def make_model(cfg: Config) -> CPFCTE:
     set_seed(cfg.seed)
-    return build_model(cfg, len(classes_for(cfg.dataset)))
+    return build_model(cfg, len(classes_of(cfg)))
 
 
 def dist_info() -> tuple[int, int, int]:

@@ -13,6 +13,8 @@ PREPARE_HINT = {
     "voc": "download and prepare PASCAL VOC 2012 + SBD (`cpfcte data download voc --to data`, "
            "`cpfcte data download sbd --to data`, `cpfcte data prepare voc`; README, Real data) "
            "or set data_root=/path/to/VOCdevkit/VOC2012",
+    "folder": "prepare your folder with `cpfcte data prepare folder --images DIR --labels "
+              "labels.csv --out DIR` and point data_root at DIR (README, Your own data)",
     "coco": "download and prepare MS COCO 2014 (`cpfcte data download coco --to data/coco2014`, "
             "`cpfcte data prepare coco`; README, Real data) or set data_root=/path/to/coco2014",
 }
@@ -26,12 +28,23 @@ def dataset_root(cfg) -> Path:
     return require_root(root, hint=f"; {PREPARE_HINT.get(cfg.dataset, '')}")
 
 
+def classes_of(cfg) -> tuple[str, ...]:
+    """The classes of a config's dataset, background first: fixed for toy, VOC and COCO; read
+    from the prepared folder's ``classes.txt`` for your own dataset (``dataset: folder``)."""
+    if cfg.dataset == "folder":
+        from cpfcte.data.folder import folder_classes
+
+        return folder_classes(dataset_root(cfg))
+    return classes_for(cfg.dataset)
+
+
 def open_split(cfg, split: str):
     """The images and image-level labels of one split of a config's dataset (a ``VOCDataset``;
-    its ground truth, for evaluation only, is ``.gt_dir()``). Every reader opens data here."""
+    its ground truth, for evaluation only, is ``.gt_dir()``, ``None`` from ``.gt_dir_or_none()``
+    where the dataset has no masks). Every reader opens data here."""
     from cpfcte.data.voc import VOCDataset
 
-    return VOCDataset(dataset_root(cfg), split, classes_for(cfg.dataset))
+    return VOCDataset(dataset_root(cfg), split, classes_of(cfg))
 
 
 def dataset_stats(root: str | Path, classes: tuple[str, ...],

@@ -24,6 +24,7 @@ import numpy as np
 
 from cpfcte.data.classes import VOC_CLASSES
 from cpfcte.data.coco_classes import COCO_CLASSES
+from cpfcte.data.voc import voc_xml
 
 # the official COCO category ids of the 80 thing classes (1..90 with gaps), in COCO_CLASSES order
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
@@ -68,17 +69,6 @@ def _border(mask: np.ndarray, width: int = 3) -> np.ndarray:
 
     return ndimage.binary_dilation(mask, iterations=width) & ~ndimage.binary_erosion(
         mask, iterations=width)
-
-
-def voc_xml(filename: str, size: tuple[int, int], names: list[str]) -> str:
-    """A VOC ``Annotations`` file naming the image's objects."""
-    w, h = size
-    objs = "".join(f"\t<object>\n\t\t<name>{n}</name>\n\t\t<pose>Unspecified</pose>\n"
-                   f"\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t</object>\n"
-                   for n in names)
-    return (f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{filename}</filename>\n"
-            f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n"
-            f"\t</size>\n\t<segmented>1</segmented>\n{objs}</annotation>\n")
 
 
 def write_sbd_mat(path: Path, seg: np.ndarray) -> None:

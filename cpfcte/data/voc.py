@@ -73,6 +73,17 @@ def parse_annotation(path: Path, classes: tuple[str, ...]) -> list[str]:
     return names
 
 
+def voc_xml(filename: str, size: tuple[int, int], names: list[str]) -> str:
+    """A VOC ``Annotations`` file naming the image's objects."""
+    w, h = size
+    objs = "".join(f"\t<object>\n\t\t<name>{n}</name>\n\t\t<pose>Unspecified</pose>\n"
+                   f"\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t</object>\n"
+                   for n in names)
+    return (f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{filename}</filename>\n"
+            f"\t<size>\n\t\t<width>{w}</width>\n\t\t<height>{h}</height>\n\t\t<depth>3</depth>\n"
+            f"\t</size>\n\t<segmented>1</segmented>\n{objs}</annotation>\n")
+
+
 def gt_dir(root: str | Path, split: str) -> Path:
     """Ground-truth mask folder for a split, for evaluation only: VOC's own SegmentationClass
     where it holds every image of the split, else SegmentationClassAug."""
@@ -97,6 +108,14 @@ class VOCDataset:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def gt_dir_or_none(self) -> Path | None:
+        """The ground-truth folder, or None when the dataset has no masks for this split (your
+        own dataset without ``--masks``): the stages then write no score ("no masks")."""
+        try:
+            return self.gt_dir()
+        except CpfcteError:
+            return None
 
     def gt_dir(self) -> Path:
         """The split's ground-truth folder: for evaluation only (``gt_dir``)."""

@@ -60,7 +60,9 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
              f"runs: {', '.join(f'runs/{profile}/{r}' for r in runs)}"]
     if level:
         notes.insert(0, f"level: {level}")
-    if any("random init" in s for s in inits) and not profile.startswith("toy"):
+    from cpfcte.config import base_profile
+
+    if any("random init" in s for s in inits) and base_profile(profile) != "toy":
         notes.insert(0, "RANDOM INIT: these runs start from random weights (the paper-scale "
                         "smoke, random_init_ok); their numbers are not results")
     return notes

@@ -108,6 +108,8 @@ def collect(profile: str, base: str, extract: Callable[[dict], float | None]) ->
         m, reason = catalog.run_metrics(profile, name)
         value = extract(m) if m else None
         if value is None:
+            if m and m.get("no_masks"):
+                reason = "no masks"
             why = why or reason or f"not measured in runs/{profile}/{name}"
         else:
             values.append(100 * value)

@@ -31,8 +31,28 @@ PAIRED_NOTE = ("Δ this run: the mean over seeds of the difference to the refere
 
 
 def paper_scale(profile: str) -> bool:
-    """A profile whose numbers may be set beside the paper's (voc, coco; not the toy)."""
-    return not profile.startswith("toy")
+    """A profile whose numbers may be set beside the paper's: the paper's datasets (voc, coco,
+    and profiles of yours on them); not the toy, not a dataset of your own."""
+    from cpfcte.config import base_profile, load_config
+
+    try:
+        dataset = load_config(profile).dataset
+    except CpfcteError:
+        return False
+    return base_profile(profile) in ("voc", "coco") and dataset in ("voc", "coco")
+
+
+def not_comparable_note(profile: str) -> str:
+    from cpfcte.config import load_config
+
+    try:
+        dataset = load_config(profile).dataset
+    except CpfcteError:
+        dataset = None
+    if dataset == "folder":
+        return (f"profile {profile}: your own dataset; its numbers are not comparable to the "
+                "paper's, so no difference to the paper's values is shown.")
+    return TOY_NOTE
 
 
 def suffix(profile: str) -> str:
@@ -99,7 +119,7 @@ def comparison_table(name: str, title: str, profile: str, paper_rows, ours: dict
                     + ([_delta(value, measure)] if delta else []))
     rows += [list(r) + [""] * (len(header) - len(r)) for r in extra_rows]
     if not delta:
-        table_notes = table_notes + [TOY_NOTE]
+        table_notes = table_notes + [not_comparable_note(profile)]
     return write_table(name, profile, header, rows, title, table_notes, out_dir)
 
 
@@ -241,7 +261,7 @@ def _ablation_notes(level: str, profile: str, measures: dict[str, Measure]) -> l
     table_notes = [_level_note(level), PAIRED_NOTE] + provenance(
         profile, [r for m in measures.values() for r in m.runs])
     if not paper_scale(profile):
-        table_notes.append(TOY_NOTE)
+        table_notes.append(not_comparable_note(profile))
     return table_notes
 
 

@@ -1,0 +1,142 @@
+"""Predictions on any folder of images, with a trained run: stage 1 (BPM, optionally + dense
+CRF) or DeepLabv2 (multi-scale + flip, optionally + CRF).
+
+    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold 0.5]
+
+Writes, per image: ``labels/<stem>.png`` in the VOC palette (class-index PNGs look black in an
+image viewer; the palette colours them and keeps the index), ``overlays/<stem>.jpg`` (the
+colours over the image, half transparent) and, with ``--scores`` (stage 1), ``scores/<stem>.npz``:
+the per-class patch probabilities ``z`` (C × h × w, background first), the image-level scores
+``image_scores`` (the run's pooling over the patches, as in training) and ``classes``.
+
+Without image-level labels, a stage-1 run decides which classes may appear from its own image
+scores: a class is kept when its pooled score exceeds ``threshold`` (0.5: where the MCE loss,
+a binary cross-entropy per class, puts the decision between present and absent); background is
+always kept. The BPM is then Eq. 10 with those classes. A DeepLabv2 run predicts every class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpfcte.errors import CpfcteError
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The label colours over the image (background and 255 left as the image)."""
+    from cpfcte.plots import colorize
+
+    colours = colorize(labels).astype(np.float32)
+    keep = ((labels == 0) | (labels == 255))[..., None]
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.where(keep, image, mixed).round().clip(0, 255).astype(np.uint8)
+
+
+def image_classes(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The multi-hot classes of one image from its pooled scores (C,), background always."""
+    keep = (scores > threshold).to(scores.dtype)
+    keep[0] = 1
+    return keep
+
+
+@torch.no_grad()
+def predict_folder(run: str | Path, images: str | Path, out: str | Path, *, crf: bool = False,
+                   scores: bool = False, threshold: float = 0.5, device: str | None = None,
+                   limit: int | None = None, progress: bool = True) -> dict:
+    """Predict every image of ``images`` (the first ``limit`` by name, when given) with the run
+    folder ``run``; see the module doc."""
+    from PIL import Image
+
+    from cpfcte.io import save_label_png, write_json
+    from cpfcte.progress import progress_bar
+    from cpfcte.runfolder import RunFolder
+
+    folder = RunFolder(run)
+    stage = folder.stage
+    if stage not in ("train", "deeplab"):
+        raise CpfcteError(f"{folder.path}: a {stage or 'unknown'} run; predict takes a stage-1 "
+                          "training run or a DeepLabv2 run")
+    if not 0 < threshold < 1:
+        raise CpfcteError(f"--threshold {threshold}: must be in (0, 1)")
+    if scores and stage != "train":
+        raise CpfcteError("--scores: patch scores exist for stage-1 runs only")
+    from cpfcte.data.folder import list_images
+
+    files = list_images(Path(images))[:limit]
+    out = Path(out)
+    cfg = folder.config()
+    if device:
+        from cpfcte.config import derive
+
+        cfg = derive(cfg, {"device": device})
+    if stage == "train":
+        from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs
+        from cpfcte.pooling import pool
+        from cpfcte.train import load_trained
+
+        model, cfg = load_trained(folder.path, cfg)
+        size = infer_size_for(cfg, model.patch_size[0])
+        classes = _classes(cfg)
+    else:
+        from cpfcte.deeplab import load_deeplab, predict_probs
+
+        model = load_deeplab(folder.path, cfg)
+        classes = _classes(cfg)
+    device_ = next(model.parameters()).device
+    crf_params = (cfg.crf if stage == "train" else cfg.test_crf()) if crf else None
+    kept = {}
+    for path in progress_bar(files, desc="predict", disable=not progress):
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        image = np.asarray(rgb, dtype=np.uint8)
+        h, w = image.shape[:2]
+        if stage == "train":                   # as the pseudo-label stage: Eq. 10, then the CRF
+            x = torch.from_numpy(np.asarray(rgb.resize((size, size), Image.BILINEAR),
+                                            dtype=np.uint8).transpose(2, 0, 1).copy())[None]
+            grid = patch_probs(model, x.to(device_))[0]                     # (C, h, w)
+            pooled = pool(grid.flatten(1).T[None], cfg.pooling, cfg.k)[0]   # (C,)
+            keep = image_classes(pooled, threshold)
+            present = torch.nonzero(keep).flatten().cpu().numpy()
+            labels = bpm_from_probs(grid, keep, (h, w))
+            if crf_params is not None:
+                from cpfcte.crf import dense_crf, upsampled_probs
+
+                probs = upsampled_probs(grid.cpu().numpy()[present], (h, w))
+                labels = present[dense_crf(image, probs, crf_params).argmax(0)].astype(np.uint8)
+            if scores:
+                (out / "scores").mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(out / "scores" / f"{path.stem}.npz",
+                                    z=grid.cpu().numpy().astype(np.float32),
+                                    image_scores=pooled.cpu().numpy().astype(np.float32),
+                                    classes=np.array(classes))
+            kept[path.stem] = [classes[i] for i in present if i > 0]
+        else:                                  # as DeepLabv2's prediction of val
+            probs = predict_probs(model, image, tuple(cfg.deeplab.test_scales),
+                                  cfg.deeplab.flip_test).cpu().numpy()
+            labels = probs.argmax(0).astype(np.uint8)
+            if crf_params is not None:
+                from cpfcte.crf import dense_crf
+
+                present = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
+                sub = probs[present] / probs[present].sum(0, keepdims=True)
+                labels = present[dense_crf(image, sub, crf_params).argmax(0)].astype(np.uint8)
+        save_label_png(out / "labels" / f"{path.stem}.png", labels, palette=True)
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(overlay(image, labels)).save(out / "overlays" / f"{path.stem}.jpg",
+                                                     quality=90)
+    report = {"run": str(folder.path), "stage": stage, "images": len(files),
+              "out": str(out), "crf": crf_params.describe() if crf_params else None,
+              "classes": list(classes)}
+    if stage == "train":
+        report.update(threshold=threshold, infer_size=size, classes_kept=kept)
+    write_json(out / "predict.json", report)
+    return report
+
+
+def _classes(cfg) -> tuple[str, ...]:
+    from cpfcte.data import classes_of
+
+    return classes_of(cfg)
