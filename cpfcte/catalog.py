@@ -33,7 +33,7 @@ from cpfcte.io import read_json
 from cpfcte.paths import project_root, runs_dir
 
 RUN_FILE = "run.json"
-STAGES = ("overview", "data", "train", "pseudo", "deeplab", "report")
+STAGES = ("overview", "data", "train", "pseudo", "deeplab", "report", "explore")
 
 
 @dataclass

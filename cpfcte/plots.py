@@ -239,3 +239,23 @@ def dataset_overview(profile: str, n_show: int = 6, split: str | None = None) ->
                     n_show)
     return {"root": str(root), "counts": {s: v["images"] for s, v in stats.items()},
             "stats": stats, "frequency": frequency, "grid": grid}
+
+
+def prediction_overlays(report: dict, n: int = 4):
+    """The overlays ``cpfcte predict`` wrote (``report``: its ``predict.json``), each titled
+    with the classes its image scores kept (stage 1)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    files = sorted((Path(report["out"]) / "overlays").glob("*.jpg"))[:n]
+    fig, axes = plt.subplots(1, max(len(files), 1), figsize=(3 * max(len(files), 1), 3),
+                             squeeze=False)
+    for ax, path in zip(axes[0], files):
+        with Image.open(path) as im:
+            ax.imshow(np.asarray(im))
+        kept = (report.get("classes_kept") or {}).get(path.stem)
+        ax.set_title(path.stem + (f": {', '.join(kept) or 'background only'}"
+                                  if kept is not None else ""), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -43,11 +43,12 @@ def image_classes(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_folder(run: str | Path, images: str | Path, out: str | Path, *, crf: bool = False,
+def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, *,
+                   crf: bool = False,
                    scores: bool = False, threshold: float = 0.5, device: str | None = None,
                    limit: int | None = None, progress: bool = True) -> dict:
-    """Predict every image of ``images`` (the first ``limit`` by name, when given) with the run
-    folder ``run``; see the module doc."""
+    """Predict every image of ``images`` (None: the run's own dataset's ``JPEGImages``; the
+    first ``limit`` by name, when given) with the run folder ``run``; see the module doc."""
     from PIL import Image
 
     from cpfcte.io import save_label_png, write_json
@@ -63,11 +64,13 @@ def predict_folder(run: str | Path, images: str | Path, out: str | Path, *, crf:
         raise CpfcteError(f"--threshold {threshold}: must be in (0, 1)")
     if scores and stage != "train":
         raise CpfcteError("--scores: patch scores exist for stage-1 runs only")
+    from cpfcte.data import dataset_root
     from cpfcte.data.folder import list_images
 
-    files = list_images(Path(images))[:limit]
-    out = Path(out)
     cfg = folder.config()
+    files = list_images(Path(images) if images is not None
+                        else dataset_root(cfg) / "JPEGImages")[:limit]
+    out = Path(out)
     if device:
         from cpfcte.config import derive
 

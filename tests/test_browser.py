@@ -1,7 +1,9 @@
 """JupyterLab in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
-by selenium) opens notebooks/02_train.ipynb in a JupyterLab served on 127.0.0.1, runs all cells
-at the toy defaults, and checks that no cell errs, that the tqdm progress bar rendered as a
-widget and that the training figure rendered inline; a screenshot is saved.
+by selenium) opens a notebook in a JupyterLab served on 127.0.0.1, runs all cells at the toy
+defaults, and checks that no cell errs, that the tqdm progress bar rendered as a widget and
+that the figures rendered inline; a screenshot is saved. Notebooks: 02_train (training) and
+08_explore (predictions and the patch-score explorer: its image and class pickers and the
+background-bias slider must render as live widgets).
 
 The test needs ``chromium`` and ``chromedriver`` on the PATH (``apt-get install chromium
 chromium-driver``, which ``.ci/run`` does); without them it is skipped with that reason.
@@ -49,7 +51,9 @@ for (let i = 0; i < cells.length; i++) {
 return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: errors,
         widgets: widgets,
         progress: document.querySelectorAll('.jupyter-widgets [class*="progress"], progress').length,
-        images: document.querySelectorAll('.jp-OutputArea-output img').length};
+        images: document.querySelectorAll('.jp-OutputArea-output img').length,
+        sliders: document.querySelectorAll('.widget-slider, .jupyter-widget-slider').length,
+        dropdowns: document.querySelectorAll('.widget-dropdown, .jupyter-widget-dropdown').length};
 """
 
 
@@ -59,8 +63,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tmp_path):
+@pytest.fixture(params=["02_train.ipynb", "08_explore.ipynb"])
+def lab(request, tmp_path):
     """A JupyterLab on 127.0.0.1 over a copy of the notebooks (autosave never touches the
     project's), with its own settings, runtime and run folders."""
     from cpfcte.data import prepare_toy
@@ -68,7 +72,7 @@ def lab(tmp_path):
     prepare_toy(progress=False)                      # into CPFCTE_DATA (a temporary folder)
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
-    shutil.copy(ROOT / "notebooks" / "02_train.ipynb", nb_dir)
+    shutil.copy(ROOT / "notebooks" / request.param, nb_dir)
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
@@ -86,7 +90,7 @@ def lab(tmp_path):
                 break
         time.sleep(0.3)
     try:
-        yield f"http://127.0.0.1:{port}/lab/tree/02_train.ipynb?token={token}"
+        yield request.param, f"http://127.0.0.1:{port}/lab/tree/{request.param}?token={token}"
     finally:
         server.terminate()
         try:
@@ -95,7 +99,7 @@ def lab(tmp_path):
             server.kill()
 
 
-def test_02_train_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
+def test_notebook_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -105,11 +109,12 @@ def test_02_train_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                 "--window-size=1400,1100", "--disable-gpu"):
         opts.add_argument(arg)
+    notebook, url = lab
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / "lab_02_train.png"
+    shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / f"lab_{Path(notebook).stem}.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     try:
-        driver.get(lab)
+        driver.get(url)
         state, deadline = None, time.time() + 120
         while time.time() < deadline:               # the notebook open and its kernel idle
             state = driver.execute_script(STATE_JS)
@@ -130,9 +135,10 @@ def test_02_train_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
         state = driver.execute_script(STATE_JS)
         for button in driver.find_elements(By.XPATH, "//button[normalize-space()='No']"):
             button.click()                           # the "Jupyter news?" toast
-        driver.execute_script(                       # the training cell: its bar, then the plot
+        driver.execute_script(                       # the main cell: its bar, then the plot
             "const nb = window.jupyterapp.shell.currentWidget.content;"
-            "nb.activeCellIndex = 2; nb.activeCell.node.scrollIntoView();")
+            f"nb.activeCellIndex = {2 if notebook.startswith('02') else 5};"
+            "nb.activeCell.node.scrollIntoView();")
         time.sleep(0.5)
         driver.save_screenshot(str(shot))
     finally:
@@ -142,4 +148,7 @@ def test_02_train_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
     assert state["errors"] == [], f"cells raised: {state['errors']}"
     assert seen_progress > 0 and state["widgets"] > 0, f"the tqdm progress widget never rendered: {state}"
     assert state["images"] >= 1, "no figure rendered inline"
+    if notebook.startswith("08"):                    # the explorer's live widgets
+        assert state["sliders"] >= 1 and state["dropdowns"] >= 2, f"explorer not rendered: {state}"
+        assert state["images"] >= 2, "the explorer's figure did not render"
     assert shot.stat().st_size > 10_000

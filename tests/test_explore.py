@@ -1,0 +1,67 @@
+"""The patch-score explorer's computations, and its widgets without a browser."""
+
+import numpy as np
+import pytest
+
+
+def test_biased_argmax_moves_pixels_to_background_by_hand():
+    from cpfcte.explore import biased_argmax
+
+    probs = np.array([[[0.4, 0.2]], [[0.6, 0.8]]], np.float32)      # 2 classes, 1×2 image
+    classes = np.array([0, 7])
+    assert biased_argmax(probs, classes, 0.0).tolist() == [[7, 7]]
+    assert biased_argmax(probs, classes, 0.25).tolist() == [[0, 7]]  # 0.65 > 0.6; 0.45 < 0.8
+    assert biased_argmax(probs, classes, 0.7).tolist() == [[0, 0]]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    from conftest import TINY_MODEL
+
+    from cpfcte.config import load_config
+    from cpfcte.pseudo import pseudo_stage
+    from cpfcte.train import train
+
+    tmp = tmp_path_factory.mktemp("explore")
+    cfg = load_config("toy", {"data_root": str(toy_root), **TINY_MODEL, "epochs": 1,
+                              "crf": {"workers": 1}})
+    train(cfg, tmp / "t", progress=False)
+    pseudo_stage(cfg, tmp / "t", tmp / "p", progress=False)
+    return tmp
+
+
+def test_bias_zero_reproduces_the_runs_bpm_and_a_large_bias_all_background(trained):
+    from cpfcte.explore import bias_miou
+    from cpfcte.io import read_json
+
+    m = read_json(trained / "p" / "metrics.json")
+    # float16 storage of the probabilities flips a few near-tied pixels: within 0.5 points
+    assert bias_miou(trained / "p", 0.0) == pytest.approx(m["miou"], abs=5e-3)
+    assert bias_miou(trained / "p", 1.01) == pytest.approx(m["baselines"]["background"],
+                                                          abs=1e-9)
+
+
+def test_patch_view_and_the_widgets(trained):
+    from cpfcte.data import open_split
+    from cpfcte.explore import explorer, patch_view
+    from cpfcte.train import load_trained
+
+    model, cfg = load_trained(trained / "t")
+    voc = open_split(cfg, cfg.pseudo_split)
+    v = patch_view(model, cfg, voc, 0)
+    c = len(voc.classes)
+    assert v["grid"].shape == (c, 6, 6) and v["pooled"].shape == (c,)
+    assert v["topk"].shape == (c, cfg.k) and v["bpm"].shape == v["crf"].shape == \
+        v["image"].shape[:2]
+    best = v["grid"].reshape(c, -1).argmax(1)
+    assert (v["topk"][:, 0] == best).all()                # the first pick is the top patch
+    present = set(np.flatnonzero(v["labels"]))
+    assert set(np.unique(v["bpm"])) <= present and set(np.unique(v["crf"])) <= present
+    box = explorer({"a": trained / "t", "b": trained / "t"}, trained / "p", n_images=3)
+    image, cls = box.children[0].children
+    bias, score = box.children[1].children
+    assert "BPM mIoU over train at background bias +0.00" in score.value
+    bias.value = 0.2
+    assert "+0.20" in score.value
+    image.value = 2
+    assert {o[1] for o in cls.options} <= set(np.flatnonzero(voc.labels(2)))
