@@ -151,8 +151,9 @@ def explorer(runs: dict[str, str | Path], pseudo_run: str | Path | None = None,
 
     def classes_of_image(*_):
         present = np.flatnonzero(voc.labels(image.value))
-        cls.options = [(voc.classes[c], int(c)) for c in present if c > 0] or [
-            (voc.classes[0], 0)]
+        options = [(voc.classes[c], int(c)) for c in present if c > 0] or [(voc.classes[0], 0)]
+        cls.options = options
+        cls.value = options[0][1]                      # the first of the image's classes
 
     def update(*_):
         key = image.value

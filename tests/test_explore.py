@@ -61,7 +61,9 @@ def test_patch_view_and_the_widgets(trained):
     image, cls = box.children[0].children
     bias, score = box.children[1].children
     assert "BPM mIoU over train at background bias +0.00" in score.value
+    assert cls.value == cls.options[0][1] and cls.value > 0    # a class of the image, chosen
     bias.value = 0.2
     assert "+0.20" in score.value
     image.value = 2
     assert {o[1] for o in cls.options} <= set(np.flatnonzero(voc.labels(2)))
+    assert cls.value == cls.options[0][1]
