@@ -96,13 +96,13 @@ def test_voc_prepare_into_another_folder_links_the_originals(voc_sbd, tmp_path):
 def test_sbd_mat_is_read_from_the_gtcls_struct(tmp_path):
     seg = np.arange(12, dtype=np.uint8).reshape(3, 4)
     write_sbd_mat(tmp_path / "x.mat", seg)
-    assert (readwrite_sbd_mat(tmp_path / "x.mat") == seg).all()
+    assert (read_sbd_mat(tmp_path / "x.mat") == seg).all()
     scipy.io.savemat(tmp_path / "bad.mat", {"other": np.zeros(3)})
     with pytest.raises(CpfcteError, match="bad.mat: no GTcls.Segmentation"):
-        readwrite_sbd_mat(tmp_path / "bad.mat")
+        read_sbd_mat(tmp_path / "bad.mat")
     (tmp_path / "junk.mat").write_bytes(b"not matlab")
     with pytest.raises(CpfcteError, match="junk.mat: not a readable MATLAB file"):
-        readwrite_sbd_mat(tmp_path / "junk.mat")
+        read_sbd_mat(tmp_path / "junk.mat")
 
 
 def test_sbd_mask_of_the_wrong_size_or_range_is_refused(voc_sbd):
@@ -371,7 +371,7 @@ def test_smoke_voc_fixture_is_what_prepare_voc_reads(tmp_path):
         assert im.mode == "P" and im.size in ((500, 375), (375, 500))
     m = read_label_png(voc / "SegmentationClass" / "2008_000001.png")
     assert 255 in m and set(np.unique(m)) - {255} <= set(range(21))
-    seg = readwrite_sbd_mat(sbd / "cls" / "2008_000007.mat")
+    seg = read_sbd_mat(sbd / "cls" / "2008_000007.mat")
     assert seg.shape == (375, 500) and 255 not in seg
     ds = VOCDataset(voc, "train", VOC_CLASSES)
     labels = ds.labels(0)
