@@ -7,6 +7,7 @@
 
 PROFILE ?= toy
 JOBS    ?= 2
+EXECUTOR ?= local
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -29,7 +30,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 paper: $(STAMP)
-	$(PY) -m cpfcte paper --profile $(PROFILE) --jobs $(JOBS)
+	$(PY) -m cpfcte paper --profile $(PROFILE) --jobs $(JOBS) --executor $(EXECUTOR)
 
 report: $(STAMP)
 	$(PY) -m cpfcte report --profile $(PROFILE)

@@ -94,9 +94,12 @@ def select(batch: Batch, only: list[str] | None, runs: dict[str, Run] | None = N
 
 
 def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: bool = False,
-              jobs: int = 1, batch_path: str | Path | None = None, log=print) -> dict[str, dict]:
+              jobs: int = 1, batch_path: str | Path | None = None, log=print,
+              executor: str = "local", cluster=None) -> dict[str, dict]:
     """Execute the batch for ``profile``; returns {run: status record}. With ``jobs`` > 1,
-    independent runs execute in parallel (each kernel gets cores/jobs threads)."""
+    independent runs execute in parallel (each kernel gets cores/jobs threads). With
+    ``executor`` slurm (or submitit-local), each run is a job (``cpfcte.cluster``): a run is
+    submitted once every run it needs has finished; the rest is the same."""
     import os
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -118,6 +121,14 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
     pending = list(order)
     priority = critical_path(runs, order)
     running: dict = {}
+    launcher, slots = None, max(1, jobs)
+    if executor != "local" and not dry_run:
+        from cpfcte.cluster import ClusterConfig, JobLauncher, check_executor
+        from cpfcte.plan import throughputs
+
+        check_executor(executor)
+        launcher = JobLauncher(executor, root / "_slurm", cluster or ClusterConfig())
+        slots, tp = len(order) or 1, throughputs()     # every ready run is submitted
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while pending or running:
             ready = [n for n in pending if all(m in results for m in runs[n].needs)]
@@ -146,14 +157,42 @@ def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: b
                 launch.append(name)
             # as many runs as there are free workers, the longest chain of work first (so
             # DeepLabv2, at the end of the longest chain, does not wait behind every training)
-            for name in sorted(launch, key=lambda n: -priority[n])[:max(1, jobs) - len(running)]:
+            for name in sorted(launch, key=lambda n: -priority[n])[:slots - len(running)]:
                 pending.remove(name)
                 run, run_dir = runs[name], root / name
                 if run_status(run_dir).get("stamp") not in (None, stamps[name]):
                     shutil.rmtree(run_dir, ignore_errors=True)  # stale: other code or params
-                running[pool.submit(execute_run, run, profile, nb_profiles[name], run_dir,
-                                    notebook_dir, stamps[name], log)] = name
-            if running:
+                if launcher is None:
+                    running[pool.submit(execute_run, run, profile, nb_profiles[name], run_dir,
+                                        notebook_dir, stamps[name], log)] = name
+                    continue
+                from cpfcte.cluster import job_resources
+                from cpfcte.plan import estimate_seconds
+
+                resources = job_resources(run, nb_profiles[name], launcher.cluster,
+                                          estimate_seconds(run.stage, nb_profiles[name],
+                                                           run.params, tp), log)
+                job_id = launcher.submit(name, run_dir, resources, execute_run, run, profile,
+                                         nb_profiles[name], run_dir, notebook_dir,
+                                         stamps[name], print)
+                running[name] = name
+                log(f"[submitted] {name}: job {job_id}")
+            if running and launcher is not None:
+                finished = {}
+                while not finished:
+                    time.sleep(launcher.cluster.poll_seconds)
+                    finished = launcher.finished()
+                for name, record in finished.items():
+                    running.pop(name)
+                    results[name] = record
+                    if record.get("status") != "done":
+                        log(f"[failed] {name}: {record.get('error')} (log: "
+                            f"{record.get('log', root / name / RUN_FILE)})")
+                        write_json(root / name / RUN_FILE,
+                                   {**run_status(root / name), **record})
+                    else:
+                        log(f"[done] {name} in {record.get('seconds')} s")
+            elif running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     results[running.pop(fut)] = fut.result()

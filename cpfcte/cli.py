@@ -20,6 +20,7 @@ folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab
     cpfcte data prepare folder --images DIR --labels labels.csv --out DIR [--masks DIR]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N] [--check]
+                 [--executor local|slurm] [--cluster cluster.yaml] [--status]
     cpfcte report --profile toy
 """
 
@@ -239,8 +240,23 @@ def _paper(args: argparse.Namespace) -> None:
 
     if args.check:
         sys.exit(0 if _print_check(args.profile) else 1)
+    if args.status:
+        from cpfcte.catalog import expand, load_batch
+        from cpfcte.cluster import status_lines
+
+        runs, _ = expand(load_batch(), args.profile)
+        print("\n".join(status_lines(args.profile, list(runs))))
+        return
+    cluster = None
+    if args.executor != "local":
+        from cpfcte.cluster import ClusterConfig, check_executor
+
+        check_executor(args.executor)
+        cluster = ClusterConfig.load(args.cluster, partition=args.partition,
+                                     account=args.account, qos=args.qos)
     _headless_plots()
-    results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs)
+    results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs,
+                        executor=args.executor, cluster=cluster)
     if args.dry_run:
         from cpfcte.plan import print_plan
 
@@ -372,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(exit 1 when a cell differs)")
     pa.add_argument("--jobs", type=int, default=1,
                     help="independent runs executed in parallel (one GPU each where there are several)")
+    pa.add_argument("--executor", default="local",
+                    help="local (this machine), slurm (each run a SLURM job, through "
+                         "submitit) or submitit-local")
+    pa.add_argument("--cluster", help="cluster.yaml: partition, account, qos, sbatch options, "
+                                      "GPUs/CPUs/memory per stage, time margin")
+    pa.add_argument("--partition")
+    pa.add_argument("--account")
+    pa.add_argument("--qos")
+    pa.add_argument("--status", action="store_true",
+                    help="each run's state (pending/running/done/failed) and job id")
     pa.set_defaults(func=_paper)
 
     rp = sub.add_parser("report", help="write tables/ and figures/ from the run folders")

@@ -201,7 +201,8 @@ def seeded_batch(tmp_path):
             "d = run_path(profile, run_name)\nd.mkdir(parents=True, exist_ok=True)\n"
             "time.sleep(float(sleep))\n"
             "n = d / 'count.txt'\nn.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
-            "(d / 'seed.txt').write_text(str(seed) + ' ' + str(train_run))\n")
+            "(d / 'seed.txt').write_text(str(seed) + ' ' + str(train_run))\n"
+            "assert not (d.parent / ('FAIL_' + d.name)).exists(), 'asked to fail'\n")
     _notebook(nbdir / "step.ipynb", code, 'profile = "toy"\nrun_name = "x"\nseed = None\n'
               'train_run = None\nsleep = 0')
     (nbdir / "batches.yaml").write_text(

@@ -1,0 +1,80 @@
+"""The toy batch through a real SLURM: `cpfcte paper --only table1 --executor slurm` submits
+every run with sbatch (through submitit), one job is killed with scancel, the batch reports it
+failed with its log, and the resubmission runs only what is missing. `.ci/run` starts a one-node
+SLURM for this (`.ci/slurm/start`: slurm-wlm and munge from Debian); elsewhere the test is
+skipped with the reason."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _slurm_up() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM is not installed (sudo .ci/slurm/start installs and starts a one-node one)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed ({e})"
+    if out.returncode or not any(s in out.stdout for s in ("idle", "mix", "alloc")):
+        return ("no SLURM controller with an idle node here (start one with .ci/slurm/start "
+                f"and export SLURM_CONF): {out.stderr.strip()[:200]}")
+    return None
+
+
+REASON = _slurm_up()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+def _squeue() -> list[tuple[str, str, str]]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True,
+                         timeout=20).stdout
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]
+
+
+def test_toy_table1_through_slurm_survives_a_cancelled_job(tmp_path):
+    env = {**os.environ, "CPFCTE_RUNS": str(tmp_path / "runs"),
+           "CPFCTE_OUT": str(tmp_path / "out"), "MPLBACKEND": "Agg"}
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("cpus_per_task: 1\nmem_gb: 2\npoll_seconds: 2\nmin_minutes: 20\n")
+    cmd = [sys.executable, "-m", "cpfcte", "paper", "--profile", "toy", "--only", "table1",
+           "--executor", "slurm", "--cluster", str(cluster)]
+    t0 = time.time()
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        victim, deadline = None, time.time() + 600
+        while victim is None and time.time() < deadline and first.poll() is None:
+            for job_id, name, state in _squeue():
+                if name == "cpfcte-train_full_s1" and state == "RUNNING":
+                    victim = job_id
+            time.sleep(1)
+        assert victim, f"the job of train_full_s1 never ran: {(tmp_path / 'first.log').read_text()}"
+        subprocess.run(["scancel", victim], check=True, timeout=20)
+        first.wait(timeout=900)
+    text = (tmp_path / "first.log").read_text()
+    assert first.returncode == 1, text                       # "not done: ..."
+    assert f"[failed] train_full_s1: job {victim}" in text and "without a result" in text
+    assert "[blocked] pseudo_full_s1: needs train_full_s1" in text
+    assert "[blocked] pseudo_trainaug: needs train_full_s1" in text   # waits for every seed
+    runs = tmp_path / "runs" / "toy"
+    assert json.loads((runs / "train_full_s1" / "job.json").read_text())["job_id"] == victim
+    ids = {json.loads((runs / r / "job.json").read_text())["job_id"]
+           for r in ("data", "train_full", "train_full_s2", "pseudo_full", "pseudo_full_s2")}
+    assert all(i.isdigit() for i in ids) and len(ids) == 5      # sbatch's job ids, one each
+    status = subprocess.run([*cmd[:6], "--status"], env=env, capture_output=True, text=True,
+                            timeout=60).stdout
+    assert "train_full_s1" in status and "failed" in status and victim in status
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    submitted = sorted(line.split()[1].rstrip(":") for line in second.stdout.splitlines()
+                       if line.startswith("[submitted]"))
+    assert submitted == ["pseudo_full_s1", "pseudo_trainaug", "train_full_s1"], second.stdout
+    table = (tmp_path / "out" / "tables" / "table1.md").read_text()
+    assert "(n=3)" in table
+    print(f"SLURM test: {time.time() - t0:.0f} s, cancelled job {victim}")
