@@ -188,6 +188,8 @@ class Config:
     workers: int = 4                   # DataLoader workers
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    skip_nonfinite: bool = False       # skip (and count) steps whose loss is not finite, instead
+                                       # of stopping the run (stage 1 and DeepLabv2)
     threads: int = 0                   # CPU threads of a run (0: every core); fixed, the split
                                        # of reductions (and so the bits) does not depend on the
                                        # machine (cpfcte.numerics)
@@ -279,6 +281,7 @@ class Config:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "threads",
+                          "skip_nonfinite",
                           "infer_size", "infer_scale", "infer_batch"})
 DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
 

@@ -34,6 +34,7 @@ from cpfcte import numerics
 from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import DEEPLAB_TEST_LEVELS, Config
 from cpfcte.errors import CpfcteError
+from cpfcte.finite import FiniteGuard
 from cpfcte.runfolder import CHECKPOINT, RunFolder
 
 
@@ -410,6 +411,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     model.train()
     t0, running = time.time(), torch.zeros((), device=device)
     bar = progress_bar(total=stop - start, desc="DeepLabv2", disable=not progress, leave=False)
+    guard = FiniteGuard(device, str(folder.path), "iteration", cfg.skip_nonfinite, world)
     it = start
     for x, y in loader:
         lr = poly_lr(dl.lr, it, total, dl.poly_power)
@@ -420,18 +422,22 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
             outs = msc_logits(wrapped, x) if dl.msc else [wrapped(x)]
         loss = msc_loss(outs, y, dl.msc_loss, world)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.detach()
+        if guard.step(loss, it):
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()
         it += 1
         bar.update(1)
         if it % dl.ckpt_every == 0 or it == stop:
-            n = it - (history[-1]["iteration"] if history else start)
+            guard.check(model, f"iterations up to {it}", world)
+            n = it - (history[-1]["iteration"] if history else start) - guard.skipped
             if world > 1:                              # the global batch's mean loss
                 torch.distributed.all_reduce(running)
                 running /= world
             history.append({"iteration": it, "lr": lr, "loss": float(running) / max(n, 1),
                             "seconds": round(time.time() - t0, 2)})
+            if guard.skipped:
+                history[-1]["skipped_nonfinite"], guard.skipped = guard.skipped, 0
             running.zero_()
             if rank == 0:
                 folder.save_checkpoint({"model": model.state_dict(),

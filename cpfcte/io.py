@@ -45,7 +45,15 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: a NaN or infinity is an error naming the file, never written (it would be
+    invalid JSON for strict parsers, and a sign that a stage went wrong)."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    except ValueError as e:
+        from cpfcte.errors import CpfcteError
+
+        raise CpfcteError(f"{path}: refusing to write a non-finite number ({e})") from None
+    write_text(path, text + "\n")
 
 
 def _json_default(o: Any) -> Any:

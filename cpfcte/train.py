@@ -26,6 +26,7 @@ from cpfcte.config import Config, derive
 from cpfcte.data import classes_of, open_split
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
+from cpfcte.finite import FiniteGuard, NonFiniteError
 from cpfcte.io import read_json, write_json
 from cpfcte.losses import mce_loss
 from cpfcte.metrics import label_map
@@ -208,6 +209,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                      f"stage 1 ({cfg.backbone} at {cfg.img_size}×{cfg.img_size})",
                      "lower batch_size, or share it over GPUs with --nproc", slots=2)
     wrapped, wrapped_frozen = model, None
+    guard = FiniteGuard(device, str(folder.path), "step", cfg.skip_nonfinite, world)
 
     epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training",
                               unit="epoch", disable=not progress)
@@ -235,7 +237,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         scores, truths = [], []                        # image-level p and y, for the mAP
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not progress, leave=False)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -243,6 +245,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
             p = pool(out["z"].float(), cfg.pooling, cfg.k)
             loss = mce_loss(p, y)
             optimizer.zero_grad(set_to_none=True)
+            if not guard.step(loss, step):
+                continue
             loss.backward()
             optimizer.step()
             sums += torch.stack([loss.detach() * len(x),
@@ -250,6 +254,10 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                                  torch.tensor(float(len(x)), device=device)])
             scores.append(p.detach().float())
             truths.append(y.float())
+        guard.check(model, f"epoch {epoch + 1}", world)
+        if not scores:
+            raise NonFiniteError(f"{folder.path}: every step of epoch {epoch + 1} had a "
+                                 "non-finite loss and was skipped; lower the learning rate")
         scores, truths = torch.cat(scores), torch.cat(truths)
         if world > 1:
             torch.distributed.all_reduce(sums)
@@ -260,6 +268,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                   "label_accuracy": correct / seen,
                   "label_map": label_map(scores.cpu().numpy(), truths.cpu().numpy()),
                   "seconds": round(time.time() - t0, 3)}
+        if guard.skipped:
+            record["skipped_nonfinite"], guard.skipped = guard.skipped, 0
         history.append(record)
         if rank == 0:
             folder.save_checkpoint({"model": model.state_dict(),
