@@ -311,6 +311,10 @@ def check_pseudo_labels(label_dir: Path, voc) -> Path:
         raise CpfcteError(f"{label_dir / (missing[0] + '.png')}: pseudo label missing "
                           f"({len(missing)} of {len(voc)} images of {voc.split}); rerun the "
                           "pseudo-label stage on that split")
+    from cpfcte.guard import refuse_copy_of_ground_truth
+
+    refuse_copy_of_ground_truth(label_dir, voc.gt_dir_or_none(), voc.ids,
+                                "pseudo labels for DeepLab training")
     return label_dir
 
 

@@ -78,7 +78,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
                   classes: tuple[str, ...] | None = None) -> dict:
     """Score the PNGs of ``pred_dir`` against same-named PNGs of ``gt_dir`` (palette or
     grayscale). With ``ids``, exactly those images are scored and each must exist in both."""
-    from cpfcte.guard import refuse_self_evaluation
+    from cpfcte.guard import refuse_copy, refuse_self_evaluation
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
@@ -90,6 +90,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
         if not ids:
             raise CpfcteError(f"{pred_dir}: no PNG predictions to evaluate")
     cm = ConfusionMatrix(num_classes, ignore_index)
+    identical = 0
     for image_id in ids:
         pred_path = pred_dir / f"{image_id}.png"
         gt_path = gt_dir / f"{image_id}.png"
@@ -97,7 +98,10 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
             raise CpfcteError(f"{pred_path}: prediction missing for image {image_id}")
         if not gt_path.is_file():
             raise CpfcteError(f"{gt_path}: ground truth missing for image {image_id}")
-        cm.update(read_label_png(pred_path), read_label_png(gt_path), name=str(pred_path))
+        pred, gt = read_label_png(pred_path), read_label_png(gt_path)
+        identical += bool(np.array_equal(pred, gt))
+        cm.update(pred, gt, name=str(pred_path))
+    refuse_copy(identical, len(ids), pred_dir, "predictions")
     result = cm.summary(classes)
     result["images"] = len(ids)
     return result

@@ -56,6 +56,12 @@ def run_path(profile: str, run_name: str) -> Path:
     p = Path(run_name)
     if p.is_absolute():
         return p
+    for name, what in ((run_name, "run name"), (profile, "profile name")):
+        if ".." in Path(name).parts or Path(name).is_absolute() and what == "profile name":
+            from cpfcte.errors import CpfcteError
+
+            raise CpfcteError(f"{what} {name!r} would leave runs/: use a plain name (or an "
+                              "absolute folder for a run)")
     if len(p.parts) > 1:
         return runs_dir() / p
     return runs_dir() / profile / run_name
