@@ -34,6 +34,19 @@ TEXT_LOG = "log.txt"
 SUMMARY = "summary.json"
 METRICS = "metrics.json"
 STAGES = ("train", "pseudo", "deeplab")
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -62,7 +75,12 @@ class RunFolder:
             raise ValueError(stage)
         digest = short_digest(digest_of)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        for stale in self.path.glob(".*.tmp"):       # a write cut short by a kill
+            stale.unlink(missing_ok=True)
         path = self.path / CONFIG
+        if path.exists() and not self.produced():    # a start that failed before any output
+            path.unlink()
         if path.exists():
             saved = self.record()
             if saved["stage"] != stage:
@@ -78,6 +96,60 @@ class RunFolder:
         write_json(path, {"stage": stage, "digest": digest, "digest_of": digest_of,
                           "config": cfg.to_dict(), **extra})
         return self
+
+    def produced(self) -> bool:
+        """Whether the run wrote anything beyond its config and bookkeeping (a checkpoint, a
+        log line, a mask, results): only then does its config.json bind the folder."""
+        bookkeeping = {CONFIG, LOCK, "run.json", "job.json", "launch_config.json"}
+        for entry in self.path.iterdir():
+            if entry.name in bookkeeping or entry.suffix == ".ipynb":
+                continue
+            if entry.is_file() and entry.stat().st_size == 0:
+                continue
+            return True
+        return False
+
+    # --- one writer per run folder ------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold ``.lock`` (pid and host) for this process until it exits: a second process
+        starting a stage in the same folder is refused, naming the holder; a lock left by a
+        process that no longer runs (on this host) is taken over."""
+        import atexit
+        import os
+        import socket
+
+        path, me = self.path / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder == me:
+                    return                                   # already ours
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                    path.unlink(missing_ok=True)             # stale: its process is gone
+                    continue
+                raise CpfcteError(f"{self.path}: in use by process {pid} on {host} ({path}); "
+                                  "wait for it to finish, or delete the lock if that process "
+                                  "is gone") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            atexit.register(self.unlock)
+            return
+
+    def unlock(self) -> None:
+        import os
+
+        path = self.path / LOCK
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
     def record(self) -> dict[str, Any]:
         """The config.json of the folder, with a clear error when there is none."""

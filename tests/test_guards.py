@@ -39,3 +39,43 @@ def test_run_and_profile_names_cannot_leave_runs():
     for profile, name in (("toy", "../x"), ("toy", "a/../../x"), ("../etc", "x")):
         with pytest.raises(CpfcteError, match="would leave runs/"):
             run_path(profile, name)
+
+
+def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(tmp_path, tiny_cfg):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from cpfcte.runfolder import LOCK, RunFolder
+
+    cfg = tiny_cfg()
+    folder = RunFolder(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "run" / LOCK).write_text(json.dumps({"pid": other.pid,
+                                                         "host": socket.gethostname()}))
+        with pytest.raises(CpfcteError, match=f"in use by process {other.pid} on"):
+            folder.start("train", cfg, cfg.training_fields())
+    finally:
+        other.kill()
+        other.wait()
+    (tmp_path / "run" / ".checkpoint.pt.abc.tmp").write_bytes(b"half")   # a kill mid-save
+    folder.start("train", cfg, cfg.training_fields())                     # stale: taken over
+    assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == os.getpid()
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    folder.start("train", cfg, cfg.training_fields())                     # ours: re-entrant
+
+
+def test_a_failed_start_does_not_block_the_run_name(tmp_path, tiny_cfg):
+    from cpfcte.runfolder import RunFolder
+
+    a, b = tiny_cfg(), tiny_cfg(k=3)
+    folder = RunFolder(tmp_path / "run").start("train", a, a.training_fields())
+    # nothing produced: another config may take the name
+    folder.start("train", b, b.training_fields())
+    (tmp_path / "run" / "log.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(CpfcteError, match="holds a train run with another config"):
+        folder.start("train", a, a.training_fields())

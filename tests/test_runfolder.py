@@ -20,6 +20,7 @@ def test_a_folder_keeps_one_stage_and_one_digest(tmp_path):
     folder.start("train", later, later.training_fields())  # same network: accepted, recorded
     assert run_config(tmp_path / "r", {"k": None}).crf.iterations == 3
     other = load_config("toy", {"k": 8, "lr": 1e-3})
+    folder.append_log({"epoch": 1})                        # the run has produced something
     with pytest.raises(CpfcteError, match=r"another config \(differs in k, lr\)"):
         folder.start("train", other, other.training_fields())
     with pytest.raises(CpfcteError, match="holds a train run, not a deeplab run"):
