@@ -3,7 +3,8 @@ reaches every stage unchanged.
 
 Top-level fields describe the data, the CPF-CTE model, its training and the pseudo-label
 inference; two nested sections hold the stages that follow: ``cfg.crf`` (the dense CRF, used by
-the pseudo labels and by DeepLabv2's test-time CRF) and ``cfg.deeplab`` (DeepLabv2). A profile
+the pseudo labels and, with ``deeplab.test_crf=pseudo``, by DeepLabv2's test-time CRF) and
+``cfg.deeplab`` (DeepLabv2). A profile
 (``cpfcte/profiles/<name>.yaml``) is one small declarative file with the same nesting; notebook
 parameters and ``--set`` override any field, a section's field by its dotted name
 (``--set deeplab.iterations=2 crf.bilateral_sxy=50``). The defaults are the paper's VOC settings
@@ -12,7 +13,8 @@ refused with the list of valid ones.
 
 A run's settings follow its outputs downstream: the pseudo-label stage starts from the config of
 the training run it reads, DeepLabv2 from the config of the pseudo-label run it learns from
-(``derive``), so a CRF setting given to a run also reaches DeepLabv2's test-time CRF (note 15).
+(``derive``); with ``deeplab.test_crf=pseudo`` a CRF setting given to a run also reaches
+DeepLabv2's test-time CRF, which otherwise uses the reference recipe's parameters (note 15).
 This module imports no stage.
 """
 

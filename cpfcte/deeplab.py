@@ -355,8 +355,8 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     from cpfcte.pseudo import pseudo_label_dir
     from cpfcte.train import _barrier, dist_info, resolve_device, set_seed
 
-    if max_iterations is not None and max_iterations < 1:
-        raise CpfcteError(f"--max-iterations {max_iterations}: must be ≥ 1 (or left out)")
+    if max_iterations is not None and max_iterations < 0:
+        raise CpfcteError(f"--max-iterations {max_iterations}: must be ≥ 0")
     numerics.apply(cfg)
     dl = cfg.deeplab
     world, rank, local = dist_info()

@@ -163,8 +163,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     writes ``rank<r>.digest``, the hash of its final weights."""
     from cpfcte.progress import progress_bar
 
-    if max_epochs is not None and max_epochs < 1:
-        raise CpfcteError(f"--max-epochs {max_epochs}: must be ≥ 1 (or left out)")
+    if max_epochs is not None and max_epochs < 0:
+        raise CpfcteError(f"--max-epochs {max_epochs}: must be ≥ 0 (0: set up the run folder only)")
     numerics.apply(cfg)
     world, rank, local = dist_info()
     if cfg.batch_size % world:

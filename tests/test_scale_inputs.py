@@ -36,7 +36,7 @@ def test_cuda_options_and_process_counts_are_refused_before_the_run_folder_exist
         check_nproc(4, "cpu", 10, "batch_size")
     with pytest.raises(CpfcteError, match="CUDA is not available"):
         check_nproc(2, "cuda", 8, "batch_size")
-    with pytest.raises(CpfcteError, match="--max-epochs -1: must be ≥ 1"):
+    with pytest.raises(CpfcteError, match="--max-epochs -1: must be ≥ 0"):
         train(tiny_cfg(), tmp_path / "run2", progress=False, max_epochs=-1)
     assert not (tmp_path / "run2").exists()
 
