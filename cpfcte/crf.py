@@ -108,6 +108,11 @@ def bilinear_resize(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
 
 
+def crf_labels(image: np.ndarray, probs: np.ndarray, classes, params: CRFConfig) -> np.ndarray:
+    """The label map of the CRF refinement of K×H×W ``probs`` whose maps are ``classes``."""
+    return np.asarray(classes)[dense_crf(image, probs, params).argmax(axis=0)].astype(np.uint8)
+
+
 def upsampled_probs(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of (K, h, w) to (K, H, W) (as for the BPM), renormalised over K."""
     up = np.clip(bilinear_resize(grid.astype(np.float32), size), 0, None)
@@ -144,8 +149,7 @@ def crf_image(job: CRFJob, params: dict) -> str:
     else:
         grid, classes = load_grid_probs(Path(job.probs))
         probs = upsampled_probs(grid, img.shape[:2])
-    refined = dense_crf(img, probs, CRFConfig(**params))
-    save_label_png(job.out, classes[refined.argmax(axis=0)].astype(np.uint8))
+    save_label_png(job.out, crf_labels(img, probs, classes, CRFConfig(**params)))
     return job.name
 
 

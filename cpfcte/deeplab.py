@@ -550,6 +550,14 @@ def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool
     return total / n, one
 
 
+def crf_classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The classes the test-time CRF runs over (probability ≥ 1e-3 somewhere in the image) and
+    their probabilities renormalised over them: ``(probs, classes)``."""
+    keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
+    sub = probs[keep]
+    return sub / sub.sum(0, keepdims=True), keep
+
+
 # the folder of each test-time level (config.DEEPLAB_TEST_LEVELS), each scored on its own
 LEVEL_DIRS = {"single_scale": "pred_ss", "multi_scale": "pred", "crf": "pred_crf"}
 
@@ -594,9 +602,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
                                one.argmax(0).cpu().numpy().astype(np.uint8))
                 save_label_png(plain / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
             if need_crf:
-                keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
-                sub = probs[keep]
-                sub /= sub.sum(0, keepdims=True)
+                sub, keep = crf_classes(probs)
                 yield CRFJob(str(refined / f"{image_id}.png"), image, sub, keep)
 
     t0 = time.time()

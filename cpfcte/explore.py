@@ -33,18 +33,15 @@ def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     """Everything the explorer shows of image ``index``: the image, its label classes, the patch
     probabilities (C, h, w) at the inference size, the pooled image scores, the top-k patch
     indices per class, the BPM and (with ``crf``) the CRF mask."""
-    from PIL import Image
-
-    from cpfcte.crf import dense_crf, upsampled_probs
+    from cpfcte.crf import crf_labels, upsampled_probs
     from cpfcte.pooling import pool
-    from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs
+    from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs, resized_input
 
     size = infer_size_for(cfg, model.patch_size[0])
     img = voc.image(index)
     image = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BILINEAR),
-                                    dtype=np.uint8).transpose(2, 0, 1).copy())[None]
-    grid = patch_probs(model, x.to(next(model.parameters()).device))[0]     # (C, h, w)
+    x = resized_input(img, size)[None].to(next(model.parameters()).device)
+    grid = patch_probs(model, x)[0]                                           # (C, h, w)
     flat = grid.flatten(1).T                                                  # (s, C)
     k = min(cfg.k, flat.shape[0]) if cfg.pooling == "topk" else 1
     labels = torch.from_numpy(voc.labels(index)).to(grid.device)
@@ -56,7 +53,7 @@ def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     if crf:
         present = np.flatnonzero(view["labels"])
         probs = upsampled_probs(view["grid"][present], (h, w))
-        view["crf"] = present[dense_crf(image, probs, cfg.crf).argmax(0)].astype(np.uint8)
+        view["crf"] = crf_labels(image, probs, present, cfg.crf)
     return view
 
 

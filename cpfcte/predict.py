@@ -76,7 +76,7 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
 
         cfg = derive(cfg, {"device": device})
     if stage == "train":
-        from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs
+        from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs, resized_input
         from cpfcte.pooling import pool
         from cpfcte.train import load_trained
 
@@ -97,18 +97,16 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         image = np.asarray(rgb, dtype=np.uint8)
         h, w = image.shape[:2]
         if stage == "train":                   # as the pseudo-label stage: Eq. 10, then the CRF
-            x = torch.from_numpy(np.asarray(rgb.resize((size, size), Image.BILINEAR),
-                                            dtype=np.uint8).transpose(2, 0, 1).copy())[None]
-            grid = patch_probs(model, x.to(device_))[0]                     # (C, h, w)
+            grid = patch_probs(model, resized_input(rgb, size)[None].to(device_))[0]  # (C, h, w)
             pooled = pool(grid.flatten(1).T[None], cfg.pooling, cfg.k)[0]   # (C,)
             keep = image_classes(pooled, threshold)
             present = torch.nonzero(keep).flatten().cpu().numpy()
             labels = bpm_from_probs(grid, keep, (h, w))
             if crf_params is not None:
-                from cpfcte.crf import dense_crf, upsampled_probs
+                from cpfcte.crf import crf_labels, upsampled_probs
 
                 probs = upsampled_probs(grid.cpu().numpy()[present], (h, w))
-                labels = present[dense_crf(image, probs, crf_params).argmax(0)].astype(np.uint8)
+                labels = crf_labels(image, probs, present, crf_params)
             if scores:
                 (out / "scores").mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(out / "scores" / f"{path.stem}.npz",
@@ -121,11 +119,10 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
                                   cfg.deeplab.flip_test).cpu().numpy()
             labels = probs.argmax(0).astype(np.uint8)
             if crf_params is not None:
-                from cpfcte.crf import dense_crf
+                from cpfcte.crf import crf_labels
+                from cpfcte.deeplab import crf_classes
 
-                present = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
-                sub = probs[present] / probs[present].sum(0, keepdims=True)
-                labels = present[dense_crf(image, sub, crf_params).argmax(0)].astype(np.uint8)
+                labels = crf_labels(image, *crf_classes(probs), crf_params)
         save_label_png(out / "labels" / f"{path.stem}.png", labels, palette=True)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         Image.fromarray(overlay(image, labels)).save(out / "overlays" / f"{path.stem}.jpg",

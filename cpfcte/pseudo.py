@@ -43,6 +43,13 @@ def bpm_from_probs(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, i
     return up[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
+def resized_input(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image resized (bilinear) to ``size``×``size``: the model's uint8 (3, S, S) input
+    at inference."""
+    return torch.from_numpy(np.asarray(image.resize((size, size), Image.BILINEAR),
+                                       dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
 @torch.no_grad()
 def patch_probs(model: CPFCTE, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32."""
@@ -95,9 +102,7 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         imgs = [voc.image(i) for i in chunk]
-        x = torch.stack([torch.from_numpy(np.asarray(
-            im.resize((infer_size, infer_size), Image.BILINEAR), dtype=np.uint8).transpose(2, 0, 1).copy())
-            for im in imgs]).to(device)
+        x = torch.stack([resized_input(im, infer_size) for im in imgs]).to(device)
         probs = patch_probs(model, x)
         for j, i in enumerate(chunk):
             labels = torch.from_numpy(voc.labels(i)).to(device)
