@@ -12,4 +12,8 @@ _LOADED_BEFORE_PINNING = _pin()   # numpy / torch imported before cpfcte: see nu
 
 __version__ = "0.1.0"
 
+from cpfcte.faults import claim as _claim_faults  # noqa: E402
+
+_claim_faults()                   # fault injection (benchmarks only): this process, not its children
+
 from cpfcte.errors import CpfcteError  # noqa: E402,F401

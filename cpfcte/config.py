@@ -432,6 +432,10 @@ def derive(cfg: Config, overrides: dict[str, Any] | None = None) -> Config:
 def config_from_dict(values: dict[str, Any], source: Path | str = "config") -> Config:
     """A Config from nested values (a saved config.json, a merged profile); fields added since
     it was written take their defaults."""
+    if not isinstance(values, dict):
+        raise CpfcteError(f"{source}: the config must be a mapping of parameters, got "
+                          f"{type(values).__name__}; delete the file and rerun the stage that "
+                          "writes it")
     values = nest(values, str(source))
     sections = {name: _coerce(kind(**values.pop(name, {})), f"{name}.")
                 for name, kind in SECTIONS.items()}

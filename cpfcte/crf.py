@@ -30,6 +30,7 @@ import numpy as np
 
 from cpfcte.config import CRFConfig
 from cpfcte.errors import CpfcteError
+from cpfcte.io import clean_partial
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFConfig = CRFConfig()) -> np.ndarray:
@@ -156,20 +157,39 @@ def crf_image(job: CRFJob, params: dict) -> str:
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool whose workers start from a clean forkserver process, not forked from the caller:
     a worker forked from a Jupyter kernel inherits its messaging sockets and, when it exits,
-    can garble the kernel's output stream."""
+    can garble the kernel's output stream. Each worker watches the process that made the pool
+    and exits when it is gone (``_exit_with_owner``), so a killed stage leaves no orphan."""
     import multiprocessing
 
     return ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context("forkserver"))
+                               mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_exit_with_owner, initargs=(os.getpid(),))
 
 
-def clean_partial(out_dir: Path) -> int:
-    """Remove temporary files a killed run left behind (never a finished PNG)."""
-    n = 0
-    for tmp in out_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        n += 1
-    return n
+def _exit_with_owner(owner: int) -> None:
+    """Worker initializer: a daemon thread that ends this worker as soon as process ``owner``
+    (the stage) ends. Without it a SIGKILLed stage leaves its workers blocked on their job queue
+    for ever, and the forkserver with them (it lives while any of its children does)."""
+    import threading
+
+    def watch() -> None:
+        import select
+
+        try:
+            fd = os.pidfd_open(owner)          # readable once the process has exited
+            select.select([fd], [], [])
+        except OSError:                        # gone already, or no pidfd: poll
+            while True:
+                try:
+                    os.kill(owner, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cpfcte-owner-watch").start()
 
 
 @dataclass

@@ -570,9 +570,9 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
     somewhere in the image, in the pseudo labels' crash-tolerant pool (``crf_stage``; a failed
     image is an error naming it, the others are written). Images already written are
     skipped."""
-    from cpfcte.crf import CRFJob, clean_partial, crf_stage
+    from cpfcte.crf import CRFJob, crf_stage
     from cpfcte.guard import refuse_ground_truth
-    from cpfcte.io import save_label_png
+    from cpfcte.io import clean_partial, save_label_png
     from cpfcte.progress import progress_bar
     from cpfcte.pseudo import raise_on_failures
 

@@ -85,7 +85,7 @@ def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
             w, h = im.size
         probs = upsampled_probs(grid, (h, w))            # the image's classes only
         cm.update(biased_argmax(probs, classes, bias), read_label_png(gt / f"{image_id}.png"),
-                  image_id)
+                  image_id, gt_name=str(gt / f"{image_id}.png"))
     return cm.miou()
 
 

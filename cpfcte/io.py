@@ -25,18 +25,74 @@ IGNORE_INDEX = 255
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it to ``target``, on any
-    exception remove it and leave ``target`` untouched."""
+    exception remove it and leave ``target`` untouched. A write the system refuses (a full
+    disk, a read-only folder) is a ``CpfcteError`` naming the folder and the fix
+    (``write_error``)."""
+    from cpfcte import faults
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        raise write_error(target, e) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        faults.on_write(target)          # fault injection (benchmarks/fault_bench.py); no-op
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) or _is_torch_write_error(e):
+            raise write_error(target, e) from None
         raise
+
+
+def clean_partial(folder: str | Path, names: list[str] | None = None) -> int:
+    """Remove the temporary files of atomic writes a kill cut short in ``folder`` (never a
+    finished file): all of them, or those of the files ``names`` only (where another process
+    may be writing other files of the folder at the same time)."""
+    patterns = [f".{n}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    n = 0
+    for pattern in patterns:
+        for tmp in Path(folder).glob(pattern):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def write_error(target: str | Path, e: BaseException) -> CpfcteError:
+    """A failed write as an error that names the folder and what to do; the outputs already
+    written stay whole (every write is atomic) and a rerun resumes from them."""
+    import errno
+
+    target = Path(target)
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or "No space" in str(e) or "file write failed" in str(e):
+        fix = "free space on that disk (or move runs/ with CPFCTE_RUNS)"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the folder writable (or move runs/ with CPFCTE_RUNS)"
+    else:
+        fix = "check the disk and the folder"
+    reason = getattr(e, "strerror", None) or str(e).split("\n")[0]
+    return CpfcteError(f"{target.parent}: cannot write {target.name} ({reason}); {fix}, then "
+                       "rerun the same command (`cpfcte train` with --resume): what is written "
+                       "is whole and the run resumes from it")
+
+
+def _is_torch_write_error(e: BaseException) -> bool:
+    """torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer."""
+    return isinstance(e, RuntimeError) and "PytorchStreamWriter" in str(e)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (a log record); a refused write is a ``write_error``."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -25,7 +25,10 @@ class ConfusionMatrix:
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # [gt, pred]
         self.unlabelled = np.zeros(num_classes, dtype=np.int64)  # gt c predicted as ignore
 
-    def update(self, pred: np.ndarray, gt: np.ndarray, name: str = "prediction") -> None:
+    def update(self, pred: np.ndarray, gt: np.ndarray, name: str = "prediction",
+               gt_name: str | None = None) -> None:
+        """Add one image: ``name`` names the prediction in errors, ``gt_name`` its ground truth
+        (a bad label is reported in the file that holds it)."""
         pred = np.asarray(pred)
         gt = np.asarray(gt)
         if pred.shape != gt.shape:
@@ -36,8 +39,9 @@ class ConfusionMatrix:
         g = gt[valid].astype(np.int64)
         p = pred[valid].astype(np.int64)
         if g.size and g.max() >= n:
-            raise CpfcteError(f"{name}: ground truth holds label {int(g.max())} ≥ num_classes "
-                              f"{n}; wrong --num-classes or a corrupt mask")
+            raise CpfcteError(f"{gt_name or f'the ground truth of {name}'}: ground truth holds "
+                              f"label {int(g.max())} ≥ num_classes {n}; wrong --num-classes "
+                              "or a corrupt mask")
         unl = p == self.ignore_index
         bad = (p >= n) & ~unl
         if bad.any():
@@ -100,7 +104,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
             raise CpfcteError(f"{gt_path}: ground truth missing for image {image_id}")
         pred, gt = read_label_png(pred_path), read_label_png(gt_path)
         identical += bool(np.array_equal(pred, gt))
-        cm.update(pred, gt, name=str(pred_path))
+        cm.update(pred, gt, name=str(pred_path), gt_name=str(gt_path))
     refuse_copy(identical, len(ids), pred_dir, "predictions")
     result = cm.summary(classes)
     result["images"] = len(ids)

@@ -79,7 +79,8 @@ def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, i
     """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png`` and, with ``probs_dir``,
     the masked patch-grid probabilities the CRF stage starts from (``<id>.npz``, only the
     classes of the image label); skip the images whose outputs are all present."""
-    from cpfcte.crf import clean_partial, save_grid_probs
+    from cpfcte.crf import save_grid_probs
+    from cpfcte.io import clean_partial
     from cpfcte.progress import progress_bar
 
     out_dir = refuse_ground_truth(Path(out_dir))

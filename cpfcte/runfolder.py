@@ -25,7 +25,7 @@ from typing import Any
 
 from cpfcte.config import Config, config_from_dict, short_digest
 from cpfcte.errors import CpfcteError
-from cpfcte.io import read_json, torch_save, write_json
+from cpfcte.io import append_line, read_json, torch_save, write_json
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -76,7 +76,7 @@ class RunFolder:
         digest = short_digest(digest_of)
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
-        for stale in self.path.glob(".*.tmp"):       # a write cut short by a kill
+        for stale in self.path.rglob(".*.tmp"):      # a write cut short by a kill
             stale.unlink(missing_ok=True)
         path = self.path / CONFIG
         if path.exists() and not self.produced():    # a start that failed before any output
@@ -156,7 +156,7 @@ class RunFolder:
         path = self.path / CONFIG
         if not path.is_file():
             raise CpfcteError(f"{self.path}: no {CONFIG}: not a run folder, or the run never "
-                              "started (check the run name)")
+                              f"started; {self._nearby_runs()}")
         saved = read_json(path)
         if not isinstance(saved, dict) or "config" not in saved:
             raise CpfcteError(f"{path}: not a cpfcte run config; delete the folder and rerun")
@@ -164,6 +164,17 @@ class RunFolder:
             raise CpfcteError(f"{path}: written by an older cpfcte (no 'stage'); delete "
                               f"{self.path} or use another run name")
         return saved
+
+    def _nearby_runs(self) -> str:
+        """A hint for a run name that names no run: the runs beside it, or how to make one."""
+        parent = self.path.parent
+        runs = sorted(p.name for p in parent.glob("*/") if (p / CONFIG).is_file()) \
+            if parent.is_dir() else []
+        if runs:
+            more = f" (and {len(runs) - 12} more)" if len(runs) > 12 else ""
+            return f"runs in {parent}: {', '.join(runs[:12])}{more}"
+        return (f"{parent} holds no runs: make one first (`cpfcte train --run NAME`, or "
+                "notebook 02)")
 
     def config(self) -> Config:
         """The Config of the folder's run (what downstream stages start from)."""
@@ -188,8 +199,9 @@ class RunFolder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CpfcteError(f"{path}: cannot read checkpoint ({e}); delete it to retrain") \
-                from None
+            why = str(e).split(". ")[0].strip() or type(e).__name__
+            raise CpfcteError(f"{path}: cannot read checkpoint, truncated or not a cpfcte "
+                              f"checkpoint ({why}); delete it to retrain") from None
         if not isinstance(state, dict):
             raise CpfcteError(f"{path}: not a cpfcte checkpoint; delete it to retrain")
         if digest is not None and state.get("digest") != digest:
@@ -199,8 +211,7 @@ class RunFolder:
 
     # --- logs, summary, metrics -----------------------------------------------------------------
     def append_log(self, record: dict[str, Any]) -> None:
-        with open(self.path / LOG, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_line(self.path / LOG, json.dumps(record))
 
     def logger(self) -> logging.Logger:
         logger = logging.getLogger(f"cpfcte.run.{self.path.resolve()}")

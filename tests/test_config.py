@@ -105,7 +105,7 @@ def _imported(module: str) -> set[str]:
 
 def test_the_layers_import_downwards_only():
     assert _imported("cpfcte.config") == {"cpfcte", "cpfcte.config", "cpfcte.errors",
-                                          "cpfcte.numerics"}
+                                          "cpfcte.numerics", "cpfcte.faults"}
     report = _imported("cpfcte.report")
     assert "cpfcte.batch" not in report                    # the batch feeds the report
     assert not {"cpfcte.train", "cpfcte.deeplab", "cpfcte.pseudo"} & report

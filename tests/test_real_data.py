@@ -404,3 +404,30 @@ def test_paper_profiles_keep_the_paper_sizes_and_never_allow_random_init():
         check_profile_sizes(profile)
     with pytest.raises(SmokeFailure, match="profile toy sets random_init_ok"):
         check_profile_sizes("toy")
+
+
+def test_an_interrupted_preparation_is_refused_until_it_is_rerun(voc_sbd, monkeypatch):
+    """The completion file is written last: a preparation cut short (here by a full disk at
+    its third mask) leaves a tree that `data verify` and every stage refuse, and a rerun keeps
+    the masks already written and completes it."""
+    from cpfcte import faults
+    from cpfcte.config import load_config
+    from cpfcte.data import PREPARED, dataset_root
+
+    voc, sbd, _ = voc_sbd
+    prepare_voc(voc, sbd, allow_partial=True, progress=False)          # a complete one first
+    cfg = load_config("voc", {"data_root": str(voc)})
+    assert dataset_root(cfg) == voc
+    for png in (voc / "SegmentationClassAug").glob("*.png"):
+        png.unlink()
+    monkeypatch.setattr(faults, "_writes", 0)
+    monkeypatch.setenv(faults.VARIABLE, "ENOSPC-write:3")
+    monkeypatch.setenv(faults.OWNER, str(__import__("os").getpid()))
+    with pytest.raises(CpfcteError, match="SegmentationClassAug: cannot write .*No space left"):
+        prepare_voc(voc, sbd, allow_partial=True, progress=False)
+    monkeypatch.delenv(faults.VARIABLE)
+    assert not (voc / PREPARED["voc"]).exists()
+    with pytest.raises(CpfcteError, match="not completely prepared .*prepare voc` again"):
+        dataset_root(cfg)
+    report = prepare_voc(voc, sbd, allow_partial=True, progress=False)
+    assert report["written"] == 4 and dataset_root(cfg) == voc      # 2 kept, 4 more written

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpfcte.data.classes import TOY_CLASSES, VOC_CLASSES, classes_for  # noqa: F401
+from cpfcte.errors import CpfcteError
 from cpfcte.paths import data_dir, resolve
 
 PREPARE_HINT = {
@@ -20,12 +21,25 @@ PREPARE_HINT = {
 }
 
 
+# the file each preparation writes last: a dataset without it is half prepared and refused
+PREPARED = {"voc": "cpfcte_prepare_voc.json", "coco": "cpfcte_prepare_coco.json",
+            "toy_coco": "cpfcte_prepare_coco.json"}
+
+
 def dataset_root(cfg) -> Path:
     """The dataset folder of a config, checked to exist (a clear error says how to make it)."""
     from cpfcte.data.voc import require_root
 
-    root = resolve(cfg.data_root, data_dir())
-    return require_root(root, hint=f"; {PREPARE_HINT.get(cfg.dataset, '')}")
+    root = require_root(resolve(cfg.data_root, data_dir()),
+                        hint=f"; {PREPARE_HINT.get(cfg.dataset, '')}")
+    marker = PREPARED.get(cfg.dataset)
+    if marker and not (root / marker).is_file():
+        raise CpfcteError(
+            f"{root}: not completely prepared (no {marker}, the file `cpfcte data prepare` "
+            f"writes last): a preparation was interrupted or never run; run `cpfcte data "
+            f"prepare {'voc' if cfg.dataset == 'voc' else 'coco'}` again (it keeps the masks "
+            "already written)")
+    return root
 
 
 def classes_of(cfg) -> tuple[str, ...]:
@@ -68,7 +82,7 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
 
     root = Path(root) if root else data_dir() / "toy"
     generate(root, ToySpec(seed=seed), force=force, progress=progress)
-    if force or not (root / "coco" / "cpfcte_prepare_coco.json").exists():
+    if force or not (root / "coco" / PREPARED["toy_coco"]).exists():
         prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)
     return root
 

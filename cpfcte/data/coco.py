@@ -26,12 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cpfcte.data import PREPARED
 from cpfcte.errors import CpfcteError
 from cpfcte.io import IGNORE_INDEX, save_label_png, write_json, write_text
 
 KNOWN_COUNTS = {"train": 82081, "val": 40137}
 SPLITS = {"train": "train2014", "val": "val2014"}
 
+
+PREPARED_COCO = PREPARED["coco"]   # the last file it writes
 
 def load_instances(path: Path) -> dict:
     try:
@@ -121,6 +124,7 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
     if not coco_root.is_dir():
         raise CpfcteError(f"{coco_root}: COCO folder not found; download it with "
                           "`cpfcte data download coco --to DIR`")
+    (out / PREPARED_COCO).unlink(missing_ok=True)   # written last: the tree is whole only then
     counts = {}
     for split, folder in splits.items():
         source = coco_root / "annotations" / f"instances_{folder}.json"
@@ -154,9 +158,9 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
     report = {"counts": counts, "expected": known_counts, "root": str(out),
               "rules": "background 0; categories by id → 1..K; crowd → 255; smaller instance on "
                        "top; images with ≥ 1 annotation"}
-    write_json(out / "cpfcte_prepare_coco.json", report)
     if known_counts:
         from cpfcte.data.prepare_voc import verify_counts
 
         verify_counts(counts, known_counts, allow_partial, "COCO 2014")
+    write_json(out / PREPARED_COCO, {**report, "allow_partial": allow_partial})
     return report

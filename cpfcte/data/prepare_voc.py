@@ -24,10 +24,14 @@ from PIL import Image
 
 from cpfcte.data.classes import VOC_CLASSES
 from cpfcte.data.voc import parse_annotation, read_split
+from cpfcte.data import PREPARED
 from cpfcte.errors import CpfcteError
 from cpfcte.io import IGNORE_INDEX, read_label_png, save_label_png, write_json, write_text
 
 KNOWN_COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
+
+
+PREPARED_VOC = PREPARED["voc"]   # the last file it writes
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
@@ -82,6 +86,7 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
     _require(sbd_root / "cls", "SBD folder cls", "--sbd-root must be benchmark_RELEASE/dataset; "
              "download it with `cpfcte data download sbd --to DIR`")
     out = Path(out) if out else voc_root
+    (out / PREPARED_VOC).unlink(missing_ok=True)   # written last: the tree is whole only then
     if out != voc_root:
         _link_voc(voc_root, out)
     voc_train = read_split(voc_root, "train")
@@ -124,8 +129,8 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
     counts = {"train_aug": len(train_aug), "train": len(voc_train), "val": len(voc_val)}
     report = {"counts": counts, "expected": KNOWN_COUNTS, "masks_from_voc": from_voc,
               "masks_from_sbd": from_sbd, "written": written, "root": str(out)}
-    write_json(out / "cpfcte_prepare_voc.json", report)
     verify_counts(counts, KNOWN_COUNTS, allow_partial, "VOC 2012 + SBD")
+    write_json(out / PREPARED_VOC, {**report, "allow_partial": allow_partial})
     return report
 
 

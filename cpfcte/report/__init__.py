@@ -33,6 +33,12 @@ def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[st
     unknown = [n for n in names if n not in ARTIFACTS]
     if unknown:
         raise CpfcteError(f"unknown table or figure {unknown[0]!r} (known: {', '.join(ARTIFACTS)})")
+    from cpfcte.io import clean_partial
+    from cpfcte.paths import output_dir
+
+    for kind in ("tables", "figures"):     # a write of these artifacts cut short by a kill
+        clean_partial(output_dir(kind), [f"{n}.{ext}" for n in names for ext in
+                                         ("md", "csv", "tex", "png", "pdf")])
     out = {}
     for name in names:
         paths = ARTIFACTS[name](profile)
