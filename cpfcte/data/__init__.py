@@ -23,7 +23,10 @@ PREPARE_HINT = {
 
 # the file each preparation writes last: a dataset without it is half prepared and refused
 PREPARED = {"voc": "cpfcte_prepare_voc.json", "coco": "cpfcte_prepare_coco.json",
-            "toy_coco": "cpfcte_prepare_coco.json"}
+            "toy_coco": "cpfcte_prepare_coco.json", "folder": "cpfcte_prepare_folder.json"}
+
+
+PREPARE_COMMAND = {"voc": "voc", "coco": "coco", "toy_coco": "toy", "folder": "folder …"}
 
 
 def dataset_root(cfg) -> Path:
@@ -37,8 +40,7 @@ def dataset_root(cfg) -> Path:
         raise CpfcteError(
             f"{root}: not completely prepared (no {marker}, the file `cpfcte data prepare` "
             f"writes last): a preparation was interrupted or never run; run `cpfcte data "
-            f"prepare {'voc' if cfg.dataset == 'voc' else 'coco'}` again (it keeps the masks "
-            "already written)")
+            f"prepare {PREPARE_COMMAND[cfg.dataset]}` again")
     return root
 
 

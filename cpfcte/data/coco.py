@@ -28,7 +28,7 @@ import numpy as np
 
 from cpfcte.data import PREPARED
 from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, save_label_png, write_json, write_text
+from cpfcte.io import IGNORE_INDEX, clean_partial, save_label_png, write_json, write_text
 
 KNOWN_COUNTS = {"train": 82081, "val": 40137}
 SPLITS = {"train": "train2014", "val": "val2014"}
@@ -125,6 +125,8 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
         raise CpfcteError(f"{coco_root}: COCO folder not found; download it with "
                           "`cpfcte data download coco --to DIR`")
     (out / PREPARED_COCO).unlink(missing_ok=True)   # written last: the tree is whole only then
+    for sub in ("SegmentationClass", "Annotations", "ImageSets/Segmentation", "."):
+        clean_partial(out / sub)                    # writes a kill cut short
     counts = {}
     for split, folder in splits.items():
         source = coco_root / "annotations" / f"instances_{folder}.json"

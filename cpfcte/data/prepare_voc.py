@@ -26,7 +26,8 @@ from cpfcte.data.classes import VOC_CLASSES
 from cpfcte.data.voc import parse_annotation, read_split
 from cpfcte.data import PREPARED
 from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, read_label_png, save_label_png, write_json, write_text
+from cpfcte.io import (IGNORE_INDEX, clean_partial, read_label_png, save_label_png, write_json,
+                       write_text)
 
 KNOWN_COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
 
@@ -107,6 +108,8 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
 
     aug_dir = out / "SegmentationClassAug"
     aug_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (aug_dir, out / "ImageSets" / "SegmentationAug", out):
+        clean_partial(folder)                    # writes a kill cut short
     written = from_voc = from_sbd = 0
     for image_id in progress_bar(train_aug + voc_val, desc="SegmentationClassAug", disable=not progress):
         voc_mask = voc_root / "SegmentationClass" / f"{image_id}.png"
