@@ -61,3 +61,36 @@ def test_a_ground_truth_label_out_of_range_names_the_ground_truth_file(tmp_path)
     with pytest.raises(CpfcteError) as e:
         evaluate_dirs(pred, gt, num_classes=21)
     assert str(e.value).startswith(f"{gt / 'a.png'}: ground truth holds label 40")
+
+
+class _Payload:
+    """A pickle that would create a file when loaded (what a foreign checkpoint can hold)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    witness = tmp_path / "pwned"
+    torch.save({"model": _Payload(witness), "digest": "x"}, folder.path / "checkpoint.pt")
+    with pytest.raises(CpfcteError, match="cannot read checkpoint"):
+        folder.load_checkpoint("x")
+    assert not witness.exists()
+
+
+def test_no_checkpoint_is_read_with_pickle_enabled():
+    from cpfcte.paths import project_root
+
+    for path in [*(project_root() / "cpfcte").rglob("*.py"),
+                 *(project_root() / "benchmarks").glob("*.py")]:
+        text = path.read_text()
+        assert "weights_only=False" not in text, path
+        for line in (ln for ln in text.splitlines() if "torch.load(" in ln):
+            assert "weights_only=True" in line, f"{path}: {line.strip()}"
