@@ -9,7 +9,8 @@ training and prediction, the batch runner, report writing), on the toy profile a
 1. an uninterrupted reference run, which also counts the stage's atomic writes;
 2. ``--kills`` trials, each in a fresh folder: the stage is started and SIGKILLed (the stage's
    own process, not its process group: its workers must follow by themselves), half of the
-   trials at a random moment of the reference's duration (for the CRF: of its CRF phase), half
+   trials at a random moment of the reference's duration (for the CRF: of its CRF phase;
+   halved, in a fresh folder, when the stage finished before it), half
    during its N-th write (``CPFCTE_FAULT=kill-write:N``, N drawn over the counted writes: the
    new checkpoint, PNG or table is in its temporary file, the old one not yet replaced); then
    rerun to the end. The outputs are compared with the reference's file by file (bytes; a

@@ -41,10 +41,16 @@ def colorize(labels) -> np.ndarray:
 
 def mask_grid(rows: list[tuple[str, list]], titles: list[str]):
     """A grid: one row per image (``(row name, panels)``), one column per title; H×W panels
-    are label maps (colourised), H×W×3 panels images."""
+    are label maps (colourised), H×W×3 panels images. No rows (``n_show = 0``): a small figure
+    that says so."""
     import matplotlib.pyplot as plt
 
     n, m = len(rows), len(titles)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(3.0, 0.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no images shown (n_show = 0)", ha="center", va="center", fontsize=9)
+        return fig
     fig, axes = plt.subplots(n, m, figsize=(1.9 * m, 1.9 * n), squeeze=False)
     for r, (name, panels) in enumerate(rows):
         for c, panel in enumerate(panels):
@@ -63,8 +69,11 @@ def examples(voc, columns: dict[str, str | Path], n: int = 4):
     """The first ``n`` images of a split (a ``VOCDataset``), one column per entry of
     ``columns`` (title → ``IMAGE``, ``GROUND_TRUTH`` or a folder of label PNGs named by image
     id); each row is named by the image id and its image-level labels."""
+    from cpfcte.errors import CpfcteError
     from cpfcte.io import read_label_png
 
+    if n < 0:
+        raise CpfcteError(f"n_show={n}: the number of images to show must be ≥ 0")
     gt = voc.gt_dir() if GROUND_TRUTH in columns.values() else None
     rows = []
     for i in range(min(n, len(voc))):

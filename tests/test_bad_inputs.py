@@ -94,3 +94,19 @@ def test_no_checkpoint_is_read_with_pickle_enabled():
         assert "weights_only=False" not in text, path
         for line in (ln for ln in text.splitlines() if "torch.load(" in ln):
             assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+def test_n_show_zero_draws_no_rows_and_a_negative_count_is_refused(tiny_cfg, toy_root):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cpfcte import plots
+    from cpfcte.data import open_split
+
+    voc = open_split(tiny_cfg(), "val")
+    columns = {"image": plots.IMAGE, "ground truth": plots.GROUND_TRUTH}
+    empty = plots.examples(voc, columns, n=0)
+    assert "n_show = 0" in empty.axes[0].texts[0].get_text()
+    assert len(plots.examples(voc, columns, n=2).axes) == 4           # 2 rows × 2 columns
+    with pytest.raises(CpfcteError, match="n_show=-1"):
+        plots.examples(voc, columns, n=-1)
