@@ -35,7 +35,7 @@ from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import DEEPLAB_TEST_LEVELS, Config
 from cpfcte.errors import CpfcteError
 from cpfcte.finite import FiniteGuard
-from cpfcte.runfolder import CHECKPOINT, RunFolder
+from cpfcte.runfolder import CHECKPOINT, RunFolder, releases_locks
 
 
 class ASPP(nn.Module):
@@ -339,6 +339,7 @@ def check_crop(voc, dl) -> None:
                           "raise deeplab.scale_max")
 
 
+@releases_locks
 def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   max_iterations: int | None = None, progress: bool = True) -> dict:
     """Train (or resume) DeepLabv2 on the pseudo labels in ``pseudo_dir`` (a folder of PNGs,
@@ -615,6 +616,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
             "pred_dir": str(plain), "crf_dir": str(refined) if use_crf else None}
 
 
+@releases_locks
 def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                   progress: bool = True) -> dict:
     """Train DeepLabv2 on the pseudo labels (a folder of PNGs or a pseudo-label run folder),

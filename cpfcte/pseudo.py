@@ -26,7 +26,7 @@ from cpfcte.errors import CpfcteError
 from cpfcte.guard import refuse_ground_truth
 from cpfcte.io import save_label_png
 from cpfcte.model import CPFCTE
-from cpfcte.runfolder import METRICS, RunFolder
+from cpfcte.runfolder import METRICS, RunFolder, releases_locks
 
 BASELINES = ("background", "uniform")
 
@@ -144,6 +144,7 @@ def infer_size_for(cfg: Config, patch: int) -> int:
     return size
 
 
+@releases_locks
 def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf: bool = True,
                  baselines: bool = True, progress: bool = True) -> dict:
     """Make the BPMs of the ``cfg.pseudo_split`` images with the model of ``train_run`` and

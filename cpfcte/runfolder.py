@@ -35,6 +35,25 @@ SUMMARY = "summary.json"
 METRICS = "metrics.json"
 STAGES = ("train", "pseudo", "deeplab")
 LOCK = ".lock"
+_HELD: set[Path] = set()        # the run folders whose lock this process holds
+
+
+def releases_locks(stage):
+    """Decorator of a stage's entry point: the run-folder locks taken during the call are
+    released when it returns or raises, not when the process exits, so a notebook kernel that
+    lives on after its stage does not keep other processes out of the folder."""
+    import functools
+
+    @functools.wraps(stage)
+    def call(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            for path in _HELD - before:
+                RunFolder(path).unlock()
+
+    return call
 
 
 def _alive(pid: int) -> bool:
@@ -139,12 +158,14 @@ class RunFolder:
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             atexit.register(self.unlock)
+            _HELD.add(self.path)
             return
 
     def unlock(self) -> None:
         import os
 
         path = self.path / LOCK
+        _HELD.discard(self.path)
         try:
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()

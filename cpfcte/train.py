@@ -32,7 +32,7 @@ from cpfcte.losses import mce_loss
 from cpfcte.metrics import label_map
 from cpfcte.model import CPFCTE, build_model
 from cpfcte.pooling import pool
-from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder
+from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder, releases_locks
 
 
 class ClassificationData(Dataset):
@@ -150,6 +150,7 @@ def state_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@releases_locks
 def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
           resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume) into ``run_dir``; returns the summary also written to

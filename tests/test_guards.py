@@ -79,3 +79,20 @@ def test_a_failed_start_does_not_block_the_run_name(tmp_path, tiny_cfg):
     (tmp_path / "run" / "log.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(CpfcteError, match="holds a train run with another config"):
         folder.start("train", a, a.training_fields())
+
+
+def test_a_stage_releases_its_lock_when_it_returns_or_raises(tmp_path, tiny_cfg):
+    """A notebook kernel lives on after its stage: the lock goes with the stage, not with the
+    process, so another process (the CLI, a second notebook) may continue the run."""
+    from cpfcte.runfolder import LOCK, RunFolder
+    from cpfcte.train import train
+
+    cfg = tiny_cfg(epochs=1)
+    train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / LOCK).exists()
+    with pytest.raises(CpfcteError):                   # refused after it took the lock
+        train(tiny_cfg(epochs=1, k=3), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / LOCK).exists()
+    outer = RunFolder(tmp_path / "other").start("train", cfg, cfg.training_fields())
+    train(cfg, tmp_path / "run", progress=False)       # a stage leaves others' locks alone
+    assert (outer.path / LOCK).exists()
