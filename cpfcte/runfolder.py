@@ -18,6 +18,7 @@ Every file is written atomically (``cpfcte.io``).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 from pathlib import Path
@@ -36,6 +37,15 @@ METRICS = "metrics.json"
 STAGES = ("train", "pseudo", "deeplab")
 LOCK = ".lock"
 _HELD: set[Path] = set()        # the run folders whose lock this process holds
+
+
+def _release_held() -> None:
+    """At exit: release every lock this process still holds."""
+    for path in list(_HELD):
+        RunFolder(path).unlock()
+
+
+atexit.register(_release_held)
 
 
 def releases_locks(stage):
@@ -130,10 +140,10 @@ class RunFolder:
 
     # --- one writer per run folder ------------------------------------------------------------
     def lock(self) -> None:
-        """Hold ``.lock`` (pid and host) for this process until it exits: a second process
-        starting a stage in the same folder is refused, naming the holder; a lock left by a
-        process that no longer runs (on this host) is taken over."""
-        import atexit
+        """Hold ``.lock`` (pid and host) for this process until ``unlock`` (at the end of the
+        stage, ``releases_locks``) or its exit: a second process starting a stage in the same
+        folder is refused, naming the holder; a lock left by a process that no longer runs (on
+        this host) is taken over."""
         import os
         import socket
 
@@ -157,7 +167,6 @@ class RunFolder:
                                   "is gone") from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
-            atexit.register(self.unlock)
             _HELD.add(self.path)
             return
 

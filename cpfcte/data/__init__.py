@@ -29,6 +29,24 @@ PREPARED = {"voc": "cpfcte_prepare_voc.json", "coco": "cpfcte_prepare_coco.json"
 PREPARE_COMMAND = {"voc": "voc", "coco": "coco", "toy_coco": "toy", "folder": "folder …"}
 
 
+def begin_preparation(out: Path, dataset: str, folders: tuple[str, ...]) -> None:
+    """Start (or restart) preparing ``dataset`` into ``out``: its completion file goes first,
+    so the tree is refused until ``finish_preparation``, and the temporary files a kill left in
+    ``folders`` (relative to ``out``) are removed; the outputs already written are kept."""
+    from cpfcte.io import clean_partial
+
+    (out / PREPARED[dataset]).unlink(missing_ok=True)
+    for sub in folders:
+        clean_partial(out / sub)
+
+
+def finish_preparation(out: Path, dataset: str, report: dict) -> None:
+    """The last write of a preparation: its completion file, holding its ``report``."""
+    from cpfcte.io import write_json
+
+    write_json(out / PREPARED[dataset], report)
+
+
 def dataset_root(cfg) -> Path:
     """The dataset folder of a config, checked to exist (a clear error says how to make it)."""
     from cpfcte.data.voc import require_root

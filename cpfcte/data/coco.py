@@ -26,15 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cpfcte.data import PREPARED
+from cpfcte.data import begin_preparation, finish_preparation
 from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, clean_partial, save_label_png, write_json, write_text
+from cpfcte.io import IGNORE_INDEX, save_label_png, write_text
 
 KNOWN_COUNTS = {"train": 82081, "val": 40137}
 SPLITS = {"train": "train2014", "val": "val2014"}
-
-
-PREPARED_COCO = PREPARED["coco"]   # the last file it writes
 
 def load_instances(path: Path) -> dict:
     try:
@@ -124,9 +121,8 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
     if not coco_root.is_dir():
         raise CpfcteError(f"{coco_root}: COCO folder not found; download it with "
                           "`cpfcte data download coco --to DIR`")
-    (out / PREPARED_COCO).unlink(missing_ok=True)   # written last: the tree is whole only then
-    for sub in ("SegmentationClass", "Annotations", "ImageSets/Segmentation", "."):
-        clean_partial(out / sub)                    # writes a kill cut short
+    begin_preparation(out, "coco", ("SegmentationClass", "Annotations", "ImageSets/Segmentation",
+                                    "."))
     counts = {}
     for split, folder in splits.items():
         source = coco_root / "annotations" / f"instances_{folder}.json"
@@ -164,5 +160,5 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
         from cpfcte.data.prepare_voc import verify_counts
 
         verify_counts(counts, known_counts, allow_partial, "COCO 2014")
-    write_json(out / PREPARED_COCO, {**report, "allow_partial": allow_partial})
+    finish_preparation(out, "coco", {**report, "allow_partial": allow_partial})
     return report

@@ -117,15 +117,14 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
                    val_list: str | Path | None = None) -> dict:
     """Write the VOC layout of a folder of images with image-level labels; returns a report."""
     from cpfcte.data.voc import voc_xml
-    from cpfcte.data import PREPARED
-    from cpfcte.io import clean_partial, read_label_png, save_label_png, write_json, write_text
+    from cpfcte.data import begin_preparation, finish_preparation
+    from cpfcte.io import read_label_png, save_label_png, write_text
 
     images, labels, out = Path(images), Path(labels), Path(out)
     if not images.is_dir():
         raise CpfcteError(f"{images}: image folder not found")
-    (out / PREPARED["folder"]).unlink(missing_ok=True)    # written last: whole only then
-    for sub in ("Annotations", "SegmentationClass", "ImageSets/Segmentation", "."):
-        clean_partial(out / sub)                          # writes a kill cut short
+    begin_preparation(out, "folder", ("Annotations", "SegmentationClass",
+                                      "ImageSets/Segmentation", "."))
     if not 0 <= val_fraction < 1:
         raise CpfcteError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     known, entries = read_label_csv(labels, classes)
@@ -197,7 +196,7 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
               "images": str(images), "labels": str(labels),
               "split": ({"lists": [str(train_list), str(val_list)]} if train_list
                         else {"val_fraction": val_fraction, "seed": seed})}
-    write_json(out / PREPARED["folder"], report)
+    finish_preparation(out, "folder", report)
     return report
 
 

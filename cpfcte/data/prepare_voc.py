@@ -24,15 +24,11 @@ from PIL import Image
 
 from cpfcte.data.classes import VOC_CLASSES
 from cpfcte.data.voc import parse_annotation, read_split
-from cpfcte.data import PREPARED
+from cpfcte.data import begin_preparation, finish_preparation
 from cpfcte.errors import CpfcteError
-from cpfcte.io import (IGNORE_INDEX, clean_partial, read_label_png, save_label_png, write_json,
-                       write_text)
+from cpfcte.io import IGNORE_INDEX, read_label_png, save_label_png, write_text
 
 KNOWN_COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
-
-
-PREPARED_VOC = PREPARED["voc"]   # the last file it writes
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
@@ -87,7 +83,7 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
     _require(sbd_root / "cls", "SBD folder cls", "--sbd-root must be benchmark_RELEASE/dataset; "
              "download it with `cpfcte data download sbd --to DIR`")
     out = Path(out) if out else voc_root
-    (out / PREPARED_VOC).unlink(missing_ok=True)   # written last: the tree is whole only then
+    begin_preparation(out, "voc", ("SegmentationClassAug", "ImageSets/SegmentationAug", "."))
     if out != voc_root:
         _link_voc(voc_root, out)
     voc_train = read_split(voc_root, "train")
@@ -108,8 +104,6 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
 
     aug_dir = out / "SegmentationClassAug"
     aug_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (aug_dir, out / "ImageSets" / "SegmentationAug", out):
-        clean_partial(folder)                    # writes a kill cut short
     written = from_voc = from_sbd = 0
     for image_id in progress_bar(train_aug + voc_val, desc="SegmentationClassAug", disable=not progress):
         voc_mask = voc_root / "SegmentationClass" / f"{image_id}.png"
@@ -133,7 +127,7 @@ def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | No
     report = {"counts": counts, "expected": KNOWN_COUNTS, "masks_from_voc": from_voc,
               "masks_from_sbd": from_sbd, "written": written, "root": str(out)}
     verify_counts(counts, KNOWN_COUNTS, allow_partial, "VOC 2012 + SBD")
-    write_json(out / PREPARED_VOC, {**report, "allow_partial": allow_partial})
+    finish_preparation(out, "voc", {**report, "allow_partial": allow_partial})
     return report
 
 
