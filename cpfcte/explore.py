@@ -181,3 +181,51 @@ def explorer(runs: dict[str, str | Path], pseudo_run: str | Path | None = None,
     box = W.VBox([W.HBox([image, cls]), W.HBox([bias, score]), out])
     box.update, box.update_bias = update, update_bias
     return box
+
+
+@torch.no_grad()
+def class_evidence(model, cfg, voc, *, size: int | None = None) -> list[dict]:
+    """Where each class's image score comes from, over the images of ``voc`` labelled with it
+    (evaluation only: it reads the split's ground-truth masks). Per class c, at the training
+    input size (the patches the loss saw): ``on_object``, the mean Z^c over c's object
+    patches; ``bg_on_object``, the mean background probability there; ``off_object``, the mean
+    Z^c over background patches; ``topk_on_object``, the share of the k patches that top-k
+    pooling picks (Eq. 8) that lie on c's objects. A healthy class scores high on its objects and
+    picks them; a *collapsed* one (the toy, notebook 00) gives its objects to the background
+    and draws its image score from background patches (``topk_on_object`` near 0)."""
+    from PIL import Image
+
+    from cpfcte.io import read_label_png
+    from cpfcte.pseudo import patch_probs, resized_input
+
+    gt_dir = voc.gt_dir_or_none()
+    if gt_dir is None:
+        raise CpfcteError(f"{voc.root}: split {voc.split!r} has no ground-truth masks to "
+                          "locate the objects; use a split with masks (train, val)")
+    size = size or cfg.img_size
+    device = next(model.parameters()).device
+    sums = np.zeros((len(voc.classes), 5))          # images, on, bg-on, off, top-k on object
+    for i in range(len(voc)):
+        present = np.flatnonzero(voc.labels(i))[1:]
+        if not len(present):
+            continue
+        grid = patch_probs(model, resized_input(voc.image(i), size)[None].to(device))[0]
+        z = grid.flatten(1).cpu().numpy()                                       # (C, s)
+        h, w = grid.shape[1:]
+        gt = Image.fromarray(read_label_png(gt_dir / f"{voc.ids[i]}.png"))
+        gt = np.asarray(gt.resize((w, h), Image.NEAREST)).ravel()
+        k = min(cfg.k, z.shape[1]) if cfg.pooling == "topk" else 1
+        for c in present:
+            obj, bg = gt == c, gt == 0
+            if not obj.any() or not bg.any():
+                continue
+            top = np.argsort(-z[c], kind="stable")[:k]
+            sums[c] += (1, z[c, obj].mean(), z[0, obj].mean(), z[c, bg].mean(), obj[top].mean())
+    rows = []
+    for c in range(1, len(voc.classes)):
+        n = sums[c, 0]
+        if n:
+            on, bg_on, off, top = sums[c, 1:] / n
+            rows.append({"class": voc.classes[c], "images": int(n), "on_object": on,
+                         "bg_on_object": bg_on, "off_object": off, "topk_on_object": top})
+    return rows

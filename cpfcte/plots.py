@@ -213,6 +213,30 @@ def learning_curves(runs: dict[str, str | Path]):
     return fig
 
 
+def evidence_map(runs: dict[str, dict]):
+    """Per run (rows) and class (columns), the share of the top-k patches of the image score
+    that lie on the class's objects (``explore.class_evidence``, in each pseudo-label run's
+    ``metrics.json``). A collapsed class, whose image score comes from background patches,
+    is a dark cell."""
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    classes = [r["class"] for r in next(iter(runs.values()))] if runs else []
+    grid = np.array([[r["topk_on_object"] for r in runs[n]] for n in names]) if runs else \
+        np.zeros((0, 0))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(classes), 0.8 + 0.24 * len(names)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="white" if v < 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="top-k patches on the object")
+    ax.set_title("where each class's image score comes from (Eq. 8)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def class_frequency(profile: str, images_per_class: dict[str, int], split: str):
     """How many images of ``split`` carry each foreground class (labels from the XML)."""
     import matplotlib.pyplot as plt

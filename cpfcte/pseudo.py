@@ -177,6 +177,10 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
         "bpm_dir": str(bpm_dir), **scores, "timing": timing,
         "numerics": numerics.describe(next(model.parameters()).device),
     }
+    if gt is not None:                             # where each class's image score comes from
+        from cpfcte.explore import class_evidence
+
+        metrics["evidence"] = class_evidence(model, cfg, voc)
     if crf:
         metrics["crf"] = crf_refine(voc, probs_dir, folder.path / f"crf_{split}_{size}", gt,
                                     cfg, progress=progress)

@@ -473,3 +473,31 @@ def test_saved_figures_are_byte_identical(tmp_path):
         b = save_figure(fig, tmp_path / f"b.{ext}").read_bytes()
         assert a == b, ext
     plt.close(fig)
+
+
+def test_runs_share_a_warm_kernel_with_a_cleared_namespace(tmp_path):
+    """On the local executor a worker's kernel is reused: the second run finds no variable of
+    the first, a failed run's kernel is replaced, and no kernel outlives the batch."""
+    nbdir = tmp_path / "nb"
+    nbdir.mkdir()
+    code = ("import os\nfrom cpfcte.paths import run_path\n"
+            "d = run_path(profile, run_name)\nd.mkdir(parents=True, exist_ok=True)\n"
+            "(d / 'seen.txt').write_text(f\"{os.getpid()} {'leftover' in globals()}\")\n"
+            "leftover = 1\n"
+            "assert not fail, 'asked to fail'\n")
+    _notebook(nbdir / "step.ipynb", code)
+    (nbdir / "batches.yaml").write_text(
+        "runs:\n"
+        "  a: {notebook: step.ipynb}\n"
+        "  b: {notebook: step.ipynb, needs: [a]}\n"
+        "  c: {notebook: step.ipynb, needs: [b], params: {fail: true}}\n"
+        "  d: {notebook: step.ipynb, needs: [b]}\n")
+    res = run_batch("toy", batch_path=nbdir / "batches.yaml", log=lambda *_: None)
+    assert [res[n]["status"] for n in "abcd"] == ["done", "done", "failed", "done"]
+    seen = {n: (runs_dir() / "toy" / n / "seen.txt").read_text().split() for n in "abcd"}
+    assert all(s[1] == "False" for s in seen.values())       # a cleared namespace every time
+    assert seen["a"][0] == seen["b"][0] == seen["c"][0]       # one warm kernel ...
+    assert seen["d"][0] != seen["c"][0]                       # ... replaced after a failure
+    for pid in {s[0] for s in seen.values()}:                 # none outlives the batch
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/status").read_text().count("zombie")

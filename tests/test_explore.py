@@ -67,3 +67,91 @@ def test_patch_view_and_the_widgets(trained):
     image.value = 2
     assert {o[1] for o in cls.options} <= set(np.flatnonzero(voc.labels(2)))
     assert cls.value == cls.options[0][1]
+
+
+class _Z(__import__("torch").nn.Module):
+    """A stand-in stage-1 model whose patch probabilities Z are given: (C, 4, 4) on a 32 px
+    input of 8 px patches."""
+
+    patch_size = (8, 8)
+
+    def __init__(self, z):
+        import torch
+
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.z = torch.as_tensor(z, dtype=torch.float32)
+
+    def forward(self, x):
+        c = self.z.shape[0]
+        return {"z": self.z.reshape(c, -1).T[None].expand(x.shape[0], -1, -1), "grid": (4, 4)}
+
+
+class _Split:
+    """One 32×32 image whose class 1 fills the top-left quadrant (patches (0..1, 0..1))."""
+
+    classes = ("background", "a", "b")
+    ids = ["img"]
+    split = "train"
+
+    def __init__(self, root):
+        from PIL import Image
+
+        from cpfcte.io import save_label_png
+
+        self.root = root
+        (root / "gt").mkdir()
+        gt = np.zeros((32, 32), np.uint8)
+        gt[:16, :16] = 1
+        save_label_png(root / "gt" / "img.png", gt)
+        self.img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+
+    def __len__(self):
+        return 1
+
+    def labels(self, i):
+        return np.array([1.0, 1.0, 0.0], np.float32)
+
+    def image(self, i):
+        return self.img
+
+    def gt_dir_or_none(self):
+        return self.root / "gt"
+
+
+def test_class_evidence_by_hand(tmp_path):
+    """Known answers: a healthy class picks its object's patches; a collapsed one gives them to
+    the background and takes its image score from background patches."""
+    from types import SimpleNamespace
+
+    from cpfcte.explore import class_evidence
+
+    cfg = SimpleNamespace(img_size=32, k=2, pooling="topk")
+    voc = _Split(tmp_path)
+    obj = np.zeros((4, 4), bool)
+    obj[:2, :2] = True
+    healthy = np.where(obj, 0.9, 0.05)
+    z = np.stack([1 - healthy, healthy, np.zeros((4, 4))])
+    (row,) = class_evidence(_Z(z), cfg, voc)
+    assert row["class"] == "a" and row["images"] == 1
+    assert row["on_object"] == pytest.approx(0.9) and row["bg_on_object"] == pytest.approx(0.1)
+    assert row["off_object"] == pytest.approx(0.05) and row["topk_on_object"] == 1.0
+    collapsed = np.where(obj, 0.02, 0.0)
+    collapsed[3, 2:] = 0.6                                    # two background patches
+    z = np.stack([1 - collapsed, collapsed, np.zeros((4, 4))])
+    (row,) = class_evidence(_Z(z), cfg, voc)
+    assert row["topk_on_object"] == 0.0 and row["bg_on_object"] == pytest.approx(0.98)
+    assert row["off_object"] == pytest.approx(1.2 / 12)
+
+
+def test_class_evidence_needs_masks(tmp_path):
+    from types import SimpleNamespace
+
+    from cpfcte.errors import CpfcteError
+    from cpfcte.explore import class_evidence
+
+    voc = _Split(tmp_path)
+    voc.gt_dir_or_none = lambda: None
+    with pytest.raises(CpfcteError, match="no ground-truth masks"):
+        class_evidence(_Z(np.zeros((3, 4, 4))), SimpleNamespace(img_size=32, k=2, pooling="topk"),
+                       voc)

@@ -18,6 +18,18 @@ def test_topk_pooling_by_hand():
     assert torch.allclose(pool(z, "gmp"), torch.tensor([[0.9, 0.8]]))
 
 
+def test_top1_pooling_is_max_pooling_in_value_and_gradient():
+    """Fig. 4's k = 1 point reads Table 5's max-pooling runs: the two train the same network."""
+    z = torch.rand(3, 7, 4, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for mode, k in (("topk", 1), ("gmp", 4)):
+        x = z.clone().requires_grad_(True)
+        out = pool(x, mode, k)
+        out.backward(torch.arange(12.0).view(3, 4))
+        grads.append((out.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_topk_with_k_larger_than_patches_is_refused():
     with pytest.raises(CpfcteError, match="1 ≤ k ≤ s"):
         topk_pool(torch.rand(1, 3, 2), 4)
