@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +34,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                   dir=target.parent)
         os.close(fd)
     except OSError as e:
         raise write_error(target, e) from None
@@ -49,17 +51,39 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def clean_partial(folder: str | Path, names: list[str] | None = None) -> int:
+_TMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def clean_partial(folder: str | Path, names: list[str] | None = None, *,
+                  recursive: bool = False) -> int:
     """Remove the temporary files of atomic writes a kill cut short in ``folder`` (never a
-    finished file): all of them, or those of the files ``names`` only (where another process
-    may be writing other files of the folder at the same time)."""
+    finished file): all of them (in subfolders too with ``recursive``), or those of the files
+    ``names`` only. A temporary file names its writer's pid (``atomic_path``); one whose writer
+    is another live process is that process's write in progress (two report runs of a batch
+    write the same figures at once) and stays."""
     patterns = [f".{n}.*.tmp" for n in names] if names is not None else [".*.tmp"]
     n = 0
     for pattern in patterns:
-        for tmp in Path(folder).glob(pattern):
+        for tmp in (Path(folder).rglob if recursive else Path(folder).glob)(pattern):
+            if writer_alive(tmp.name):
+                continue
             tmp.unlink(missing_ok=True)
             n += 1
     return n
+
+
+def writer_alive(name: str) -> bool:
+    """Whether the temporary file ``name`` is being written by another live process."""
+    m = _TMP_PID.search(name)
+    if m is None or int(m.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # alive, another user's
+        return True
+    return True
 
 
 def write_error(target: str | Path, e: BaseException) -> CpfcteError:

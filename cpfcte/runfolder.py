@@ -26,7 +26,7 @@ from typing import Any
 
 from cpfcte.config import Config, config_from_dict, short_digest
 from cpfcte.errors import CpfcteError
-from cpfcte.io import append_line, read_json, torch_save, write_json
+from cpfcte.io import append_line, clean_partial, read_json, torch_save, write_json
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -105,8 +105,7 @@ class RunFolder:
         digest = short_digest(digest_of)
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
-        for stale in self.path.rglob(".*.tmp"):      # a write cut short by a kill
-            stale.unlink(missing_ok=True)
+        clean_partial(self.path, recursive=True)     # writes a kill cut short
         path = self.path / CONFIG
         if path.exists() and not self.produced():    # a start that failed before any output
             path.unlink()

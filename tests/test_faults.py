@@ -88,6 +88,32 @@ def test_kill_during_a_write_keeps_the_old_file_and_the_next_start_cleans_up(tmp
     assert clean_partial(tmp_path, ["table1.md"]) == 1 and target.read_text() == "old\n"
 
 
+def test_cleaning_spares_a_write_in_progress_of_another_live_process(tmp_path):
+    """Two report runs of one batch write the same figures at once: the one that starts
+    second must not delete the other's temporary file (it did: "cannot write fig5.png")."""
+    target = tmp_path / "fig5.png"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        writing = tmp_path / f".fig5.png.{live.pid}.ab12cd_3.tmp"      # live writer
+        cut = tmp_path / f".fig5.png.{dead.pid}.zz99yy_0.tmp"          # a killed writer
+        old = tmp_path / ".fig5.png.q1w2e3r4.tmp"                      # no pid: stale
+        for f in (writing, cut, old):
+            f.write_bytes(b"x")
+        with atomic_path(target) as tmp:
+            assert f".fig5.png.{os.getpid()}." in tmp.name               # names its writer
+            tmp.write_bytes(b"png")
+            assert clean_partial(tmp_path, ["fig5.png"]) == 3               # own, cut, old
+            tmp.write_bytes(b"png")
+        assert writing.exists() and not cut.exists() and not old.exists()
+        assert target.read_bytes() == b"png"
+    finally:
+        live.kill()
+        live.wait()
+    assert clean_partial(tmp_path, recursive=True) == 1 and not writing.exists()
+
+
 def test_crf_workers_exit_when_their_stage_is_killed(tmp_path):
     """A SIGKILLed stage leaves no CRF worker (nor the forkserver) behind: each worker watches
     the stage's pid (``crf._exit_with_owner``)."""
