@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/memory_bench.py [--only GROUP ...] [--jobs 2]
 
-Runs ``cpfcte paper --profile toy`` into a fresh temporary runs folder (the dataset in data/ is
-reused) and samples, every 0.5 s, the memory of the whole process tree (the batch runner, every
+Runs ``cpfcte paper --profile toy`` into a fresh temporary runs folder, with its tables and
+figures in another (the committed ones in tables/ and figures/ are not touched; the dataset in
+data/ is reused) and samples, every 0.5 s, the memory of the whole process tree (the batch runner, every
 notebook kernel and the CRF workers) and of each kernel alone. The tree's total is the sum of
 PSS (proportional set size: a page shared by forked CRF workers counts once overall; a plain
 RSS sum counts it once per process and overstates the total) and, for reference, of RSS.
@@ -31,7 +32,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "cpfcte", "paper", "--profile", "toy", "--jobs", str(args.jobs)]
     if args.only:
         cmd += ["--only", *args.only]
-    env = {**os.environ, "CPFCTE_RUNS": runs}
+    env = {**os.environ, "CPFCTE_RUNS": runs, "CPFCTE_OUT": tempfile.mkdtemp(prefix="mem-bench-out-")}
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(proc.pid)
