@@ -246,8 +246,8 @@ class WarmKernels:
     (torch, timm, matplotlib, cpfcte with its pinned numerics) and nothing a notebook computed.
     Every stage sets its own seeds, thread count and deterministic flags (``train.set_seed``,
     ``numerics.apply``), so a run gives the same bits in a warm kernel as in a fresh one (the
-    toy tables of ``make paper`` were checked equal, cell by cell). A kernel that died, or whose run failed, is replaced by a
-    fresh one. Kernels follow the batch process: jupyter_client gives each its parent's pid
+    toy tables of ``make paper`` were checked equal, cell by cell). A kernel that died, or whose
+    run failed, is replaced by a fresh one. Kernels follow the batch process: jupyter_client gives each its parent's pid
     (``JPY_PARENT_PID``) and ipykernel exits when that parent is gone."""
 
     RESET = ("%reset -f\nimport gc as _gc, sys as _sys\n"

@@ -30,7 +30,7 @@ import numpy as np
 
 from cpfcte.config import CRFConfig
 from cpfcte.errors import CpfcteError
-from cpfcte.io import clean_partial
+from cpfcte.io import clean_partial, pid_alive
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFConfig = CRFConfig()) -> np.ndarray:
@@ -179,13 +179,7 @@ def _exit_with_owner(owner: int) -> None:
             fd = os.pidfd_open(owner)          # readable once the process has exited
             select.select([fd], [], [])
         except OSError:                        # gone already, or no pidfd: poll
-            while True:
-                try:
-                    os.kill(owner, 0)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    pass
+            while pid_alive(owner):
                 time.sleep(0.5)
         os._exit(1)
 

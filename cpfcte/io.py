@@ -75,10 +75,13 @@ def clean_partial(folder: str | Path, names: list[str] | None = None, *,
 def writer_alive(name: str) -> bool:
     """Whether the temporary file ``name`` is being written by another live process."""
     m = _TMP_PID.search(name)
-    if m is None or int(m.group(1)) == os.getpid():
-        return False
+    return m is not None and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1)))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user counts)."""
     try:
-        os.kill(int(m.group(1)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:          # alive, another user's

@@ -26,7 +26,8 @@ from typing import Any
 
 from cpfcte.config import Config, config_from_dict, short_digest
 from cpfcte.errors import CpfcteError
-from cpfcte.io import append_line, clean_partial, read_json, torch_save, write_json
+from cpfcte.io import (append_line, clean_partial, pid_alive, read_json, torch_save,
+                       write_json)
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
@@ -64,18 +65,6 @@ def releases_locks(stage):
                 RunFolder(path).unlock()
 
     return call
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Config:
@@ -158,7 +147,7 @@ class RunFolder:
                 if holder == me:
                     return                                   # already ours
                 pid, host = holder.get("pid"), holder.get("host")
-                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
                     path.unlink(missing_ok=True)             # stale: its process is gone
                     continue
                 raise CpfcteError(f"{self.path}: in use by process {pid} on {host} ({path}); "

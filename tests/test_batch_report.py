@@ -12,8 +12,10 @@ from cpfcte.io import write_json
 from cpfcte.paths import runs_dir
 
 
-def _notebook(path: Path, code: str,
-              params_src: str = 'profile = "toy"\nrun_name = "x"\nfail = False\nother = None') -> None:
+PARAMS = 'profile = "toy"\nrun_name = "x"\nfail = False\nother = None'
+
+
+def _notebook(path: Path, code: str, params_src: str = PARAMS) -> None:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
@@ -23,21 +25,29 @@ def _notebook(path: Path, code: str,
     nbformat.write(nb, path)
 
 
+RUN_DIR = ("from cpfcte.paths import run_path\n"        # a step's first lines: its run folder
+           "d = run_path(profile, run_name)\n"
+           "d.mkdir(parents=True, exist_ok=True)\n")
+
+
+def _batch(nbdir: Path, code: str, runs: str, params_src: str = PARAMS) -> Path:
+    """A folder with one notebook ``step.ipynb`` running ``code`` and a batch file whose
+    ``runs:`` section is ``runs``; returns the batch file."""
+    nbdir.mkdir()
+    _notebook(nbdir / "step.ipynb", code, params_src)
+    (nbdir / "batches.yaml").write_text("runs:\n" + runs)
+    return nbdir / "batches.yaml"
+
+
 @pytest.fixture
 def mini_batch(tmp_path):
     """A batch of three tiny notebooks: a → b, and c which fails on request."""
-    nbdir = tmp_path / "nb"
-    nbdir.mkdir()
-    code = ("from cpfcte.paths import run_path\n"
-            "d = run_path(profile, run_name)\n"
-            "d.mkdir(parents=True, exist_ok=True)\n"
-            "n = d / 'count.txt'\n"
+    code = (RUN_DIR + "n = d / 'count.txt'\n"
             "n.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
             "(d / 'profile.txt').write_text(profile + ' ' + str(other))\n"
             "assert not fail, 'asked to fail'\n")
-    _notebook(nbdir / "step.ipynb", code)
-    (nbdir / "batches.yaml").write_text(
-        "runs:\n"
+    return _batch(
+        tmp_path / "nb", code,
         "  a: {notebook: step.ipynb}\n"
         "  b: {notebook: step.ipynb, needs: [a]}\n"
         "  c: {notebook: step.ipynb, params: {fail: true}}\n"
@@ -47,7 +57,6 @@ def mini_batch(tmp_path):
         "  f: {notebook: step.ipynb, profiles: {voc: voc}}\n"
         "  g: {notebook: step.ipynb, needs: [f]}\n"
         "groups:\n  g1: {runs: [b]}\n")
-    return nbdir / "batches.yaml"
 
 
 def test_batch_runs_skips_unchanged_and_isolates_failures(mini_batch):
@@ -195,24 +204,18 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
 @pytest.fixture
 def seeded_batch(tmp_path):
-    nbdir = tmp_path / "nb2"
-    nbdir.mkdir()
-    code = ("import time\nfrom cpfcte.paths import run_path\n"
-            "d = run_path(profile, run_name)\nd.mkdir(parents=True, exist_ok=True)\n"
-            "time.sleep(float(sleep))\n"
+    code = ("import time\n" + RUN_DIR + "time.sleep(float(sleep))\n"
             "n = d / 'count.txt'\nn.write_text(str(int(n.read_text()) + 1 if n.exists() else 1))\n"
             "(d / 'seed.txt').write_text(str(seed) + ' ' + str(train_run))\n"
             "assert not (d.parent / ('FAIL_' + d.name)).exists(), 'asked to fail'\n")
-    _notebook(nbdir / "step.ipynb", code, 'profile = "toy"\nrun_name = "x"\nseed = None\n'
-              'train_run = None\nsleep = 0')
-    (nbdir / "batches.yaml").write_text(
-        "runs:\n"
+    return _batch(
+        tmp_path / "nb2", code,
         "  train: {notebook: step.ipynb, seeds: {toy: [0, 1, 2], voc: [0]}}\n"
         "  pseudo: {notebook: step.ipynb, needs: [train], params: {train_run: train},\n"
         "           seeds: {toy: [0, 1, 2], voc: [0]}}\n"
         "  summary: {notebook: step.ipynb, needs: [pseudo], params: {sleep: 3}}\n"
-        "groups:\n  t: {runs: [pseudo]}\n")
-    return nbdir / "batches.yaml"
+        "groups:\n  t: {runs: [pseudo]}\n",
+        params_src='profile = "toy"\nrun_name = "x"\nseed = None\ntrain_run = None\nsleep = 0')
 
 
 def test_seeds_expand_and_follow_their_needs(seeded_batch):
@@ -478,21 +481,16 @@ def test_saved_figures_are_byte_identical(tmp_path):
 def test_runs_share_a_warm_kernel_with_a_cleared_namespace(tmp_path):
     """On the local executor a worker's kernel is reused: the second run finds no variable of
     the first, a failed run's kernel is replaced, and no kernel outlives the batch."""
-    nbdir = tmp_path / "nb"
-    nbdir.mkdir()
-    code = ("import os\nfrom cpfcte.paths import run_path\n"
-            "d = run_path(profile, run_name)\nd.mkdir(parents=True, exist_ok=True)\n"
+    code = ("import os\n" + RUN_DIR +
             "(d / 'seen.txt').write_text(f\"{os.getpid()} {'leftover' in globals()}\")\n"
             "leftover = 1\n"
             "assert not fail, 'asked to fail'\n")
-    _notebook(nbdir / "step.ipynb", code)
-    (nbdir / "batches.yaml").write_text(
-        "runs:\n"
-        "  a: {notebook: step.ipynb}\n"
-        "  b: {notebook: step.ipynb, needs: [a]}\n"
-        "  c: {notebook: step.ipynb, needs: [b], params: {fail: true}}\n"
-        "  d: {notebook: step.ipynb, needs: [b]}\n")
-    res = run_batch("toy", batch_path=nbdir / "batches.yaml", log=lambda *_: None)
+    batch = _batch(tmp_path / "nb", code,
+                   "  a: {notebook: step.ipynb}\n"
+                   "  b: {notebook: step.ipynb, needs: [a]}\n"
+                   "  c: {notebook: step.ipynb, needs: [b], params: {fail: true}}\n"
+                   "  d: {notebook: step.ipynb, needs: [b]}\n")
+    res = run_batch("toy", batch_path=batch, log=lambda *_: None)
     assert [res[n]["status"] for n in "abcd"] == ["done", "done", "failed", "done"]
     seen = {n: (runs_dir() / "toy" / n / "seen.txt").read_text().split() for n in "abcd"}
     assert all(s[1] == "False" for s in seen.values())       # a cleared namespace every time
