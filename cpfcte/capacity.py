@@ -2,8 +2,11 @@
 batch 2 are measured (peak memory, forward + backward, no optimizer step), the peak at the
 run's batch is extrapolated linearly (weights and buffers once, activations per image) and the
 optimizer's state added; a batch that would not fit in the device's memory is refused with
-the figure, instead of failing with an out-of-memory error after minutes of set-up. On a CPU
-nothing is probed (the peak cannot be reset there; the README gives measured CPU figures)."""
+the figure, instead of failing with an out-of-memory error after minutes of set-up. The
+capacity is the device's *free* memory at that moment plus what this process already holds:
+two runs sharing a GPU then cannot both pass on the total (run one batch job per GPU,
+``JOBS=1``). On a CPU nothing is probed (the peak cannot be reset there; the README gives
+measured CPU figures)."""
 
 from __future__ import annotations
 
@@ -52,6 +55,15 @@ def optimizer_bytes(model, slots: int) -> float:
     return float(sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * slots)
 
 
+def cuda_capacity(device) -> float:
+    """Bytes this process may use: the device's free memory plus what this process's allocator
+    already holds (the model's weights, measured before the probe frees its cache)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device))
+
+
 def check_cuda_batch(model, device, batch: int, make_step: Callable[[int], None], what: str,
                      fix: str, slots: int) -> float | None:
     """On CUDA, probe ``make_step`` and refuse a batch that would not fit; None elsewhere."""
@@ -59,9 +71,8 @@ def check_cuda_batch(model, device, batch: int, make_step: Callable[[int], None]
 
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    need = check_batch_fits(cuda_probe(make_step, device), batch, total, what, fix,
-                            optimizer_bytes(model, slots))
+    need = check_batch_fits(cuda_probe(make_step, device), batch, cuda_capacity(device), what,
+                            fix, optimizer_bytes(model, slots))
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     return need

@@ -108,7 +108,8 @@ def _train(args: argparse.Namespace) -> None:
         return
     last = summary["history"][-1] if summary["history"] else {}
     print(json.dumps({"run_dir": str(run_dir), "epochs_done": summary["epochs_done"],
-                      "complete": summary["complete"], "last": last}, indent=2))
+                      "complete": summary["complete"], "last": last,
+                      "trainable_parameters": summary.get("trainable_parameters")}, indent=2))
 
 
 def _pseudo(args: argparse.Namespace) -> None:
@@ -122,7 +123,8 @@ def _pseudo(args: argparse.Namespace) -> None:
                  "pseudo_split": args.split, "device": args.device, **parse_set_args(args.set)}
     cfg = run_config(train_dir, overrides)
     _same_profile(args.profile, cfg.profile, train_dir, "--train-run")
-    m = pseudo_stage(cfg, train_dir, run_path(args.profile, args.run))
+    m = pseudo_stage(cfg, train_dir, run_path(args.profile, args.run),
+                     both_norms=args.both_norms)
     print(json.dumps({k: m[k] for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
                      indent=2))
 
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--device", help="default: the training run's (auto)")
     ps.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                     help="override fields of the training run's config (crf.NAME=...)")
+    ps.add_argument("--both-norms", action="store_true",
+                    help="also the BPM of the other bpm_norm, with its CRF (Table 1)")
     ps.set_defaults(func=_pseudo)
 
     dl = sub.add_parser("deeplab", help="stage 3: DeepLabv2 on pseudo labels")

@@ -36,6 +36,9 @@ from cpfcte.errors import CpfcteError
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 CLASS_TOKEN_MODES = ("none", "soft", "mean")
+AUGMENT_MODES = ("pcm", "hflip", "none")
+RESIZE_MODES = ("pcm", "pil")
+BPM_NORMS = ("pcm", "none")
 CF_BILSTM_MODES = ("none", "hv", "raster")
 POOLING_MODES = ("gap", "gmp", "topk")
 DATASETS = ("toy", "toy_coco", "voc", "coco", "folder")
@@ -47,17 +50,18 @@ def short_digest(values: dict[str, Any]) -> str:
 
 @dataclass
 class CRFConfig:
-    """The dense CRF (Sec. 3.4; note 8): the one home of its defaults. The values are those of
-    pydensecrf's example and of AffinityNet/IRN-style WSSS code on VOC-sized images (~500×375):
-    Gaussian sxy=3, compat=3; bilateral sxy=80, srgb=13, compat=10; 10 mean-field iterations.
-    The toy profile uses them too (on its ~100-pixel images a bilateral sxy of 16 or 30 scored
-    within a point of 80). ``workers`` only says how many processes run it."""
+    """The dense CRF (Sec. 3.4; note 8): the one home of its defaults. They are ViT-PCM's
+    (deepplants/ViT-PCM ``configs/voc12.yaml``, ``CRF``: POS_XY_STD 1, POS_W 3, BI_XY_STD 67,
+    BI_RGB_STD 3, BI_W 4, ITER_MAX 10), the code CPF-CTE builds on, and also
+    kazuto1011/deeplab-pytorch's test-time CRF. ``PYDENSECRF_EXAMPLE`` is the set this project
+    used before (pydensecrf's example, AffinityNet/IRN-style code: 3/3, 80/13/10).
+    ``workers`` only says how many processes run it."""
 
-    gaussian_sxy: float = 3.0
+    gaussian_sxy: float = 1.0
     gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_compat: float = 4.0
     iterations: int = 10
     workers: int = 0                   # processes for the CRF; 0 = every core
 
@@ -87,7 +91,8 @@ class CRFConfig:
 class DeepLabConfig:
     """DeepLabv2 on the pseudo labels (Sec. 4.2; notes 9, 15, 16; ``cpfcte.deeplab``)."""
 
-    backbone: str = "resnet101.tv_in1k"  # timm ResNet, output stride 8
+    backbone: str = "resnet101.tv_in1k"  # timm ResNet at output stride 8, or caffe_resnet101:
+                                       # kazuto1011's, for his COCO-pretrained inits (note 16)
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. narrower toy channels
     pretrained: bool = True            # ImageNet weights through timm
     init: str | None = None            # or a local init file (e.g. COCO-pretrained DeepLabv2)
@@ -103,6 +108,12 @@ class DeepLabConfig:
     poly_power: float = 0.9
     scale_min: float = 0.5
     scale_max: float = 1.5
+    # the training scales drawn from (kazuto1011's SCALES); empty: uniform in [scale_min, max]
+    scale_choices: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    loss_size: str = "logits"          # logits: labels resized to each MSC output (reference);
+                                       # labels: outputs upsampled to the labels (note 16)
+    test_views: str = "msc_max"        # msc_max: the MSC max over 1, 0.75, 0.5 (reference);
+                                       # mean: softmax mean over test_scales × flip
     test_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
     flip_test: bool = True
     crf: bool = True                   # dense CRF on the test predictions (note 15)
@@ -115,9 +126,21 @@ class DeepLabConfig:
 
     # what does not shape the trained network (may change after training)
     NOT_TRAINING = frozenset({"workers", "ckpt_every", "test_scales", "flip_test", "crf",
-                              "test_crf"})
+                              "test_crf", "test_views"})
     TEST_CRF_MODES = ("reference", "pseudo")
     MSC_LOSS_MODES = ("sum", "mean")
+    LOSS_SIZES = ("logits", "labels")
+    TEST_VIEWS = ("msc_max", "mean")
+
+    def largest_scale(self) -> float:
+        return max(self.scale_choices) if self.scale_choices else self.scale_max
+
+    def level_labels(self) -> dict[str, str]:
+        """The label of each test-time level (``DEEPLAB_TEST_LEVELS``) under ``test_views``."""
+        if self.test_views == "msc_max":
+            return {"single_scale": "single scale", "multi_scale": "multi-scale (MSC max)",
+                    "crf": "multi-scale (MSC max) + dense CRF"}
+        return dict(DEEPLAB_TEST_LEVELS)
 
     def validate(self) -> None:
         for name in ("crop", "batch", "iterations", "ckpt_every"):
@@ -139,6 +162,13 @@ class DeepLabConfig:
         if self.msc_loss not in self.MSC_LOSS_MODES:
             raise CpfcteError(f"parameter deeplab.msc_loss={self.msc_loss!r} is not one of "
                               f"{list(self.MSC_LOSS_MODES)}")
+        for name, options in (("loss_size", self.LOSS_SIZES), ("test_views", self.TEST_VIEWS)):
+            if getattr(self, name) not in options:
+                raise CpfcteError(f"parameter deeplab.{name}={getattr(self, name)!r} is not one "
+                                  f"of {list(options)}")
+        if any(float(c) <= 0 for c in self.scale_choices):
+            raise CpfcteError(f"parameter deeplab.scale_choices={self.scale_choices!r} must be "
+                              "positive scales (or [] for uniform in [scale_min, scale_max])")
 
 
 # DeepLabv2's test-time levels, each scored on its own (Tables 2 and 3; cpfcte.deeplab)
@@ -146,9 +176,13 @@ DEEPLAB_TEST_LEVELS = {"single_scale": "single scale", "multi_scale": "multi-sca
                        "crf": "multi-scale + flip + dense CRF"}
 
 # kazuto1011/deeplab-pytorch's test-time CRF for VOC (configs/voc12.yaml): POS_W 3,
-# POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3, ITER_MAX 10 (note 15)
+# POS_XY_STD 1, BI_W 4, BI_XY_STD 67, BI_RGB_STD 3, ITER_MAX 10 (note 15); ViT-PCM's pseudo-label
+# CRF has the same values, so it equals CRFConfig's defaults
 REFERENCE_TEST_CRF = CRFConfig(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0,
                                bilateral_srgb=3.0, bilateral_compat=4.0, iterations=10)
+# the CRF this project used before it followed ViT-PCM (note 8): pydensecrf's example
+PYDENSECRF_EXAMPLE = CRFConfig(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0,
+                               bilateral_srgb=13.0, bilateral_compat=10.0, iterations=10)
 
 
 SECTIONS = {"crf": CRFConfig, "deeplab": DeepLabConfig}
@@ -163,9 +197,12 @@ class Config:
     train_split: str = "train_aug"     # stage 1 trains on these images' image-level labels
     pseudo_split: str = "train"        # pseudo labels are made and scored on VOC train (1,464)
     val_split: str = "val"
-    # --- model (Sec. 3, notes 1-5, 11) ---------------------------------------------------
-    backbone: str = "vit_base_patch16_384.augreg_in21k_ft_in1k"  # any timm ViT
-    backbone_kwargs: dict = field(default_factory=dict)  # constructor overrides (tiny toy ViT)
+    # --- model (Sec. 3, notes 1-5, 11, 20) --------------------------------------------------
+    # the original ViT-B/16 (ImageNet-21k, then 1k, at 384), as ViT-PCM loads it (note 20)
+    backbone: str = "vit_base_patch16_384.orig_in21k_ft_in1k"  # any timm ViT
+    # constructor overrides (the tiny toy ViT); proj_drop_rate 0.1 is vit_keras's dropout in
+    # every transformer block, which ViT-PCM trains with (note 21)
+    backbone_kwargs: dict = field(default_factory=lambda: {"proj_drop_rate": 0.1})
     pretrained: bool = True            # load the backbone's weights through timm
     weights: str | None = None         # or from this local checkpoint file (offline clusters)
     random_init_ok: bool = False       # only the toy profile may train a randomly initialised ViT
@@ -174,6 +211,10 @@ class Config:
     project_tokens: bool = False       # project Concat(p, t) back to e (note 2); Eq. 6/7 keep e+H
     cf_bilstm: str = "hv"              # none | hv | raster (note 3)
     lstm_hidden: int = 192             # d, hidden size per direction (note 3)
+    dropout: float = 0.2               # before the CF-BiLSTM and before the classifier (note 21)
+    lstm_dropout: float = 0.2          # on the BiLSTMs' inputs, one mask per sequence (note 21)
+    classifier_init_std: float = 0.05  # the patch classifier starts from N(0, std²) (note 4)
+    classifier_l2: float = 0.01        # L2 penalty λ·ΣW² on the classifier, added to the loss
     pooling: str = "topk"              # gap | gmp | topk (Eq. 8, Table 5)
     k: int = 4                         # top-k (Fig. 4)
     # --- training (Sec. 4.2, notes 6, 12, 13) ---------------------------------------------
@@ -184,8 +225,11 @@ class Config:
     lr_warmup: float = 1e-3
     lr: float = 1e-4
     freeze_backbone_warmup: bool = True  # freeze the ViT while the 1e-3 phase runs (note 6)
+    unfreeze_blocks: int | None = 5    # after it, train only the ViT's last N blocks and its
+                                       # final norm (ViT-PCM); None: every block and embedding
     weight_decay: float = 0.0
-    hflip: bool = True
+    augment: str = "pcm"               # pcm (ViT-PCM's flips, transpose, colour) | hflip | none
+    resize: str = "pcm"                # pcm (bilinear, corners aligned, float) | pil (note 12)
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     workers: int = 4                   # DataLoader workers
     seed: int = 0
@@ -199,6 +243,8 @@ class Config:
     infer_size: int = 960              # images are resized to infer_size × infer_size
     infer_scale: float | None = None   # or infer_scale × img_size, in whole patches (Fig. 5)
     infer_batch: int = 8
+    bpm_norm: str = "pcm"              # pcm: ViT-PCM's per-class max normalisation; none: Eq. 10
+    infer_workers: int = 0             # DataLoader workers decoding and resizing at inference
     # --- the stages after stage 1 -----------------------------------------------------------
     crf: CRFConfig = field(default_factory=CRFConfig)
     deeplab: DeepLabConfig = field(default_factory=DeepLabConfig)
@@ -214,12 +260,25 @@ class Config:
         choice("class_tokens", CLASS_TOKEN_MODES)
         choice("cf_bilstm", CF_BILSTM_MODES)
         choice("pooling", POOLING_MODES)
+        choice("augment", AUGMENT_MODES)
+        choice("resize", RESIZE_MODES)
+        choice("bpm_norm", BPM_NORMS)
+        for name in ("dropout", "lstm_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.classifier_init_std <= 0 or self.classifier_l2 < 0:
+            raise CpfcteError("parameters classifier_init_std must be > 0 and classifier_l2 "
+                              "≥ 0")
+        if self.unfreeze_blocks is not None and self.unfreeze_blocks < 0:
+            raise CpfcteError(f"parameter unfreeze_blocks={self.unfreeze_blocks!r} must be ≥ 0 "
+                              "(or null: every block trains)")
         for name in ("token_dim", "lstm_hidden", "k", "img_size", "batch_size", "epochs",
                      "infer_size", "infer_batch"):
             if int(getattr(self, name)) < 1:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be ≥ 1")
-        if self.warmup_epochs < 0 or self.workers < 0 or self.threads < 0:
-            raise CpfcteError("parameters warmup_epochs, workers and threads must be ≥ 0")
+        if min(self.warmup_epochs, self.workers, self.threads, self.infer_workers) < 0:
+            raise CpfcteError("parameters warmup_epochs, workers, infer_workers and threads "
+                              "must be ≥ 0")
         if self.infer_scale is not None and self.infer_scale <= 0:
             raise CpfcteError(f"parameter infer_scale={self.infer_scale!r} must be > 0")
         if self.lr <= 0 or self.lr_warmup <= 0:
@@ -284,7 +343,8 @@ class Config:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "threads",
                           "skip_nonfinite",
-                          "infer_size", "infer_scale", "infer_batch"})
+                          "infer_size", "infer_scale", "infer_batch", "bpm_norm",
+                          "infer_workers"})
 DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
 
 

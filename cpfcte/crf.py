@@ -91,14 +91,20 @@ def load_grid_probs(path: Path) -> tuple[np.ndarray, np.ndarray]:
                           "the pseudo-label stage") from None
 
 
-def bilinear_resize(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(K, h, w) → (K, H, W), bilinear with half-pixel centres: the same values as
-    ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False)`` (tested),
-    in numpy so that CRF workers need no torch."""
+def bilinear_resize(grid: np.ndarray, size: tuple[int, int],
+                    align_corners: bool = False) -> np.ndarray:
+    """(K, h, w) → (K, H, W), bilinear: with half-pixel centres, the same values as
+    ``torch.nn.functional.interpolate(..., mode="bilinear", align_corners=False)``, or with
+    ``align_corners`` those of ``align_corners=True`` (ViT-PCM's resize) (both tested), in
+    numpy so that CRF workers need no torch."""
 
     def axis(n_out: int, n_in: int):
-        src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-        src = np.clip(src, 0, None)
+        if align_corners:
+            step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            src = np.arange(n_out, dtype=np.float64) * step
+        else:
+            src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+            src = np.clip(src, 0, None)
         i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
         i1 = np.minimum(i0 + 1, n_in - 1)
         return i0, i1, (src - i0).astype(np.float32)
@@ -114,9 +120,10 @@ def crf_labels(image: np.ndarray, probs: np.ndarray, classes, params: CRFConfig)
     return np.asarray(classes)[dense_crf(image, probs, params).argmax(axis=0)].astype(np.uint8)
 
 
-def upsampled_probs(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def upsampled_probs(grid: np.ndarray, size: tuple[int, int],
+                    align_corners: bool = False) -> np.ndarray:
     """Bilinear upsampling of (K, h, w) to (K, H, W) (as for the BPM), renormalised over K."""
-    up = np.clip(bilinear_resize(grid.astype(np.float32), size), 0, None)
+    up = np.clip(bilinear_resize(grid.astype(np.float32), size, align_corners), 0, None)
     return up / np.clip(up.sum(axis=0, keepdims=True), 1e-8, None)
 
 
@@ -125,12 +132,14 @@ class CRFJob:
     """One image for the CRF. ``image``: a file or an H×W×3 uint8 array. ``probs``: the
     ``.npz`` of patch-grid probabilities written by ``save_grid_probs`` (upsampled to the image
     size in the worker), or K×H×W probabilities at the image size, each pixel summing to 1,
-    with ``classes`` the label of each of the K maps. ``out``: the PNG to write."""
+    with ``classes`` the label of each of the K maps. ``out``: the PNG to write.
+    ``align_corners``: how the patch grid is upsampled (``bilinear_resize``)."""
 
     out: str
     image: str | np.ndarray = field(repr=False)
     probs: str | np.ndarray = field(repr=False)
     classes: np.ndarray | None = field(default=None, repr=False)
+    align_corners: bool = False
 
     @property
     def name(self) -> str:
@@ -149,7 +158,7 @@ def crf_image(job: CRFJob, params: dict) -> str:
         probs, classes = job.probs, np.asarray(job.classes)
     else:
         grid, classes = load_grid_probs(Path(job.probs))
-        probs = upsampled_probs(grid, img.shape[:2])
+        probs = upsampled_probs(grid, img.shape[:2], job.align_corners)
     save_label_png(job.out, crf_labels(img, probs, classes, CRFConfig(**params)))
     return job.name
 

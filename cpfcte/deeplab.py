@@ -32,7 +32,7 @@ from torch import nn
 
 from cpfcte import numerics
 from cpfcte.capacity import check_cuda_batch
-from cpfcte.config import DEEPLAB_TEST_LEVELS, Config
+from cpfcte.config import Config
 from cpfcte.errors import CpfcteError
 from cpfcte.finite import FiniteGuard
 from cpfcte.runfolder import CHECKPOINT, RunFolder, releases_locks
@@ -54,27 +54,61 @@ class ASPP(nn.Module):
         return sum(branch(x) for branch in self.branches)
 
 
+class ImageNetInput(nn.Module):
+    """RGB images (uint8, or float in [0, 1]) → normalised with the backbone's mean and std
+    (timm's pretrained configuration)."""
+
+    def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def pad_rgb(self) -> tuple[int, ...]:
+        """The RGB uint8 colour of the mean (crop padding becomes about 0)."""
+        return tuple(int(round(255 * m)) for m in self.mean.flatten().tolist())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+
+def unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1], from uint8 (÷255) or already in [0, 1]: what every MSC
+    branch and test-time scale is resized as (note 16)."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
 class DeepLabV2(nn.Module):
-    """Backbone (features at stride 8) + ASPP. ``forward`` takes images (uint8 or float in
-    [0, 1]) and returns logits at 1/8 of the input size."""
+    """Backbone (features at stride 8) + ASPP. ``forward`` takes RGB images (uint8 or float in
+    [0, 1]), converts them to the backbone's input convention (``preprocess``: ImageNet mean and
+    std, or kazuto1011's Caffe BGR mean) and returns logits at 1/8 of the input size."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, rates=(6, 12, 18, 24),
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), freeze_bn: bool = True):
+                 preprocess: nn.Module | None = None, freeze_bn: bool = True,
+                 in_channels: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.freeze_bn = freeze_bn
-        self.aspp = ASPP(backbone.feature_info.channels()[-1], num_classes, rates)
+        self.preprocess = preprocess if preprocess is not None else ImageNetInput()
+        if in_channels is None:
+            in_channels = backbone.feature_info.channels()[-1]
+        self.aspp = ASPP(in_channels, num_classes, rates)
         self.num_classes = num_classes
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if freeze_bn:
             freeze_batchnorm(self.backbone)
 
+    @property
+    def device(self) -> torch.device:
+        return self.aspp.branches[0].weight.device
+
+    @property
+    def pad_rgb(self) -> tuple[int, ...]:
+        return self.preprocess.pad_rgb
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        x = (x - self.mean) / self.std
-        return self.aspp(self.backbone(x)[-1])
+        feats = self.backbone(self.preprocess(x))
+        return self.aspp(feats[-1] if isinstance(feats, (list, tuple)) else feats)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -91,53 +125,89 @@ def freeze_batchnorm(module: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=(0.75, 0.5)) -> list[torch.Tensor]:
-    """Multi-scale input training (MSC): logits at scale 1, at each extra scale (upsampled to
-    the scale-1 logits' size) and their element-wise max; a loss is taken on every one."""
+MSC_SCALES = (0.75, 0.5)
+
+
+def msc_logits(model: DeepLabV2, x: torch.Tensor, scales=MSC_SCALES) -> list[torch.Tensor]:
+    """Multi-scale input training (MSC), as kazuto1011's ``MSC``: the logits at scale 1, at each
+    extra scale (input resized to ⌊s·H⌋ × ⌊s·W⌋; logits at their own size) and the element-wise
+    max of all of them at the scale-1 size (the extra scales upsampled bilinearly); a loss is
+    taken on every one. Every branch sees the images on one value range: the smaller inputs are
+    resized as floats in [0, 1] (``unit_range``), the range the model takes floats in."""
     base = model(x)
-    outs = [base]
-    for s in scales:
-        xs = F.interpolate(x.float(), scale_factor=s, mode="bilinear", align_corners=False)
-        outs.append(F.interpolate(model(xs), size=base.shape[-2:], mode="bilinear",
-                                  align_corners=False))
-    outs.append(torch.stack(outs).amax(dim=0))
-    return outs
+    h, w = x.shape[-2:]
+    pyramid = [model(F.interpolate(unit_range(x), size=(int(h * s), int(w * s)),
+                                   mode="bilinear", align_corners=False)) for s in scales]
+    up = [F.interpolate(p, size=base.shape[-2:], mode="bilinear", align_corners=False)
+          for p in pyramid]
+    return [base, *pyramid, torch.stack([base, *up]).amax(dim=0)]
 
 
 def msc_loss(outs: list[torch.Tensor], y: torch.Tensor, reduction: str = "sum",
-             world: int = 1) -> torch.Tensor:
+             world: int = 1, size: str = "logits") -> torch.Tensor:
     """Cross-entropy (255 ignored, mean over labelled pixels) of each MSC output against the
-    labels, each output upsampled to the labels' size; summed over the outputs as in the
-    reference recipe (kazuto1011/deeplab-pytorch), or their ``mean`` (a quarter of the step).
-    Under torchrun (``world`` > 1) the mean is over the labelled pixels of the global batch
-    (their count all-reduced), scaled by ``world`` for DDP's gradient average: the same loss
-    as one process, whatever each rank's share of 255 pixels."""
-    def up(o: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-
+    labels; summed over the outputs as in the reference recipe (kazuto1011/deeplab-pytorch), or
+    their ``mean`` (a quarter of the step). ``size="logits"`` (the reference's ``resize_labels``):
+    the labels are resized to each output's size, nearest neighbour with pixel centres (as PIL's
+    ``NEAREST``); ``"labels"``: each output is upsampled bilinearly to the labels' size. Under
+    torchrun (``world`` > 1) each mean is over the labelled pixels of the global batch (their
+    counts all-reduced), scaled by ``world`` for DDP's gradient average: the same loss as one
+    process, whatever each rank's share of 255 pixels."""
+    pairs = []
+    for o in outs:
+        if size == "labels":
+            pairs.append((F.interpolate(o.float(), size=y.shape[-2:], mode="bilinear",
+                                        align_corners=False), y))
+        elif tuple(o.shape[-2:]) == tuple(y.shape[-2:]):
+            pairs.append((o.float(), y))
+        else:
+            small = F.interpolate(y[:, None].float(), size=o.shape[-2:], mode="nearest-exact")
+            pairs.append((o.float(), small[:, 0].long()))
     if world == 1:
-        terms = [F.cross_entropy(up(o), y, ignore_index=255) for o in outs]
+        terms = [F.cross_entropy(o, t, ignore_index=255) for o, t in pairs]
     else:
-        count = (y != 255).sum().float()
-        torch.distributed.all_reduce(count)
-        terms = [F.cross_entropy(up(o), y, ignore_index=255, reduction="sum") * world
-                 / count.clamp(min=1) for o in outs]
+        counts = torch.stack([(t != 255).sum().float() for _, t in pairs])
+        torch.distributed.all_reduce(counts)
+        terms = [F.cross_entropy(o, t, ignore_index=255, reduction="sum") * world
+                 / counts[i].clamp(min=1) for i, (o, t) in enumerate(pairs)]
     total = torch.stack(terms).sum()
     return total if reduction == "sum" else total / len(terms)
 
 
 def build_deeplab(cfg: Config, num_classes: int) -> DeepLabV2:
+    """DeepLabv2 with ``cfg.deeplab.backbone``: a timm ResNet (ImageNet weights through timm, or
+    ``deeplab.init``), or ``caffe_resnet101``, kazuto1011's Caffe-style ResNet-101, which starts
+    from ``deeplab.init`` (his COCO-pretrained checkpoints; ``cpfcte.caffe_resnet``)."""
     import timm
+
+    from cpfcte import caffe_resnet
 
     dl = cfg.deeplab
     name = dl.backbone
+    if name == caffe_resnet.NAME:
+        if not (dl.init or cfg.random_init_ok):
+            raise CpfcteError(f"deeplab.backbone={name} has no ImageNet weights through timm: "
+                              "give deeplab.init=PATH, a kazuto1011/deeplab-pytorch checkpoint "
+                              "(e.g. deeplabv1_resnet101-coco.pth, the COCO-pretrained init of "
+                              "his VOC recipe)")
+        model = DeepLabV2(caffe_resnet.CaffeResNet(**(dl.backbone_kwargs or {})), num_classes,
+                          tuple(dl.rates), caffe_resnet.CaffeInput(), dl.freeze_bn,
+                          in_channels=caffe_resnet.CaffeResNet.out_channels)
+        if dl.init:
+            load_init(model, init_path(dl.init))
+        return model
     if not timm.is_model(name):
-        raise CpfcteError(f"unknown DeepLab backbone {name!r}: use a timm ResNet name")
+        raise CpfcteError(f"unknown DeepLab backbone {name!r}: use a timm ResNet name or "
+                          f"{caffe_resnet.NAME}")
     use_hub = bool(dl.pretrained) and not dl.init
     if not (use_hub or dl.init or cfg.random_init_ok):
         raise CpfcteError(f"profile {cfg.profile!r} would train DeepLabv2 from random weights: "
                           "set deeplab.pretrained=true (ImageNet through timm) or "
                           "deeplab.init=PATH")
+    if dl.init and is_kazuto_checkpoint(init_path(dl.init)):
+        raise CpfcteError(f"{init_path(dl.init)}: a kazuto1011/deeplab-pytorch checkpoint, whose "
+                          f"network is a Caffe-style ResNet-101, not {name!r}: set "
+                          f"deeplab.backbone={caffe_resnet.NAME} to load it as it was trained")
     try:
         backbone = timm.create_model(name, features_only=True, out_indices=(4,),
                                      output_stride=8, pretrained=use_hub,
@@ -151,56 +221,76 @@ def build_deeplab(cfg: Config, num_classes: int) -> DeepLabV2:
             "pretrained=True)\" to fill the cache, or pass deeplab.init=PATH") from None
     pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
     model = DeepLabV2(backbone, num_classes, tuple(dl.rates),
-                      tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
-                      tuple(pcfg.get("std", (0.229, 0.224, 0.225))), dl.freeze_bn)
+                      ImageNetInput(tuple(pcfg.get("mean", (0.485, 0.456, 0.406))),
+                                    tuple(pcfg.get("std", (0.229, 0.224, 0.225)))),
+                      dl.freeze_bn)
     if dl.init:
-        load_init(model, Path(dl.init))
+        load_init(model, init_path(dl.init))
     return model
 
 
-# kazuto1011/deeplab-pytorch checkpoints (e.g. deeplabv2_resnet101_msc-cocostuff164k-100000.pth,
-# the COCO-pretrained DeepLabv2 init used by many WSSS papers) name their modules
-# base.layer1.conv1.{conv,bn}            → conv1 / bn1                        (the stem)
-# base.layer{2..5}.block{k}.reduce        → layer{1..4}.{k-1}.conv1 / bn1
-# base.layer{2..5}.block{k}.conv3x3       → layer{1..4}.{k-1}.conv2 / bn2
-# base.layer{2..5}.block{k}.increase      → layer{1..4}.{k-1}.conv3 / bn3
-# base.layer{2..5}.block{k}.shortcut      → layer{1..4}.{k-1}.downsample.0 / .1
-# base.aspp.c{i}                          → aspp.branches.{i}
-# The ASPP is kept only when its class count matches; otherwise it starts fresh.
-_SUB = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
-        "shortcut": ("downsample.0", "downsample.1")}
+def detect_backbone(cfg: Config) -> Config:
+    """The config with the DeepLab backbone its init file needs: a kazuto1011 checkpoint given
+    with a timm backbone runs in his Caffe-style ResNet-101 (``caffe_resnet101``; note 16),
+    said on stderr; the config recorded in the run folder names it. Other configs unchanged."""
+    import sys
+
+    from cpfcte import caffe_resnet
+    from cpfcte.config import derive
+
+    dl = cfg.deeplab
+    if dl.init and dl.backbone != caffe_resnet.NAME and is_kazuto_checkpoint(init_path(dl.init)):
+        print(f"{init_path(dl.init)}: a kazuto1011/deeplab-pytorch checkpoint: DeepLabv2 runs in "
+              f"his Caffe-style ResNet-101 (deeplab.backbone={caffe_resnet.NAME}, not "
+              f"{dl.backbone})", file=sys.stderr)
+        return derive(cfg, {"deeplab.backbone": caffe_resnet.NAME, "deeplab.backbone_kwargs": {}})
+    return cfg
 
 
-def map_kazuto_key(key: str) -> str | None:
-    parts = key.split(".")
-    if parts[0] == "base":
-        parts = parts[1:]
-    if parts[:2] == ["layer1", "conv1"] and len(parts) == 4:
-        return f"backbone.{'conv1' if parts[2] == 'conv' else 'bn1'}.{parts[3]}"
-    if parts[0] == "aspp" and parts[1].startswith("c") and len(parts) == 3:
-        return f"aspp.branches.{parts[1][1:]}.{parts[2]}"
-    if (len(parts) == 5 and parts[0][:5] == "layer" and parts[1].startswith("block")
-            and parts[2] in _SUB and parts[3] in ("conv", "bn")):
-        layer = int(parts[0][5:]) - 1
-        block = int(parts[1][5:]) - 1
-        conv, bn = _SUB[parts[2]]
-        return f"backbone.layer{layer}.{block}.{conv if parts[3] == 'conv' else bn}.{parts[4]}"
-    return None
+def init_path(value: str) -> Path:
+    """``deeplab.init`` as a file: absolute, relative to the working folder, or relative to the
+    data folder (``CPFCTE_DATA``, where the batch's COCO-init run looks: ``models/...``)."""
+    from cpfcte.paths import data_dir
+
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return data_dir() / path
 
 
-def load_init(model: DeepLabV2, path: Path) -> None:
-    """Initialise from a local file: this project's own state dict, or a kazuto1011-style
-    DeepLabv2 checkpoint through the key mapping above."""
+def _read_state(path: Path) -> dict:
     if not path.is_file():
-        raise CpfcteError(f"{path}: DeepLab init file not found")
+        raise CpfcteError(f"{path}: DeepLab init file not found; for the COCO-pretrained init "
+                          "download deeplabv1_resnet101-coco.pth (kazuto1011/deeplab-pytorch, "
+                          "README) and put it there, or set deeplab.init=PATH")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CpfcteError(f"{path}: cannot read ({e})") from None
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CpfcteError(f"{path}: not a state dict")
+    return state
+
+
+def is_kazuto_checkpoint(path: Path) -> bool:
+    """Whether a file holds kazuto1011-style keys (``layer2.block1.reduce...``)."""
+    if not path.is_file():
+        return False
+    return any(".block" in k and (".reduce." in k or ".conv3x3." in k) for k in _read_state(path))
+
+
+def load_init(model: DeepLabV2, path: Path) -> None:
+    """Initialise from a local file: this project's own DeepLabv2 state dict (same backbone), or
+    a kazuto1011/deeplab-pytorch checkpoint into the Caffe-style ResNet (``kazuto_key``). The
+    ASPP is kept only when its class count matches; otherwise it starts fresh. A file that fits
+    neither network is refused, naming it."""
+    from cpfcte import caffe_resnet
+
+    state = _read_state(path)
     own = model.state_dict()
     if not any(k in own for k in state):
-        state = {m: v for k, v in state.items() if (m := map_kazuto_key(k)) is not None}
+        state = {m: v for k, v in state.items() if (m := caffe_resnet.kazuto_key(k)) is not None}
     if any(k.startswith("aspp.") and k in own and own[k].shape != v.shape
            for k, v in state.items()):
         state = {k: v for k, v in state.items() if not k.startswith("aspp.")}
@@ -208,10 +298,12 @@ def load_init(model: DeepLabV2, path: Path) -> None:
                and not k.endswith("num_batches_tracked")]
     bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
     if missing or bad:
-        raise CpfcteError(f"{path}: does not fit DeepLabv2 with backbone "
-                          f"{type(model.backbone).__name__}: {len(missing)} missing (e.g. "
-                          f"{missing[:3]}), {len(bad)} unexpected or of another shape (e.g. "
-                          f"{bad[:3]})")
+        kind = type(model.backbone).__name__
+        raise CpfcteError(f"{path}: does not fit DeepLabv2 with backbone {kind}: "
+                          f"{len(missing)} missing (e.g. {missing[:3]}), {len(bad)} unexpected "
+                          f"or of another shape (e.g. {bad[:3]}); a kazuto1011 checkpoint needs "
+                          f"deeplab.backbone={caffe_resnet.NAME}, this project's own needs the "
+                          "backbone it was trained with")
     model.load_state_dict(state, strict=False)
 
 
@@ -235,16 +327,24 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
 
 class PseudoLabelData(torch.utils.data.Dataset):
     """Sample ``k`` of the training stream: an image of ``voc`` with its pseudo label, rescaled
-    by a random factor, padded and randomly cropped to crop×crop, randomly flipped. Everything
-    random comes from (seed, k), so batch i = samples i·B .. i·B+B-1 is reproducible."""
+    by a random factor (one of ``choices``, as kazuto1011's ``SCALES``, or uniform in ``scale``
+    when there are none), padded and randomly cropped to crop×crop, randomly flipped.
+    Everything random comes from (seed, k), so batch i = samples i·B .. i·B+B-1 is
+    reproducible."""
 
     def __init__(self, voc, label_dir: Path, crop: int, scale=(0.5, 1.5), flip: bool = True,
-                 seed: int = 0, pad_rgb=(124, 116, 104)):
+                 seed: int = 0, pad_rgb=(124, 116, 104), choices: tuple = ()):
         self.voc, self.label_dir, self.crop = voc, Path(label_dir), crop
         self.scale, self.flip, self.seed, self.pad_rgb = scale, flip, seed, pad_rgb
+        self.choices = tuple(float(c) for c in choices)
 
     def __len__(self) -> int:  # the stream is indexed by sample number, not by image
         return 2**62
+
+    def draw_scale(self, rng: np.random.Generator) -> float:
+        if self.choices:
+            return self.choices[int(rng.integers(len(self.choices)))]
+        return float(rng.uniform(*self.scale))
 
     def __getitem__(self, k: int):
         from cpfcte.io import read_label_png
@@ -256,7 +356,7 @@ class PseudoLabelData(torch.utils.data.Dataset):
         if label.shape != (img.height, img.width):
             raise CpfcteError(f"{self.label_dir / (self.voc.ids[i] + '.png')}: pseudo label is "
                               f"{label.shape[::-1]}, image is {img.size}")
-        s = rng.uniform(*self.scale)
+        s = self.draw_scale(rng)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
         img = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.uint8)
         label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
@@ -329,14 +429,14 @@ def check_crop(voc, dl) -> None:
     for i, image_id in enumerate(voc.ids):
         with Image.open(voc.image_path(i)) as im:
             w, h = im.size
-        if max(w, h) * dl.scale_max < dl.crop:
+        if max(w, h) * dl.largest_scale() < dl.crop:
             small += 1
             example = example or f"{image_id}: {w}×{h}"
     if small * 2 > len(voc):
         raise CpfcteError(f"deeplab.crop={dl.crop} exceeds the images: {small} of {len(voc)} "
                           f"{voc.split} images are smaller than {dl.crop} px on both sides even "
-                          f"at scale {dl.scale_max:g} (e.g. {example}); lower deeplab.crop or "
-                          "raise deeplab.scale_max")
+                          f"at scale {dl.largest_scale():g} (e.g. {example}); lower "
+                          "deeplab.crop or raise the largest training scale")
 
 
 @releases_locks
@@ -354,16 +454,18 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     from cpfcte.data import open_split
     from cpfcte.progress import progress_bar
     from cpfcte.pseudo import pseudo_label_dir
-    from cpfcte.train import _barrier, dist_info, resolve_device, set_seed
+    from cpfcte.distributed import barrier, dist_info, resolve_device
+    from cpfcte.train import set_seed
 
     if max_iterations is not None and max_iterations < 0:
         raise CpfcteError(f"--max-iterations {max_iterations}: must be ≥ 0")
     numerics.apply(cfg)
+    cfg = detect_backbone(cfg)
     dl = cfg.deeplab
-    world, rank, local = dist_info()
+    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
+    world, rank, local, device = dist_info(device)    # each rank on its GPU before any barrier
     if dl.batch % world:
         raise CpfcteError(f"deeplab.batch={dl.batch} is not divisible by {world} processes")
-    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
     labels = pseudo_label_dir(pseudo_dir)
     voc = open_split(cfg, cfg.train_split)
     pseudo_dir = check_pseudo_labels(labels, voc)
@@ -372,11 +474,10 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     if rank == 0:
         folder = RunFolder(run_dir).start("deeplab", cfg, cfg.deeplab_fields(),
                                           pseudo_dir=str(pseudo_dir))
-    _barrier(world)
+    barrier(world)
     folder = RunFolder(run_dir)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
+    if device.type == "cuda":                         # fixed crops: let cuDNN pick its kernels
+        torch.backends.cudnn.benchmark = True
     progress = progress and rank == 0
     set_seed(cfg.seed)
     model = build_deeplab(cfg, len(voc.classes)).to(device)
@@ -390,9 +491,8 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
         start, history = state["iteration"], state["history"]
     total = dl.iterations
     stop = total if max_iterations is None else min(total, start + max_iterations)
-    mean = tuple(int(round(255 * m)) for m in model.mean.flatten().tolist())
     data = PseudoLabelData(voc, pseudo_dir, dl.crop, (dl.scale_min, dl.scale_max), True,
-                           cfg.seed, mean)
+                           cfg.seed, model.pad_rgb, tuple(dl.scale_choices))
     per_rank = dl.batch // world
     loader = torch.utils.data.DataLoader(
         data, batch_size=per_rank,
@@ -427,7 +527,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             outs = msc_logits(wrapped, x) if dl.msc else [wrapped(x)]
-        loss = msc_loss(outs, y, dl.msc_loss, world)
+        loss = msc_loss(outs, y, dl.msc_loss, world, dl.loss_size)
         optimizer.zero_grad(set_to_none=True)
         if guard.step(loss, it):
             loss.backward()
@@ -451,14 +551,14 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                                         "optimizer": optimizer.state_dict(), "iteration": it,
                                         "history": history, "digest": digest})
                 folder.append_log(history[-1])
-            _barrier(world)
+            barrier(world)
     bar.close()
     summary = {"iterations_done": it, "iterations": total, "complete": it >= total,
                "history": history, "parameters": count_parameters(model), "digest": digest,
                "processes": world}
     if rank == 0:
         folder.write_summary(summary)
-    _barrier(world)
+    barrier(world)
     return summary
 
 
@@ -471,7 +571,7 @@ def train_deeplab_distributed(cfg: Config, pseudo_dir: str | Path, run_dir: str 
 
     from cpfcte.io import read_json, write_json
     from cpfcte.runfolder import SUMMARY
-    from cpfcte.train import check_nproc
+    from cpfcte.distributed import check_nproc
 
     check_nproc(nproc, cfg.device, cfg.deeplab.batch, "deeplab.batch")
     run_dir = Path(run_dir).resolve()
@@ -496,7 +596,7 @@ def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
     """The trained DeepLabv2 of a run folder (on ``cfg.device``, in eval mode)."""
     from cpfcte.config import derive
     from cpfcte.data import classes_of
-    from cpfcte.train import resolve_device
+    from cpfcte.distributed import resolve_device
 
     folder = RunFolder(run_dir)
     state = folder.load_checkpoint(cfg.deeplab_digest())
@@ -518,36 +618,56 @@ def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict_probs(model: DeepLabV2, image: np.ndarray, scales=(1.0,), flip: bool = False, *,
-                  single: bool = False):
-    """Softmax probabilities (C, H, W) of an H×W×3 uint8 image: the mean over ``scales`` (and
-    horizontal flips) of the softmax of the logits upsampled bilinearly to H×W. With
-    ``single``, also the single-scale probabilities (scale 1, not flipped; the view of that
-    mean, or computed when 1 is not among the scales): ``(mean, single)``."""
-    device = model.mean.device
+                  single: bool = False, views: str = "mean", amp: bool = True):
+    """Softmax probabilities (C, H, W) of an H×W×3 uint8 image. ``views="mean"``: the mean over
+    ``scales`` (and horizontal flips, batched with their image) of the softmax of the logits
+    upsampled bilinearly to H×W. ``views="msc_max"`` (kazuto1011's test: his ``MSC`` in eval
+    mode): the element-wise max of the logits at scales 1, 0.75, 0.5 (``msc_logits``), upsampled
+    to H×W, then the softmax; ``scales`` and ``flip`` are not used. With ``single``, also the
+    single-scale probabilities (scale 1, not flipped): ``(probs, single)``. On CUDA the
+    network runs under bf16 autocast with ``amp``; the softmax and the mean in float32."""
+    device = model.device
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                        enabled=amp and device.type == "cuda"):
+        return _predict_probs(model, image, scales, flip, single, views)
+
+
+def _predict_probs(model, image, scales, flip, single, views):
+    device = model.device
     h, w = image.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device)
+
+    def probs_of(logits: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(logits.float(), size=(h, w), mode="bilinear",
+                             align_corners=False).softmax(dim=1)
+
+    if views == "msc_max":
+        outs = msc_logits(model, x)
+        probs = probs_of(outs[-1])[0]
+        return (probs, probs_of(outs[0])[0]) if single else probs
+    if views != "mean":
+        raise CpfcteError(f"deeplab.test_views={views!r} is not mean or msc_max")
     total = torch.zeros((model.num_classes, h, w), device=device)
     n, one = 0, None
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x.float() / 255.0, size=(max(1, round(h * s)),
-                                                                        max(1, round(w * s))),
+        xs = x if s == 1.0 else F.interpolate(unit_range(x), size=(max(1, round(h * s)),
+                                                                   max(1, round(w * s))),
                                               mode="bilinear", align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            inp = xs.flip(-1) if flipped else xs
-            logits = model(inp)
-            if flipped:
-                logits = logits.flip(-1)
-            up = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            probs = up[0].softmax(dim=0)
-            total += probs
-            n += 1
-            if s == 1.0 and not flipped:
-                one = probs
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        logits = model(batch)
+        if flip:
+            logits = torch.cat([logits[:1], logits[1:].flip(-1)])
+        probs = probs_of(logits)
+        total += probs.sum(dim=0)
+        n += len(probs)
+        if s == 1.0:
+            one = probs[0]
     if not single:
         return total / n
     if one is None:
-        one = predict_probs(model, image)
+        one = probs_of(model(x))[0]
     return total / n, one
 
 
@@ -596,7 +716,8 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
             if not (need_plain or need_crf):
                 continue
             image = np.asarray(voc.image(i), dtype=np.uint8)
-            probs, one = predict_probs(model, image, scales, flip, single=True)
+            probs, one = predict_probs(model, image, scales, flip, single=True,
+                                       views=cfg.deeplab.test_views, amp=cfg.deeplab.amp)
             probs = probs.cpu().numpy()
             if need_plain:
                 save_label_png(single / f"{image_id}.png",
@@ -624,6 +745,7 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     from cpfcte.data import open_split
     from cpfcte.pseudo import score_or_none
 
+    cfg = detect_backbone(cfg)
     folder = RunFolder(run_dir)
     summary = train_deeplab(cfg, pseudo_dir, folder.path, progress=progress)
     model = load_deeplab(folder.path, cfg)
@@ -638,6 +760,7 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     if cfg.deeplab.crf:
         levels["crf"] = score(pred["crf_dir"])
     last = list(levels)[-1]
+    labels = cfg.deeplab.level_labels()
     metrics = {"stage": "deeplab", "profile": cfg.profile, "dataset": cfg.dataset,
                "split": voc.split, "pseudo_dir": folder.record()["pseudo_dir"],
                "config_digest": summary["digest"], "parameters": summary["parameters"],
@@ -645,14 +768,15 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                "test_scales": list(cfg.deeplab.test_scales), "flip": cfg.deeplab.flip_test,
                "pred_dir": pred["pred_dir"], "crf_dir": pred["crf_dir"],
                "single_dir": pred["single_dir"],
-               "levels": {k: {"label": DEEPLAB_TEST_LEVELS[k], "miou": v["miou"],
+               "test_views": cfg.deeplab.test_views,
+               "levels": {k: {"label": labels[k], "miou": v["miou"],
                               "iou": v["iou"]} for k, v in levels.items()},
                "no_crf": {k: levels["multi_scale"][k] for k in ("miou", "iou")},
                "timing": {"predict_seconds": pred["seconds"]},
                "weights": cfg.init_stamp(),
-               "numerics": numerics.describe(model.mean.device),
+               "numerics": numerics.describe(model.device),
                **levels[last],
-               "level": f"segmentation (DeepLabv2, {DEEPLAB_TEST_LEVELS[last]})"}
+               "level": f"segmentation (DeepLabv2, {labels[last]})"}
     if cfg.deeplab.crf:
         metrics["crf_params"] = cfg.test_crf().describe()
     folder.write_metrics(metrics)

@@ -33,14 +33,15 @@ def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     """Everything the explorer shows of image ``index``: the image, its label classes, the patch
     probabilities (C, h, w) at the inference size, the pooled image scores, the top-k patch
     indices per class, the BPM and (with ``crf``) the CRF mask."""
-    from cpfcte.crf import crf_labels, upsampled_probs
+    from cpfcte.crf import crf_labels
     from cpfcte.pooling import pool
-    from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs, resized_input
+    from cpfcte.pseudo import (aligned, bpm_from_probs, crf_start, infer_size_for, patch_probs,
+                               resized_input)
 
     size = infer_size_for(cfg, model.patch_size[0])
     img = voc.image(index)
     image = np.asarray(img, dtype=np.uint8)
-    x = resized_input(img, size)[None].to(next(model.parameters()).device)
+    x = resized_input(img, size, cfg.resize)[None].to(next(model.parameters()).device)
     grid = patch_probs(model, x)[0]                                           # (C, h, w)
     flat = grid.flatten(1).T                                                  # (s, C)
     k = min(cfg.k, flat.shape[0]) if cfg.pooling == "topk" else 1
@@ -49,10 +50,11 @@ def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     view = {"image": image, "labels": voc.labels(index), "grid": grid.cpu().numpy(),
             "pooled": pool(flat[None], cfg.pooling, cfg.k)[0].cpu().numpy(),
             "topk": flat.topk(k, dim=0).indices.T.cpu().numpy(),              # (C, k)
-            "bpm": bpm_from_probs(grid, labels, (h, w)), "id": voc.ids[index]}
+            "bpm": bpm_from_probs(grid, labels, (h, w), norm=cfg.bpm_norm,
+                                  align_corners=aligned(cfg)), "id": voc.ids[index]}
     if crf:
-        present = np.flatnonzero(view["labels"])
-        probs = upsampled_probs(view["grid"][present], (h, w))
+        probs, present = crf_start(grid, labels, (h, w), norm=cfg.bpm_norm,
+                                   align_corners=aligned(cfg))
         view["crf"] = crf_labels(image, probs, present, cfg.crf)
     return view
 
@@ -83,7 +85,7 @@ def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
         grid, classes = load_grid_probs(probs_dirs[0] / f"{image_id}.npz")
         with Image.open(voc.image_path(i)) as im:
             w, h = im.size
-        probs = upsampled_probs(grid, (h, w))            # the image's classes only
+        probs = upsampled_probs(grid, (h, w), cfg.resize == "pcm")  # the image's classes
         cm.update(biased_argmax(probs, classes, bias), read_label_png(gt / f"{image_id}.png"),
                   image_id, gt_name=str(gt / f"{image_id}.png"))
     return cm.miou()
@@ -209,7 +211,8 @@ def class_evidence(model, cfg, voc, *, size: int | None = None) -> list[dict]:
         present = np.flatnonzero(voc.labels(i))[1:]
         if not len(present):
             continue
-        grid = patch_probs(model, resized_input(voc.image(i), size)[None].to(device))[0]
+        grid = patch_probs(model, resized_input(voc.image(i), size, cfg.resize)[None]
+                           .to(device))[0]
         z = grid.flatten(1).cpu().numpy()                                       # (C, s)
         h, w = grid.shape[1:]
         gt = Image.fromarray(read_label_png(gt_dir / f"{voc.ids[i]}.png"))

@@ -25,7 +25,8 @@ class FiniteGuard:
                  world: int = 1):
         self.run, self.unit, self.skip, self.world = run, unit, skip, world
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.skipped = 0
+        self.index = torch.zeros((), dtype=torch.long, device=device)   # the step, filled in
+        self.skipped = 0                                                # place: no copy
 
     def step(self, loss: torch.Tensor, index: int) -> bool:
         """Record step ``index``'s loss; False when the step must be skipped (skip mode)."""
@@ -39,9 +40,8 @@ class FiniteGuard:
                 self.skipped += 1
                 return False
             return True
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite,
-                                     torch.as_tensor(index, device=finite.device),
-                                     self.first_bad)
+        self.index.fill_(index)                 # a kernel argument, not a host-to-device copy
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.index, self.first_bad)
         return True
 
     def check(self, model: torch.nn.Module, where: str, world: int = 1) -> None:

@@ -123,9 +123,16 @@ def headline(metrics: dict) -> dict[str, float]:
             if metrics.get("crf_dir"):
                 scores["DeepLabv2 + CRF"] = metrics["miou"]
     else:
-        scores = {"BPM": metrics["miou"]}
+        norm = {"pcm": "ViT-PCM normalisation", "none": "Eq. 10 as printed"}
+        main = f" ({norm[metrics['bpm_norm']]})" if "bpm_norm" in metrics else ""
+        scores = {f"BPM{main}": metrics["miou"]}
         if metrics.get("crf"):
-            scores["BPM + CRF"] = metrics["crf"]["miou"]
+            scores[f"BPM{main} + CRF"] = metrics["crf"]["miou"]
+        other = metrics.get("other_norm")
+        if other:
+            scores[f"BPM ({norm[other['bpm_norm']]})"] = other["miou"]
+            if other.get("crf"):
+                scores[f"BPM ({norm[other['bpm_norm']]}) + CRF"] = other["crf"]["miou"]
         scores.update({f"reference: {k}": v for k, v in (metrics.get("baselines") or {}).items()})
     return {k: round(100 * v, 1) if v is not None else "no masks" for k, v in scores.items()}
 

@@ -55,25 +55,64 @@ class ClassTokens(nn.Module):
         return torch.cat([p, t.to(p.dtype)], dim=-1)                   # (B, s, e+H)
 
 
+class SequenceDropout(nn.Module):
+    """Dropout on an LSTM's inputs with one mask per sequence, the same at every step: what a
+    Keras ``LSTM(dropout=p)`` does to its inputs (ViT-PCM's HV-BiLSTM; note 21). Input
+    (N, L, F); identity in eval mode or with p = 0."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty((x.shape[0], 1, x.shape[2]), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.p).div_(1.0 - self.p)
+
+
+class BiLSTM(nn.Module):
+    """A bidirectional LSTM (Eq. 3-5) as two one-directional ones, so that each direction gets
+    its own input-dropout mask, as each copy of a Keras ``Bidirectional(LSTM(dropout=p))``
+    does. (N, L, F) → (N, L, 2d): [→h_i; ←h_i] at every position i."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.forward_lstm = nn.LSTM(dim, hidden, batch_first=True)   # →LSTM, Eq. 3
+        self.backward_lstm = nn.LSTM(dim, hidden, batch_first=True)  # ←LSTM, Eq. 4
+        self.drop_forward = SequenceDropout(dropout)
+        self.drop_backward = SequenceDropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32 outside autocast (note 13): under CUDA autocast cuDNN's LSTM would run in
+        # float16 whatever the autocast dtype (ATen's AutocastRNN), without loss scaling
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            ahead, _ = self.forward_lstm(self.drop_forward(x))
+            back, _ = self.backward_lstm(self.drop_backward(x).flip(1))
+            return torch.cat([ahead, back.flip(1)], dim=-1)          # Eq. 5
+
+
 class CFBiLSTM(nn.Module):
     """Contextual-Fusion BiLSTM (Sec. 3.3, Fig. 2; Eq. 3–6).
 
     ``hv`` (default, Fig. 2): BiLSTM_H runs along each row of the h×w patch grid and BiLSTM_V
     along each column; their forward and backward states are concatenated and W_c maps them back
     to the input width (Eq. 6). ``raster``: one BiLSTM over the row-major sequence of s patches,
-    as the text of Sec. 3.3 reads (note 3)."""
+    as the text of Sec. 3.3 reads (note 3). ``dropout`` acts on the BiLSTMs' inputs, one mask
+    per sequence and direction (ViT-PCM's ``LSTM(dropout=0.2)``; note 21)."""
 
-    def __init__(self, dim: int, hidden: int, mode: str = "hv"):
+    def __init__(self, dim: int, hidden: int, mode: str = "hv", dropout: float = 0.0):
         super().__init__()
         if mode not in ("hv", "raster"):
             raise CpfcteError(f"CFBiLSTM mode must be hv or raster, got {mode!r}")
         self.mode = mode
         if mode == "hv":
-            self.lstm_h = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
-            self.lstm_v = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+            self.lstm_h = BiLSTM(dim, hidden, dropout)
+            self.lstm_v = BiLSTM(dim, hidden, dropout)
             self.proj = nn.Linear(4 * hidden, dim)                     # W_c, b_c
         else:
-            self.lstm = nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+            self.lstm = BiLSTM(dim, hidden, dropout)
             self.proj = nn.Linear(2 * hidden, dim)
 
     def forward(self, f: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -82,11 +121,10 @@ class CFBiLSTM(nn.Module):
         if h * w != s:
             raise CpfcteError(f"CF-BiLSTM: grid {h}×{w} does not hold {s} patches")
         if self.mode == "raster":
-            out, _ = self.lstm(f)                                      # (B, s, 2d)
-            return self.proj(out)
+            return self.proj(self.lstm(f))                             # (B, s, 2d) → (B, s, dim)
         x = f.reshape(b, h, w, dim)
-        rows, _ = self.lstm_h(x.reshape(b * h, w, dim))                # (B·h, w, 2d)
-        cols, _ = self.lstm_v(x.transpose(1, 2).reshape(b * w, h, dim))  # (B·w, h, 2d)
+        rows = self.lstm_h(x.reshape(b * h, w, dim))                   # (B·h, w, 2d)
+        cols = self.lstm_v(x.transpose(1, 2).reshape(b * w, h, dim))   # (B·w, h, 2d)
         rows = rows.reshape(b, h, w, -1)
         cols = cols.reshape(b, w, h, -1).transpose(1, 2)
         fused = torch.cat([rows, cols], dim=-1).reshape(b, s, -1)     # (B, s, 4d)
@@ -95,22 +133,21 @@ class CFBiLSTM(nn.Module):
 
 class PatchClassifier(nn.Module):
     """One linear layer W ∈ R^{(e+H)×C}, without bias as in Eq. 7 (Z = softmax(F W)), and a
-    softmax over classes. W starts near zero (normal, std 1e-3; note 4): every class starts with
-    almost the same score on every patch, so the image labels, not an arbitrary initial
-    preference, decide which patches a class takes first (heads that fine-tune a pretrained ViT
-    start at zero for the same reason; the tiny random part breaks the ties of top-k). With the
-    default initialisation, a class whose initial scores peaked off its objects could lose its
-    objects to the background in the first epoch: the toy's collapsed runs (notebook 00)."""
+    softmax over classes. W starts from N(0, ``init_std``²): 0.05, as ViT-PCM's patch
+    classifier (``RandomNormal(stddev=0.05)`` in its ``model.py``), which also carries an L2
+    penalty of 0.01 on W (``l2_penalty``, added to the loss by ``cpfcte.train``; note 4)."""
 
-    INIT_STD = 1e-3
-
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, init_std: float = 0.05):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes, bias=False)
-        nn.init.normal_(self.fc.weight, std=self.INIT_STD)
+        nn.init.normal_(self.fc.weight, std=init_std)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.fc(f)  # logits; Z = softmax(logits, -1)
+
+    def l2_penalty(self) -> torch.Tensor:
+        """ΣW², in float32 (Keras's ``L2(λ)`` regulariser is λ·ΣW²)."""
+        return self.fc.weight.float().pow(2).sum()
 
 
 class CPFCTE(nn.Module):
@@ -120,7 +157,9 @@ class CPFCTE(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, class_tokens: str = "soft",
                  token_dim: int = 256, project_tokens: bool = False, cf_bilstm: str = "hv",
-                 lstm_hidden: int = 192, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 lstm_hidden: int = 192, dropout: float = 0.0, lstm_dropout: float = 0.0,
+                 classifier_init_std: float = 0.05, mean=(0.5, 0.5, 0.5),
+                 std=(0.5, 0.5, 0.5)):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
@@ -132,8 +171,12 @@ class CPFCTE(nn.Module):
         self.token_proj = nn.Linear(dim, embed_dim) if project_tokens and self.class_tokens else None
         if self.token_proj is not None:
             dim = embed_dim
-        self.cf_bilstm = CFBiLSTM(dim, lstm_hidden, cf_bilstm) if cf_bilstm != "none" else None
-        self.classifier = PatchClassifier(dim, num_classes)
+        self.cf_bilstm = (CFBiLSTM(dim, lstm_hidden, cf_bilstm, lstm_dropout)
+                          if cf_bilstm != "none" else None)
+        # ViT-PCM's dropouts: before its HV-BiLSTM and before its patch classifier (note 21)
+        self.drop_context = nn.Dropout(dropout) if self.cf_bilstm is not None else None
+        self.drop_classifier = nn.Dropout(dropout)
+        self.classifier = PatchClassifier(dim, num_classes, classifier_init_std)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -158,8 +201,8 @@ class CPFCTE(nn.Module):
         if self.token_proj is not None:
             f = self.token_proj(f)
         if self.cf_bilstm is not None:
-            f = self.cf_bilstm(f, grid)
-        logits = self.classifier(f)
+            f = self.cf_bilstm(self.drop_context(f), grid)
+        logits = self.classifier(self.drop_classifier(f))
         return {"logits": logits, "z": logits.float().softmax(dim=-1), "grid": grid}
 
 
@@ -244,5 +287,7 @@ def build_model(cfg, num_classes: int) -> CPFCTE:
     pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
     return CPFCTE(backbone, num_classes, class_tokens=cfg.class_tokens, token_dim=cfg.token_dim,
                   project_tokens=cfg.project_tokens, cf_bilstm=cfg.cf_bilstm,
-                  lstm_hidden=cfg.lstm_hidden, mean=tuple(pcfg.get("mean", (0.5,) * 3)),
+                  lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout,
+                  lstm_dropout=cfg.lstm_dropout, classifier_init_std=cfg.classifier_init_std,
+                  mean=tuple(pcfg.get("mean", (0.5,) * 3)),
                   std=tuple(pcfg.get("std", (0.5,) * 3)))

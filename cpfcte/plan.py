@@ -7,6 +7,12 @@ to refine) divided by a throughput. The throughputs are those measured by the GP
 H200 for this project (torch 2.11, bf16, ViT-B/16 at 384): CPF-CTE training 777 img/s (batch
 64, eager), inference at 960 286 img/s, DeepLabv2 ResNet-101 training at 321 231 img/s, dense
 CRF 0.75 s per VOC image per core on 16 cores. They are estimates, labelled so.
+
+The stage-1 throughput is measured with every ViT block training (the benchmark trains all).
+ViT-PCM's regime (note 6) trains fewer: none in the warm-up, the last ``unfreeze_blocks`` after
+it. A step is then costed as the forward pass through all L blocks plus the backward pass
+through the b that train, backward counted as twice a forward: (1 + 2b/L)/3 of a full step
+(b = 5 of 12: 0.61; the warm-up's b = 0: 0.33).
 """
 
 from __future__ import annotations
@@ -46,19 +52,49 @@ def _crf_seconds(cfg: Config, images: int, tp: dict) -> float:
     return images * tp["crf_s_per_image_core"] / tp["cores"]
 
 
+def backbone_depth(cfg: Config) -> int:
+    """The number of transformer blocks of the profile's ViT (built on the meta device: no
+    weights, no memory)."""
+    import timm
+    import torch
+
+    if "depth" in (cfg.backbone_kwargs or {}):
+        return int(cfg.backbone_kwargs["depth"])
+    with torch.device("meta"):
+        model = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+    return len(model.blocks)
+
+
+def trained_blocks(cfg: Config, warm: bool, depth: int) -> int:
+    """How many ViT blocks train in an epoch (``cpfcte.train.set_phase``)."""
+    if warm and cfg.freeze_backbone_warmup:
+        return 0
+    return depth if cfg.unfreeze_blocks is None else min(depth, int(cfg.unfreeze_blocks))
+
+
+def step_fraction(blocks: int, depth: int) -> float:
+    """A stage-1 step's cost as a fraction of a step that trains every block."""
+    return (1 + 2 * blocks / depth) / 3
+
+
 def _train(cfg: Config, params: dict, tp: dict) -> float:
-    return cfg.epochs * split_size(cfg, cfg.train_split) / tp["train_img_s"]
+    n = split_size(cfg, cfg.train_split)
+    depth = backbone_depth(cfg)
+    return sum(n * step_fraction(trained_blocks(cfg, e < cfg.warmup_epochs, depth), depth)
+               for e in range(cfg.epochs)) / tp["train_img_s"]
 
 
 def _pseudo(cfg: Config, params: dict, tp: dict) -> float:
     n = split_size(cfg, params.get("split") or cfg.pseudo_split)
-    return n / tp["infer_img_s"] + _crf_seconds(cfg, n, tp)
+    refinements = 2 if params.get("both_norms") else 1         # Table 1: the BPM both ways
+    return n / tp["infer_img_s"] + refinements * _crf_seconds(cfg, n, tp)
 
 
 def _deeplab(cfg: Config, params: dict, tp: dict) -> float:
     dl = cfg.deeplab
     n = split_size(cfg, cfg.val_split)
-    views = len(dl.test_scales) * (2 if dl.flip_test else 1)
+    views = (1.75 if dl.test_views == "msc_max"           # scales 1 + 0.75² + 0.5² of the pixels
+             else len(dl.test_scales) * (2 if dl.flip_test else 1))
     train = dl.iterations * dl.batch * (1.75 if dl.msc else 1.0) / tp["deeplab_img_s"]
     return train + n * views / (4 * tp["deeplab_img_s"]) + _crf_seconds(cfg, n, tp)
 
@@ -83,6 +119,17 @@ def print_plan(profile: str, results: dict[str, dict]) -> float:
     tp = throughputs()
     total = 0.0
     print(f"\nplan for profile {profile} (throughputs: {tp['source']})")
+    try:
+        from cpfcte.config import load_config
+
+        cfg = load_config(profile)
+        depth = backbone_depth(cfg)
+        warm, main = (trained_blocks(cfg, w, depth) for w in (True, False))
+        print(f"stage 1: the backward pass runs through {warm} of {depth} ViT blocks in the "
+              f"warm-up and {main} after it: {step_fraction(warm, depth):.2f} and "
+              f"{step_fraction(main, depth):.2f} of a step that trains every block")
+    except Exception:  # noqa: BLE001 (a profile without a ViT: no stage-1 line)
+        pass
     print(f"{'run':<22}{'stage':<10}{'notebook':<26}{'profile':<10}{'estimate':>10}")
     for name, r in results.items():
         if not r.get("dry_run"):

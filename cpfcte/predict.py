@@ -76,7 +76,8 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
 
         cfg = derive(cfg, {"device": device})
     if stage == "train":
-        from cpfcte.pseudo import bpm_from_probs, infer_size_for, patch_probs, resized_input
+        from cpfcte.pseudo import (aligned, bpm_from_probs, crf_start, infer_size_for,
+                                   patch_probs, resized_input)
         from cpfcte.pooling import pool
         from cpfcte.train import load_trained
 
@@ -97,15 +98,18 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         image = np.asarray(rgb, dtype=np.uint8)
         h, w = image.shape[:2]
         if stage == "train":                   # as the pseudo-label stage: Eq. 10, then the CRF
-            grid = patch_probs(model, resized_input(rgb, size)[None].to(device_))[0]  # (C, h, w)
+            x = resized_input(rgb, size, cfg.resize)[None].to(device_)
+            grid = patch_probs(model, x)[0]                                 # (C, h, w)
             pooled = pool(grid.flatten(1).T[None], cfg.pooling, cfg.k)[0]   # (C,)
             keep = image_classes(pooled, threshold)
             present = torch.nonzero(keep).flatten().cpu().numpy()
-            labels = bpm_from_probs(grid, keep, (h, w))
+            labels = bpm_from_probs(grid, keep, (h, w), norm=cfg.bpm_norm,
+                                    align_corners=aligned(cfg))
             if crf_params is not None:
-                from cpfcte.crf import crf_labels, upsampled_probs
+                from cpfcte.crf import crf_labels
 
-                probs = upsampled_probs(grid.cpu().numpy()[present], (h, w))
+                probs, present = crf_start(grid, keep, (h, w), norm=cfg.bpm_norm,
+                                           align_corners=aligned(cfg))
                 labels = crf_labels(image, probs, present, crf_params)
             if scores:
                 (out / "scores").mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,8 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
             kept[path.stem] = [classes[i] for i in present if i > 0]
         else:                                  # as DeepLabv2's prediction of val
             probs = predict_probs(model, image, tuple(cfg.deeplab.test_scales),
-                                  cfg.deeplab.flip_test).cpu().numpy()
+                                  cfg.deeplab.flip_test,
+                                  views=cfg.deeplab.test_views).cpu().numpy()
             labels = probs.argmax(0).astype(np.uint8)
             if crf_params is not None:
                 from cpfcte.crf import crf_labels

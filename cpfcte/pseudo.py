@@ -3,7 +3,9 @@ refinement (``cpfcte.crf``; note 8).
 
 For each image: resize to infer_size × infer_size (the ViT's position embeddings are
 interpolated by timm), Z = softmax over classes per patch, zero the classes absent from the
-image label (background is always kept), bilinear upsample to the original size, argmax. The
+image label (background is always kept), ViT-PCM's normalisation (``bpm_norm=pcm``: each class
+map over its maximum, then renormalised over the classes; ``none``: Eq. 10 as printed), bilinear
+upsample to the original size, argmax; the CRF starts from the same normalised maps. The
 masks are written as palette PNGs, atomically, and images already done are skipped, so a killed
 run resumes where it stopped. The stage runs with a ``Config`` derived from the training run's
 (``cpfcte.runfolder.run_config``) and records it in its own run folder, from which DeepLabv2's
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 
 from cpfcte import numerics
-from cpfcte.config import Config, derive
+from cpfcte.config import BPM_NORMS, Config, derive
 from cpfcte.data.voc import VOCDataset
 from cpfcte.errors import CpfcteError
 from cpfcte.guard import refuse_ground_truth
@@ -36,24 +38,85 @@ def mask_absent_classes(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return probs * labels[:, :, None, None].to(probs.dtype)
 
 
-def bpm_from_probs(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """One image: patch-grid probabilities (C, h, w) → H×W label map (uint8)."""
-    masked = mask_absent_classes(probs[None], labels[None])
-    up = torch.nn.functional.interpolate(masked, size=size, mode="bilinear", align_corners=False)
+def bpm_grid(probs: torch.Tensor, labels: torch.Tensor, norm: str = "pcm") -> torch.Tensor:
+    """The BPM's maps on the patch grid, (B, C, h, w) → (B, C, h, w) (note 7): the classes
+    absent from the image labels (B, C) zeroed, then with ``norm="pcm"`` ViT-PCM's
+    ``merge_class_labels`` (its ``model.py``): each class map divided by its maximum over the
+    image (background included), then each patch renormalised over the classes (0/0 → 0).
+    ``norm="none"``: Eq. 10 as printed, the masked softmax alone. The BPM is their argmax after
+    the upsampling; the CRF starts from the same maps."""
+    masked = mask_absent_classes(probs, labels)
+    if norm == "none":
+        return masked
+    if norm != "pcm":
+        raise CpfcteError(f"bpm_norm {norm!r} is not pcm or none")
+    peak = masked.amax(dim=(2, 3), keepdim=True)
+    scaled = torch.where(peak > 0, masked / peak.clamp_min(1e-30), torch.zeros_like(masked))
+    total = scaled.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, scaled / total.clamp_min(1e-30), torch.zeros_like(scaled))
+
+
+def bpm_from_probs(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], *,
+                   norm: str = "pcm", align_corners: bool = True) -> np.ndarray:
+    """One image: patch-grid probabilities (C, h, w) → H×W label map (uint8): ``bpm_grid``,
+    bilinear upsampling (corners aligned, as ViT-PCM's ``resize``; ``align_corners=False``:
+    half-pixel centres, ``resize=pil``), argmax."""
+    maps = bpm_grid(probs[None], labels[None].to(probs.device), norm)
+    up = torch.nn.functional.interpolate(maps, size=size, mode="bilinear",
+                                         align_corners=align_corners)
     return up[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
-def resized_input(image: Image.Image, size: int) -> torch.Tensor:
-    """An RGB image resized (bilinear) to ``size``×``size``: the model's uint8 (3, S, S) input
-    at inference."""
-    return torch.from_numpy(np.asarray(image.resize((size, size), Image.BILINEAR),
-                                       dtype=np.uint8).transpose(2, 0, 1).copy())
+def crf_start(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], *,
+              norm: str = "pcm", align_corners: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Where the CRF starts for one image, as the pseudo-label stage's CRF does: the BPM's grid
+    maps (``bpm_grid``) of the image's classes, upsampled to ``size`` and renormalised over
+    them (``cpfcte.crf.upsampled_probs``), and those classes: ``(probs K×H×W, classes)``."""
+    from cpfcte.crf import upsampled_probs
+
+    present = torch.nonzero(labels > 0).flatten()
+    maps = bpm_grid(probs[None], labels[None].to(probs.device), norm)[0][present]
+    return (upsampled_probs(maps.cpu().numpy(), size, align_corners),
+            present.cpu().numpy())
+
+
+def aligned(cfg: Config) -> bool:
+    """Whether a run's bilinear resizes align the corners (``resize=pcm``, ViT-PCM's resize)."""
+    return cfg.resize == "pcm"
+
+
+def resized_input(image: Image.Image, size: int, mode: str = "pcm") -> torch.Tensor:
+    """An RGB image resized to ``size``×``size`` (``cpfcte.transforms.resize_image``): the
+    model's (3, S, S) input at inference, uint8 (``pil``) or float32 in [0, 1] (``pcm``)."""
+    from cpfcte.transforms import resize_image, to_input
+
+    return to_input(resize_image(image, size, mode))
+
+
+class InferenceImages(torch.utils.data.Dataset):
+    """The images of a split, decoded and resized for inference in DataLoader workers: item
+    j is (j, the model's input, (H, W) of the image). Decoding and resizing are deterministic,
+    so the inputs are the same bits with 0 or N workers."""
+
+    def __init__(self, voc: VOCDataset, indices: list[int], size: int, mode: str):
+        self.voc, self.indices, self.size, self.mode = voc, indices, size, mode
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        img = self.voc.image(self.indices[j])
+        return j, resized_input(img, self.size, self.mode), torch.tensor([img.height, img.width])
 
 
 @torch.no_grad()
-def patch_probs(model: CPFCTE, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32."""
-    out = model(images)
+def patch_probs(model: CPFCTE, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32. On CUDA the network runs under
+    bf16 autocast with ``amp`` (the softmax, and everything after it, in float32; note 13)."""
+    cuda = images.device.type == "cuda"
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
+                        enabled=amp and cuda):
+        out = model(images)
     z, (h, w) = out["z"], out["grid"]
     return z.float().transpose(1, 2).reshape(z.shape[0], z.shape[2], h, w)
 
@@ -75,44 +138,55 @@ def baseline_mask(kind: str, labels: np.ndarray, size: tuple[int, int]) -> np.nd
 
 def make_pseudo_labels(model: CPFCTE, voc: VOCDataset, out_dir: str | Path, *, infer_size: int,
                        batch_size: int = 8, probs_dir: str | Path | None = None,
-                       progress: bool = True) -> dict:
-    """Write the BPM of every image of ``voc`` to ``out_dir/<id>.png`` and, with ``probs_dir``,
-    the masked patch-grid probabilities the CRF stage starts from (``<id>.npz``, only the
-    classes of the image label); skip the images whose outputs are all present."""
+                       norm: str = "pcm", resize: str = "pcm", workers: int = 0,
+                       variants: dict[str, tuple[Path, Path | None]] | None = None,
+                       amp: bool = True, progress: bool = True) -> dict:
+    """Write the BPM (``norm``) of every image of ``voc`` to ``out_dir/<id>.png`` and, with
+    ``probs_dir``, the BPM's grid maps the CRF stage starts from (``<id>.npz``, only the
+    classes of the image label); skip the images whose outputs are all present.
+    ``variants`` {norm: (bpm folder, probs folder or None)} adds BPMs of other normalisations
+    from the same forward pass (Table 1 shows both). ``workers`` DataLoader workers decode and
+    resize the images."""
     from cpfcte.crf import save_grid_probs
     from cpfcte.io import clean_partial
     from cpfcte.progress import progress_bar
 
-    out_dir = refuse_ground_truth(Path(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_partial(out_dir)
-    if probs_dir is not None:
-        probs_dir = refuse_ground_truth(Path(probs_dir))
-        probs_dir.mkdir(parents=True, exist_ok=True)
-        clean_partial(probs_dir)
+    outputs = {norm: (Path(out_dir), Path(probs_dir) if probs_dir is not None else None)}
+    outputs.update(variants or {})
+    for bpm_dir, grid_dir in outputs.values():
+        for folder in (bpm_dir, grid_dir):
+            if folder is not None:
+                refuse_ground_truth(folder).mkdir(parents=True, exist_ok=True)
+                clean_partial(folder)
 
     def done(i: int) -> bool:
-        return (out_dir / f"{voc.ids[i]}.png").exists() and (
-            probs_dir is None or (probs_dir / f"{voc.ids[i]}.npz").exists())
+        return all((b / f"{voc.ids[i]}.png").exists() and
+                   (g is None or (g / f"{voc.ids[i]}.npz").exists())
+                   for b, g in outputs.values())
 
     device = next(model.parameters()).device
     todo = [i for i in range(len(voc)) if not done(i)]
     t0 = time.time()
     bar = progress_bar(total=len(todo), desc=f"pseudo labels @{infer_size}", disable=not progress,
-               leave=False)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        imgs = [voc.image(i) for i in chunk]
-        x = torch.stack([resized_input(im, infer_size) for im in imgs]).to(device)
-        probs = patch_probs(model, x)
-        for j, i in enumerate(chunk):
+                       leave=False)
+    loader = torch.utils.data.DataLoader(
+        InferenceImages(voc, todo, infer_size, resize), batch_size=batch_size,
+        num_workers=workers, pin_memory=device.type == "cuda")
+    align = resize == "pcm"
+    for js, x, sizes in loader:
+        probs = patch_probs(model, x.to(device, non_blocking=True), amp)
+        for b, (j, (h, w)) in enumerate(zip(js.tolist(), sizes.tolist())):
+            i = todo[j]
             labels = torch.from_numpy(voc.labels(i)).to(device)
-            w, h = imgs[j].size
-            if probs_dir is not None:
-                save_grid_probs(probs_dir / f"{voc.ids[i]}.npz", probs[j].cpu().numpy(),
-                                labels.cpu().numpy())
-            save_label_png(out_dir / f"{voc.ids[i]}.png", bpm_from_probs(probs[j], labels, (h, w)))
-        bar.update(len(chunk))
+            for variant, (bpm_dir, grid_dir) in outputs.items():
+                if grid_dir is not None:
+                    maps = bpm_grid(probs[b][None], labels[None], variant)[0]
+                    save_grid_probs(grid_dir / f"{voc.ids[i]}.npz", maps.cpu().numpy(),
+                                    labels.cpu().numpy())
+                save_label_png(bpm_dir / f"{voc.ids[i]}.png",
+                               bpm_from_probs(probs[b], labels, (h, w), norm=variant,
+                                              align_corners=align))
+        bar.update(len(js))
     bar.close()
     return {"written": len(todo), "skipped": len(voc) - len(todo),
             "seconds": round(time.time() - t0, 3)}
@@ -146,11 +220,14 @@ def infer_size_for(cfg: Config, patch: int) -> int:
 
 @releases_locks
 def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf: bool = True,
-                 baselines: bool = True, progress: bool = True) -> dict:
+                 baselines: bool = True, both_norms: bool = False,
+                 progress: bool = True) -> dict:
     """Make the BPMs of the ``cfg.pseudo_split`` images with the model of ``train_run`` and
     (with ``crf``) their dense-CRF refinement (``cfg.crf``), score both, and write
     ``metrics.json`` in ``run_dir``. ``cfg`` is the training run's config or one derived from
-    it (other inference size, split, CRF settings, device); it is recorded in ``run_dir``."""
+    it (other inference size, split, BPM normalisation, CRF settings, device); it is recorded
+    in ``run_dir``. With ``both_norms`` the BPM of the other normalisation (``bpm_norm``) is
+    made too, with its CRF, and scored under ``metrics["other_norm"]`` (Table 1's rows)."""
     from cpfcte.data import open_split
     from cpfcte.metrics import evaluate_dirs
     from cpfcte.train import load_trained
@@ -158,7 +235,8 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     numerics.apply(cfg)
     model, cfg = load_trained(train_run, cfg)
     folder = RunFolder(run_dir).start(
-        "pseudo", cfg, {"training": cfg.digest(), "crf": cfg.crf.parameters()},
+        "pseudo", cfg, {"training": cfg.digest(), "crf": cfg.crf.parameters(),
+                        "bpm_norm": cfg.bpm_norm, "both_norms": both_norms},
         train_run=str(train_run))
     patch = model.patch_size[0]
     size = infer_size_for(cfg, patch)
@@ -166,15 +244,21 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     voc = open_split(cfg, split)
     bpm_dir = folder.path / f"bpm_{split}_{size}"
     probs_dir = folder.path / f"probs_{split}_{size}" if crf else None
+    other = next(n for n in BPM_NORMS if n != cfg.bpm_norm)
+    variants = ({other: (folder.path / f"bpm_{other}_{split}_{size}",
+                         folder.path / f"probs_{other}_{split}_{size}" if crf else None)}
+                if both_norms else {})
     timing = make_pseudo_labels(model, voc, bpm_dir, infer_size=size, probs_dir=probs_dir,
-                                batch_size=cfg.infer_batch, progress=progress)
+                                batch_size=cfg.infer_batch, norm=cfg.bpm_norm,
+                                resize=cfg.resize, workers=cfg.infer_workers,
+                                variants=variants, amp=cfg.amp, progress=progress)
     gt = voc.gt_dir_or_none()                      # None: a dataset without masks
     scores = score_or_none(bpm_dir, gt, voc)
     metrics = {
         "stage": "pseudo_labels", "level": "pseudo-label (BPM, no CRF)", "profile": cfg.profile,
         "dataset": cfg.dataset, "split": split, "train_run": str(Path(train_run)),
         "config_digest": cfg.digest(), "infer_size": size, "patches_per_side": size // patch,
-        "bpm_dir": str(bpm_dir), **scores, "timing": timing,
+        "bpm_norm": cfg.bpm_norm, "bpm_dir": str(bpm_dir), **scores, "timing": timing,
         "numerics": numerics.describe(next(model.parameters()).device),
     }
     if gt is not None:                             # where each class's image score comes from
@@ -184,6 +268,13 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
     if crf:
         metrics["crf"] = crf_refine(voc, probs_dir, folder.path / f"crf_{split}_{size}", gt,
                                     cfg, progress=progress)
+    for norm, (other_bpm, other_probs) in variants.items():
+        metrics["other_norm"] = {"bpm_norm": norm, "bpm_dir": str(other_bpm),
+                                 **score_or_none(other_bpm, gt, voc)}
+        if crf:
+            metrics["other_norm"]["crf"] = crf_refine(
+                voc, other_probs, folder.path / f"crf_{norm}_{split}_{size}", gt, cfg,
+                progress=progress)
     if baselines and gt is not None:
         metrics["baselines"] = {
             kind: evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids)["miou"]
@@ -209,7 +300,8 @@ def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path | None,
     from cpfcte.crf import CRFJob, crf_stage
 
     jobs = [CRFJob(str(out_dir / f"{image_id}.png"), str(voc.image_path(i)),
-                   str(probs_dir / f"{image_id}.npz")) for i, image_id in enumerate(voc.ids)]
+                   str(probs_dir / f"{image_id}.npz"), align_corners=aligned(cfg))
+            for i, image_id in enumerate(voc.ids)]
     run = crf_stage(jobs, cfg.crf, progress=progress)
     raise_on_failures(run, out_dir)
     scores = score_or_none(out_dir, gt, voc)

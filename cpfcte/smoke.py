@@ -41,10 +41,16 @@ SMOKE_OVERRIDES = {
 # the sizes that shape the computation, checked to be the profile's own
 PAPER_SIZES = {"img_size": 384, "infer_size": 960, "deeplab.crop": 321,
                "deeplab.backbone": "resnet101.tv_in1k", "deeplab.msc": True,
-               "deeplab.test_scales": [0.5, 0.75, 1.0, 1.25, 1.5], "deeplab.flip_test": True,
-               "deeplab.crf": True}
+               "deeplab.scale_choices": [0.5, 0.75, 1.0, 1.25, 1.5],
+               "deeplab.loss_size": "logits", "deeplab.test_views": "msc_max",
+               "deeplab.crf": True, "backbone": "vit_base_patch16_384.orig_in21k_ft_in1k",
+               "unfreeze_blocks": 5, "bpm_norm": "pcm", "augment": "pcm", "resize": "pcm",
+               "dropout": 0.2, "lstm_dropout": 0.2, "classifier_init_std": 0.05,
+               "classifier_l2": 0.01, "crf.bilateral_sxy": 67.0}
 RUNS = {"voc": ("train_full", "pseudo_full", "pseudo_trainaug", "deeplab_full"),
         "coco": ("train_coco", "pseudo_coco", None, "deeplab_coco")}
+# the voc batch's DeepLabv2 from kazuto1011's COCO init (Table 2): its run and file
+COCO_INIT_RUN, COCO_INIT_FILE = "deeplab_coco_init", "models/deeplabv1_resnet101-coco.pth"
 
 
 class SmokeFailure(CpfcteError):
@@ -148,12 +154,17 @@ def smoke_profile(stages: Stages, profile: str) -> dict:
                                 train_run, "--set", *sets))
     _check(out["complete"] and out["epochs_done"] == 2, f"{profile} training: {out}")
     _finite(out["last"]["loss"], f"{profile} training loss")
-    result = {"train_loss": out["last"]["loss"]}
+    trainable = out["trainable_parameters"]             # ViT-PCM's phases (note 6)
+    _check(list(trainable) == ["warm-up", "main"] and trainable["warm-up"] < trainable["main"],
+           f"{profile} training: trainable parameters by phase {trainable}")
+    result = {"train_loss": out["last"]["loss"], "trainable_parameters": trainable}
     for run, split in ((pseudo_run, cfg.pseudo_split), (aug_run, cfg.train_split)):
         if run is None:
             continue
+        both = ["--both-norms"] if run == pseudo_run else []  # Table 1: the BPM both ways
         m = _last_json(stages.run(f"{profile} pseudo {split}", "pseudo", "--profile", profile,
-                                  "--train-run", train_run, "--run", run, "--split", split))
+                                  "--train-run", train_run, "--run", run, "--split", split,
+                                  *both))
         _check(m["infer_size"] == 960, f"{profile} pseudo labels at {m['infer_size']}, not 960")
         _finite(m["miou"], f"{profile} BPM mIoU on {split}")
         metrics = json.loads((stages.root / "runs" / profile / run / "metrics.json").read_text())
@@ -185,7 +196,32 @@ def smoke_profile(stages: Stages, profile: str) -> dict:
     _finite(history[-1]["loss"], f"{profile} DeepLabv2 loss")
     result["deeplab"] = {k: v["miou"] for k, v in metrics["levels"].items()}
     result["deeplab_parameters"] = metrics["parameters"]
+    if profile == "voc":                                 # Table 2's COCO-init row
+        result["deeplab_coco_init"] = smoke_coco_init(stages, labels, val_ids, root, n_classes)
     return result
+
+
+def smoke_coco_init(stages: Stages, labels: str, val_ids: list[str], root: Path,
+                    n_classes: int) -> dict:
+    """DeepLabv2 from a kazuto1011-format COCO init (random weights in his format, at the path
+    the voc batch reads): detected as his Caffe-style ResNet-101, trained and predicted."""
+    from cpfcte.data.fixtures import make_kazuto_init
+
+    make_kazuto_init(stages.root / "data" / COCO_INIT_FILE)
+    sets = _sets(SMOKE_OVERRIDES)
+    out = _last_json(stages.run("voc deeplab coco init", "deeplab", "train", "--profile", "voc",
+                                "--pseudo", labels, "--run", COCO_INIT_RUN, "--init",
+                                COCO_INIT_FILE, "--set", *sets))
+    _check(out["complete"], f"voc DeepLabv2 from the COCO init: {out}")
+    stages.run("voc deeplab coco init predict", "deeplab", "predict", "--profile", "voc",
+               "--run", COCO_INIT_RUN)
+    folder = stages.root / "runs" / "voc" / COCO_INIT_RUN
+    backbone = json.loads((folder / "config.json").read_text())["config"]["deeplab"]["backbone"]
+    _check(backbone == "caffe_resnet101", f"the COCO init ran in {backbone}, not caffe_resnet101")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    _check_labels(Path(metrics["crf_dir"]), val_ids, root / "JPEGImages", n_classes)
+    _check("local init" in metrics["weights"], f"COCO init stamped {metrics['weights']!r}")
+    return {k: v["miou"] for k, v in metrics["levels"].items()}
 
 
 def check_tables(stages: Stages, profile: str) -> dict:

@@ -25,6 +25,7 @@ from cpfcte.capacity import check_cuda_batch
 from cpfcte.config import Config, derive
 from cpfcte.data import classes_of, open_split
 from cpfcte.data.voc import VOCDataset
+from cpfcte.distributed import barrier, check_nproc, dist_info, gather, resolve_device
 from cpfcte.errors import CpfcteError
 from cpfcte.finite import FiniteGuard, NonFiniteError
 from cpfcte.io import read_json, write_json
@@ -36,17 +37,24 @@ from cpfcte.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder, releases_lo
 
 
 class ClassificationData(Dataset):
-    """Images resized to S×S (uint8, CHW) with their image-level label vectors. When all the
-    resized images fit in ``CACHE_BYTES`` (the toy: 7 MB), each is decoded once per run."""
+    """Images resized to S×S (``cpfcte.transforms.resize_image``) and augmented
+    (``cpfcte.transforms.augment``), as the model's (3, S, S) input, with their image-level
+    label vectors. When all the resized images fit in ``CACHE_BYTES`` (the toy: 29 MB), each
+    is decoded and resized once per run. Image i's augmentation in epoch e is drawn from
+    (seed, e, i) alone. An item's key is the image index (in the epoch of ``set_epoch``) or an
+    (epoch, index) pair, as ``EpochShard`` yields them: loader workers that live across epochs
+    (``persistent_workers``) then know the epoch without being told."""
 
     CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, voc: VOCDataset, size: int, hflip: bool, seed: int):
-        self.voc, self.size, self.hflip, self.seed = voc, size, hflip, seed
+    def __init__(self, voc: VOCDataset, size: int, augment: str, seed: int,
+                 resize: str = "pcm"):
+        self.voc, self.size, self.augment, self.seed, self.resize = voc, size, augment, seed, resize
         self.labels = voc.label_matrix()
         self.epoch = 0
+        itemsize = 1 if resize == "pil" else 4
         self.cache: dict[int, np.ndarray] | None = (
-            {} if len(voc) * size * size * 3 <= self.CACHE_BYTES else None)
+            {} if len(voc) * size * size * 3 * itemsize <= self.CACHE_BYTES else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,19 +62,17 @@ class ClassificationData(Dataset):
     def __len__(self) -> int:
         return len(self.voc)
 
-    def __getitem__(self, index: int):
-        from PIL import Image
+    def __getitem__(self, key):
+        from cpfcte.transforms import augment, resize_image, to_input
 
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         arr = self.cache.get(index) if self.cache is not None else None
         if arr is None:
-            img = self.voc.image(index).resize((self.size, self.size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = resize_image(self.voc.image(index), self.size, self.resize)
             if self.cache is not None:
                 self.cache[index] = arr
-        if self.hflip and np.random.default_rng([self.seed, self.epoch, index]).random() < 0.5:
-            arr = arr[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        return x, torch.from_numpy(self.labels[index])
+        arr = augment(arr, self.augment, np.random.default_rng([self.seed, epoch, index]))
+        return to_input(arr), torch.from_numpy(self.labels[index])
 
 
 class EpochShard(torch.utils.data.Sampler):
@@ -76,12 +82,16 @@ class EpochShard(torch.utils.data.Sampler):
     step by step, the same images as one process with the same global batch (the DDP parity
     test), and a run's data order does not depend on N. ``drop_last`` drops a final partial
     batch; without it, a partial batch is split in equal slices (its remainder dropped when
-    N > 1)."""
+    N > 1). With ``keyed`` it yields (epoch, index) pairs (``ClassificationData``'s keys);
+    ``set_epoch`` moves one sampler, and so one loader, to the next epoch."""
 
     def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, epoch: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, keyed: bool = False):
         self.n, self.batch, self.world, self.rank = n, batch, world, rank
-        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
+        self.seed, self.epoch, self.drop_last, self.keyed = seed, epoch, drop_last, keyed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def _chunks(self) -> list[tuple[int, int]]:
         full = self.n // self.batch
@@ -95,18 +105,11 @@ class EpochShard(torch.utils.data.Sampler):
         perm = torch.randperm(self.n, generator=gen).tolist()
         for lo, hi in self._chunks():
             per = (hi - lo) // self.world
-            yield from perm[lo + self.rank * per: lo + (self.rank + 1) * per]
+            part = perm[lo + self.rank * per: lo + (self.rank + 1) * per]
+            yield from ((self.epoch, i) for i in part) if self.keyed else part
 
     def __len__(self) -> int:
         return sum((hi - lo) // self.world for lo, hi in self._chunks())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CpfcteError(f"device={name!r} but CUDA is not available here; use device=cpu")
-    return torch.device(name)
 
 
 def set_seed(seed: int) -> None:
@@ -122,22 +125,44 @@ def make_model(cfg: Config) -> CPFCTE:
     return build_model(cfg, len(classes_of(cfg)))
 
 
-def dist_info() -> tuple[int, int, int]:
-    """(world size, rank, local rank) under torchrun; (1, 0, 0) otherwise. Initialises the
-    process group (NCCL on GPUs, gloo on CPUs) on first use."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if world == 1:
-        return 1, 0, 0
-    return world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+PHASES = ("warm-up", "main")
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
+def set_phase(model: CPFCTE, cfg: Config, phase: str) -> None:
+    """Which parameters train in a phase (note 6). The head (class tokens, CF-BiLSTM,
+    classifier) always trains. In the warm-up (the ``lr_warmup`` epochs) the ViT is frozen with
+    ``freeze_backbone_warmup``. Otherwise the ViT trains its last ``unfreeze_blocks``
+    transformer blocks and its final norm (ViT-PCM's ``unfreeze``, ``NUM_BLOCK_UNFREEZE: 5``:
+    the patch and position embeddings, the class token and the first blocks stay frozen), or
+    all of itself with ``unfreeze_blocks=None``."""
+    backbone = model.backbone
+    model.requires_grad_(True)
+    if phase == "warm-up" and cfg.freeze_backbone_warmup:
+        backbone.requires_grad_(False)
+        return
+    if cfg.unfreeze_blocks is None:
+        return
+    blocks = list(getattr(backbone, "blocks", []))
+    n = int(cfg.unfreeze_blocks)
+    if n > len(blocks):
+        raise CpfcteError(f"unfreeze_blocks={n}, but backbone {cfg.backbone!r} has "
+                          f"{len(blocks)} blocks; use at most {len(blocks)}, or null for all")
+    backbone.requires_grad_(False)
+    for block in blocks[len(blocks) - n:]:
+        block.requires_grad_(True)
+    backbone.norm.requires_grad_(True)
+
+
+def trainable_parameters(model: CPFCTE, cfg: Config) -> dict[str, int]:
+    """{phase: the number of parameters that train in it}, for the phases the run has (the
+    warm-up only with ``warmup_epochs`` > 0), in order."""
+    phases = [ph for ph in PHASES if ph == "main" or cfg.warmup_epochs > 0]
+    out = {}
+    for phase in phases:
+        set_phase(model, cfg, phase)
+        out[phase] = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    model.requires_grad_(True)
+    return out
 
 
 def state_digest(model: torch.nn.Module) -> str:
@@ -167,21 +192,18 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     if max_epochs is not None and max_epochs < 0:
         raise CpfcteError(f"--max-epochs {max_epochs}: must be ≥ 0 (0: set up the run folder only)")
     numerics.apply(cfg)
-    world, rank, local = dist_info()
+    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
+    world, rank, local, device = dist_info(device)    # each rank on its GPU before any barrier
     if cfg.batch_size % world:
         raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
-    device = resolve_device(cfg.device)               # a CUDA option on a CPU fails here, first
     folder = RunFolder(run_dir)
     if rank == 0:
         folder.start("train", cfg, cfg.training_fields())
-    _barrier(world)
+    barrier(world)
     logger = folder.logger() if rank == 0 else logging.getLogger("cpfcte.quiet")
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
     progress = progress and rank == 0
-    data = ClassificationData(open_split(cfg, cfg.train_split), cfg.img_size, cfg.hflip,
-                              cfg.seed)
+    data = ClassificationData(open_split(cfg, cfg.train_split), cfg.img_size, cfg.augment,
+                              cfg.seed, cfg.resize)
 
     model = make_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_warmup,
@@ -211,32 +233,38 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     check_cuda_batch(model, device, per_rank, probe_step,
                      f"stage 1 ({cfg.backbone} at {cfg.img_size}×{cfg.img_size})",
                      "lower batch_size, or share it over GPUs with --nproc", slots=2)
-    wrapped, wrapped_frozen = model, None
+    wrapped, wrapped_phase = model, None
+    trainable = trainable_parameters(model, cfg)
+    # one loader for the run: its workers live across epochs (persistent_workers), the sampler
+    # moves to each epoch and its keys carry the epoch to them; its own generator, so that the
+    # loader's worker seed is not drawn from the global RNG (the dropout masks' stream)
+    sampler = EpochShard(len(data), cfg.batch_size, world, rank, cfg.seed, start_epoch,
+                         drop_last=len(data) > cfg.batch_size, keyed=True)
+    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed * 100_003))
     guard = FiniteGuard(device, str(folder.path), "step", cfg.skip_nonfinite, world)
 
     epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training",
                               unit="epoch", disable=not progress)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
+        phase = PHASES[0] if warm else PHASES[1]
         frozen = bool(warm and cfg.freeze_backbone_warmup)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_warmup if warm else cfg.lr
-        model.backbone.requires_grad_(not frozen)
-        if world > 1 and wrapped_frozen != frozen:  # DDP fixes its parameter set when built
+        set_phase(model, cfg, phase)
+        if world > 1 and wrapped_phase != phase:  # DDP fixes its parameter set when built
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[local] if device.type == "cuda" else None)
-            wrapped_frozen = frozen
+            wrapped_phase = phase
         model.train()
-        data.set_epoch(epoch)
-        sampler = EpochShard(len(data), cfg.batch_size, world, rank, cfg.seed, epoch,
-                             drop_last=len(data) > cfg.batch_size)
-        # its own generator: the loader's worker seed is not drawn from the global RNG
-        loader = DataLoader(data, batch_size=per_rank, sampler=sampler,
-                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False,
-                            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        # the dropout masks of epoch e come from (seed, e, rank) alone: a resumed run draws
+        # those an uninterrupted one draws (each rank its own)
+        torch.manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + rank)
+        sampler.set_epoch(epoch)
         t0 = time.time()
-        sums = torch.zeros(3, device=device)           # loss·n, correct, n
+        sums = torch.zeros(4, device=device)           # loss·n, correct, n, mce·n
         scores, truths = [], []                        # image-level p and y, for the mAP
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not progress, leave=False)
@@ -246,15 +274,21 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = wrapped(x)
             p = pool(out["z"].float(), cfg.pooling, cfg.k)
-            loss = mce_loss(p, y)
+            mce = mce_loss(p, y)
+            loss = mce                                 # + ViT-PCM's L2 on the classifier
+            if cfg.classifier_l2:
+                loss = loss + cfg.classifier_l2 * model.classifier.l2_penalty()
             optimizer.zero_grad(set_to_none=True)
             if not guard.step(loss, step):
                 continue
             loss.backward()
             optimizer.step()
-            sums += torch.stack([loss.detach() * len(x),
-                                 ((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum(),
-                                 torch.tensor(float(len(x)), device=device)])
+            # in place on the device: no host-to-device copy, no sync in the step
+            n = len(x)
+            sums[0].add_(loss.detach() * n)
+            sums[1].add_(((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum())
+            sums[2].add_(n)
+            sums[3].add_(mce.detach() * n)
             scores.append(p.detach().float())
             truths.append(y.float())
         guard.check(model, f"epoch {epoch + 1}", world)
@@ -264,10 +298,11 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         scores, truths = torch.cat(scores), torch.cat(truths)
         if world > 1:
             torch.distributed.all_reduce(sums)
-            scores, truths = _gather(scores, world), _gather(truths, world)
-        total, correct, seen = sums.tolist()
+            scores, truths = gather(scores, world), gather(truths, world)
+        total, correct, seen, mce_total = sums.tolist()
         record = {"epoch": epoch + 1, "lr": cfg.lr_warmup if warm else cfg.lr,
-                  "backbone_frozen": frozen, "loss": total / seen,
+                  "phase": phase, "backbone_frozen": frozen, "loss": total / seen,
+                  "mce": mce_total / seen,
                   "label_accuracy": correct / seen,
                   "label_map": label_map(scores.cpu().numpy(), truths.cpu().numpy()),
                   "seconds": round(time.time() - t0, 3)}
@@ -283,40 +318,20 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                                    acc=f"{record['label_accuracy']:.3f}")
             logger.info(json.dumps(record))
             folder.append_log(record)
-        _barrier(world)
+        barrier(world)
 
     epochs_bar.close()
     summary = {"epochs_done": len(history), "epochs": cfg.epochs,
                "complete": len(history) >= cfg.epochs, "history": history,
                "digest": cfg.digest(), "device": str(device), "processes": world,
+               "trainable_parameters": trainable,
                "numerics": numerics.describe(device)}
     if world > 1:
         (folder.path / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
     if rank == 0:
         folder.write_summary(summary)
-    _barrier(world)
+    barrier(world)
     return summary
-
-
-def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    """The rows of ``t`` from every rank (equal shares: the sampler drops the remainder)."""
-    parts = [torch.empty_like(t) for _ in range(world)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def check_nproc(nproc: int, device: str, batch: int, what: str) -> None:
-    """Refuse, before anything starts, a process count that cannot run: < 1, more processes
-    than GPUs on CUDA, or a global batch they cannot share equally."""
-    if nproc < 1:
-        raise CpfcteError(f"--nproc {nproc}: needs at least 1 process")
-    if resolve_device(device).type == "cuda" and nproc > torch.cuda.device_count():
-        raise CpfcteError(f"--nproc {nproc} asks for one GPU per process but this machine has "
-                          f"{torch.cuda.device_count()}; use --nproc "
-                          f"{torch.cuda.device_count()} or fewer")
-    if batch % nproc:
-        raise CpfcteError(f"{what}={batch} is not divisible by --nproc {nproc}: every process "
-                          "takes an equal share of the global batch")
 
 
 def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:

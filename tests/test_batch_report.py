@@ -396,7 +396,10 @@ def test_the_dry_run_plan_is_keyed_by_stage(capsys):
     assert {"train", "pseudo", "deeplab", "report"} <= stages
     tp = throughputs()
     # 50 epochs × 10,582 images at 777 img/s; a report run costs no GPU time
-    assert estimate_seconds("train", "voc", {}, tp) == pytest.approx(50 * 10582 / 777)
+    # 2 warm-up epochs with the ViT frozen (1/3 of a full step), 48 training its last 5 of 12
+    # blocks ((1 + 2·5/12)/3 of one)
+    assert estimate_seconds("train", "voc", {}, tp) == pytest.approx(
+        10582 / 777 * (2 / 3 + 48 * (1 + 2 * 5 / 12) / 3))
     assert estimate_seconds("report", "voc", {}, tp) == 0.0
 
 

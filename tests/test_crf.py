@@ -68,10 +68,26 @@ def test_bad_inputs_are_refused():
 
 def test_numpy_bilinear_matches_torch():
     g = np.random.default_rng(0).random((3, 6, 9)).astype(np.float32)
-    for size in [(41, 17), (6, 9), (100, 150)]:
-        ref = torch.nn.functional.interpolate(torch.from_numpy(g)[None], size=size,
-                                              mode="bilinear", align_corners=False)[0].numpy()
-        assert np.abs(bilinear_resize(g, size) - ref).max() < 1e-5
+    for size in [(41, 17), (6, 9), (100, 150), (1, 1)]:
+        for align in (False, True):
+            ref = torch.nn.functional.interpolate(torch.from_numpy(g)[None], size=size,
+                                                  mode="bilinear", align_corners=align)[0]
+            assert np.abs(bilinear_resize(g, size, align) - ref.numpy()).max() < 1e-5, (size,
+                                                                                       align)
+
+
+def test_the_crf_defaults_are_vit_pcms():
+    """ViT-PCM's configs/voc12.yaml CRF: POS_XY_STD 1, POS_W 3, BI_XY_STD 67, BI_RGB_STD 3,
+    BI_W 4, ITER_MAX 10 (note 8); the same as kazuto1011's test-time CRF; the toy and voc
+    profiles take them."""
+    from cpfcte.config import PYDENSECRF_EXAMPLE, REFERENCE_TEST_CRF, CRFConfig, load_config
+
+    expected = {"gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 67.0,
+                "bilateral_srgb": 3.0, "bilateral_compat": 4.0, "iterations": 10}
+    assert CRFConfig().parameters() == expected == REFERENCE_TEST_CRF.parameters()
+    for profile in ("toy", "voc", "coco"):
+        assert load_config(profile).crf.parameters() == expected, profile
+    assert PYDENSECRF_EXAMPLE.parameters()["bilateral_sxy"] == 80.0
 
 
 def make_jobs(tmp_path, n, size=(48, 64)):

@@ -38,15 +38,18 @@ def test_two_processes_train_the_same_weights_as_one(tiny_cfg, tmp_path):
     the tolerance, 1e-6, is 30 times that and 5 orders of magnitude below the gap to a run
     that saw the images in another order (the control, 0.7): a multi-process run that silently
     diverges from the single-process one (another data order, gradients summed instead of
-    averaged, replicas drifting) fails it."""
+    averaged, replicas drifting) fails it. The augmentation of an image depends on (seed,
+    epoch, image) alone, so it is the same under any split; dropout masks are drawn per rank,
+    so they are off here."""
     from cpfcte.train import train
 
-    cfg = tiny_cfg(epochs=2, warmup_epochs=0, batch_size=8, hflip=True)
+    no_dropout = {"dropout": 0.0, "lstm_dropout": 0.0}
+    cfg = tiny_cfg(epochs=2, warmup_epochs=0, batch_size=8, augment="pcm", **no_dropout)
     train_distributed(cfg, tmp_path / "two", nproc=2)
     train(cfg, tmp_path / "one", progress=False)
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert _max_diff(one, two) < 1e-6
-    train(tiny_cfg(epochs=2, warmup_epochs=0, batch_size=8, hflip=True, seed=1),
+    train(tiny_cfg(epochs=2, warmup_epochs=0, batch_size=8, augment="pcm", seed=1, **no_dropout),
           tmp_path / "other", progress=False)
     assert _max_diff(one, _weights(tmp_path / "other")) > 1e-2
 
@@ -60,3 +63,27 @@ def test_epoch_shard_splits_each_global_batch_between_ranks():
     assert r0 == one[0:2] + one[4:6] and r1 == one[2:4] + one[6:8]      # batch by batch
     assert list(EpochShard(10, 4, 1, 0, seed=3, epoch=2)) != one        # a new order per epoch
     assert len(list(EpochShard(3, 4, 1, 0, 0, 0, drop_last=False))) == 3
+
+
+def test_each_rank_takes_its_gpu_before_the_process_group_exists(monkeypatch):
+    """Under torchrun on CUDA: ``set_device(cuda:LOCAL_RANK)`` first, then NCCL with
+    ``device_id``, so no rank's first barrier runs on GPU 0. (Faked: no GPU here.)"""
+    import torch
+
+    from cpfcte import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"))))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    world, rank, local, device = distributed.dist_info(torch.device("cuda"))
+    assert (world, rank, local, device) == (2, 1, 1, torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)),
+                     ("init", "nccl", torch.device("cuda", 1))]
+    calls.clear()
+    assert distributed.dist_info(torch.device("cpu"))[3] == torch.device("cpu")
+    assert calls == [("init", "gloo", None)]

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpfcte.deeplab import (ASPP, build_deeplab, load_init, map_kazuto_key, msc_logits,
-                            param_groups, poly_lr, predict_probs, train_deeplab)
+from cpfcte.caffe_resnet import kazuto_key
+from cpfcte.deeplab import (ASPP, build_deeplab, load_init, msc_logits, param_groups, poly_lr,
+                            predict_probs, train_deeplab)
 from cpfcte.errors import CpfcteError
 from cpfcte.runfolder import CHECKPOINT
 
@@ -60,10 +61,59 @@ def test_frozen_batchnorm_stays_frozen(tiny_cfg):
 
 
 def test_msc_returns_each_scale_and_their_max(tiny_cfg):
+    """As kazuto1011's MSC: logits at scale 1 and at ⌊0.75·321⌋ = 240 and ⌊0.5·321⌋ = 160
+    (their own sizes), and the max of all three at the scale-1 size."""
     model = build_deeplab(tiny_cfg(**TINY_DL), 11).eval()
-    outs = msc_logits(model, torch.rand(1, 3, 64, 64))
-    assert len(outs) == 4 and all(o.shape == outs[0].shape for o in outs)
-    assert torch.equal(outs[3], torch.stack(outs[:3]).amax(0))
+    outs = msc_logits(model, torch.rand(1, 3, 321, 321))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(41, 41), (30, 30), (20, 20), (41, 41)]
+    up = [F.interpolate(o, size=(41, 41), mode="bilinear", align_corners=False)
+          for o in outs[1:3]]
+    assert torch.equal(outs[3], torch.stack([outs[0], *up]).amax(0))
+
+
+def test_the_loss_resizes_the_labels_to_each_output_or_the_outputs_to_the_labels():
+    """loss_size=logits (kazuto1011's resize_labels): nearest with pixel centres, as PIL's
+    NEAREST; labels: each output upsampled to the labels. Both sum the terms."""
+    from PIL import Image
+
+    from cpfcte.deeplab import msc_loss
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (2, 9, 9))
+    y[0, 0, :4] = 255
+    small = torch.randn(2, 3, 4, 4)
+    full = torch.randn(2, 3, 9, 9)
+    pil = torch.stack([torch.from_numpy(np.array(Image.fromarray(t.numpy().astype(np.float32))
+                                                 .resize((4, 4), Image.NEAREST))).long()
+                       for t in y])
+    expected = (F.cross_entropy(small, pil, ignore_index=255)
+                + F.cross_entropy(full, y, ignore_index=255))
+    assert torch.allclose(msc_loss([small, full], y), expected)
+    up = F.interpolate(small, size=(9, 9), mode="bilinear", align_corners=False)
+    assert torch.allclose(msc_loss([small, full], y, size="labels"),
+                          F.cross_entropy(up, y, ignore_index=255)
+                          + F.cross_entropy(full, y, ignore_index=255))
+    assert torch.allclose(msc_loss([small, full], y, "mean"), expected / 2)
+
+
+@pytest.mark.parametrize("backbone", ["resnet10t", "caffe_resnet101"])
+def test_every_msc_branch_sees_the_same_value_range(tiny_cfg, backbone):
+    """A uint8 batch, resized for the 0.75 and 0.5 branches: each branch's backbone input (after
+    the model's own normalisation) covers the range the scale-1 branch's does. (The smaller
+    branches used to get floats in 0-255, taken as [0, 1]: 255 times too bright.)"""
+    kw = {} if backbone == "resnet10t" else {"backbone_kwargs": {"blocks": [1, 1, 1, 1]}}
+    model = build_deeplab(tiny_cfg(**dl(backbone=backbone, **kw)), 11).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    x[:, :, :32] = 255                                   # half white, half black
+    with torch.no_grad():
+        msc_logits(model, x)
+    assert len(seen) == 3
+    ranges = [(float(t.amin()), float(t.amax())) for t in seen]
+    for lo, hi in ranges[1:]:
+        assert lo == pytest.approx(ranges[0][0], abs=1e-4)
+        assert hi == pytest.approx(ranges[0][1], abs=1e-4)
 
 
 def test_multiscale_flip_inference_equals_hand_composed_calls(tiny_cfg):
@@ -135,39 +185,131 @@ def test_deeplab_stage_scores_val_and_writes_metrics(tiny_cfg, toy_root, tmp_pat
     assert (tmp_path / "d" / "metrics.json").exists()
 
 
-def test_kazuto_key_mapping_and_init(tiny_cfg, tmp_path):
-    assert map_kazuto_key("base.layer1.conv1.conv.weight") == "backbone.conv1.weight"
-    assert map_kazuto_key("base.layer1.conv1.bn.running_mean") == "backbone.bn1.running_mean"
-    assert map_kazuto_key("base.layer3.block2.conv3x3.bn.weight") == "backbone.layer2.1.bn2.weight"
-    assert map_kazuto_key("base.layer2.block1.shortcut.conv.weight") == \
-        "backbone.layer1.0.downsample.0.weight"
-    assert map_kazuto_key("base.aspp.c3.bias") == "aspp.branches.3.bias"
-    assert map_kazuto_key("base.layer5.block3.increase.conv.weight") == \
-        "backbone.layer4.2.conv3.weight"
-    cfg = tiny_cfg(**dl(backbone="resnet50", backbone_kwargs={}))
-    src = build_deeplab(cfg, 11)
-    inverse = {}
-    names = {"conv1": "reduce", "conv2": "conv3x3", "conv3": "increase"}
-    for k, v in src.state_dict().items():               # write the model in kazuto's names
-        p = k.split(".")
-        if p[1] in ("conv1", "bn1"):
-            inverse[f"base.layer1.conv1.{'conv' if p[1] == 'conv1' else 'bn'}.{p[2]}"] = v
-        elif p[0] == "aspp":
-            inverse[f"base.aspp.c{p[2]}.{p[3]}"] = v
-        elif p[3] == "downsample":
-            inverse[f"base.layer{int(p[1][5:]) + 1}.block{int(p[2]) + 1}.shortcut."
-                    f"{'conv' if p[4] == '0' else 'bn'}.{p[5]}"] = v
-        else:
-            conv = "conv" if p[3].startswith("conv") else "bn"
-            inverse[f"base.layer{int(p[1][5:]) + 1}.block{int(p[2]) + 1}."
-                    f"{names['conv' + p[3][-1]]}.{conv}.{p[4]}"] = v
-    torch.save(inverse, tmp_path / "kazuto.pth")
-    dst = build_deeplab(tiny_cfg(**dl(backbone="resnet50", backbone_kwargs={}), seed=9), 11)
-    load_init(dst, tmp_path / "kazuto.pth")
-    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+def test_kazuto_keys_map_by_prefix():
+    assert kazuto_key("base.layer1.conv1.conv.weight") == "backbone.layer1.conv1.conv.weight"
+    assert kazuto_key("module.base.layer3.block2.conv3x3.bn.running_var") == \
+        "backbone.layer3.block2.conv3x3.bn.running_var"
+    assert kazuto_key("scale.layer2.block1.proj.conv.weight") == \
+        "backbone.layer2.block1.shortcut.conv.weight"             # the older name
+    assert kazuto_key("base.aspp.c3.bias") == "aspp.branches.3.bias"
+    assert kazuto_key("scale.aspp.stages.c1.weight") == "aspp.branches.1.weight"
+    assert kazuto_key("fc.weight") is None                         # DeepLabv1's head
+
+
+# kazuto1011/deeplab-pytorch's DeepLabv2, written out here on its own (libs/models/resnet.py,
+# deeplabv2.py, msc.py): the reference the project's Caffe-style ResNet must match
+class _KConv(torch.nn.Sequential):
+    def __init__(self, cin, cout, k, stride, pad, dil, relu=True):
+        super().__init__()
+        self.add_module("conv", torch.nn.Conv2d(cin, cout, k, stride, pad, dil, bias=False))
+        self.add_module("bn", torch.nn.BatchNorm2d(cout, eps=1e-5))
+        if relu:
+            self.add_module("relu", torch.nn.ReLU())
+
+
+class _KBottleneck(torch.nn.Module):
+    def __init__(self, cin, cout, stride, dil, down):
+        super().__init__()
+        self.reduce = _KConv(cin, cout // 4, 1, stride, 0, 1)
+        self.conv3x3 = _KConv(cout // 4, cout // 4, 3, 1, dil, dil)
+        self.increase = _KConv(cout // 4, cout, 1, 1, 0, 1, relu=False)
+        self.shortcut = _KConv(cin, cout, 1, stride, 0, 1, relu=False) if down else None
+
+    def forward(self, x):
+        h = self.increase(self.conv3x3(self.reduce(x)))
+        return F.relu(h + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class _KDeepLabV2(torch.nn.Sequential):
+    def __init__(self, n_classes, blocks):
+        super().__init__()
+        stem = torch.nn.Sequential()
+        stem.add_module("conv1", _KConv(3, 64, 7, 2, 3, 1))
+        stem.add_module("pool", torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True))
+        self.add_module("layer1", stem)
+        spec = [(64, 256, 1, 1), (256, 512, 2, 1), (512, 1024, 1, 2), (1024, 2048, 1, 4)]
+        for li, ((cin, cout, stride, dil), n) in enumerate(zip(spec, blocks)):
+            layer = torch.nn.Sequential()
+            for b in range(n):
+                layer.add_module(f"block{b + 1}", _KBottleneck(cin if b == 0 else cout, cout,
+                                                               stride if b == 0 else 1, dil,
+                                                               b == 0))
+            self.add_module(f"layer{li + 2}", layer)
+        aspp = torch.nn.Module()
+        for i, r in enumerate((6, 12, 18, 24)):
+            aspp.add_module(f"c{i}", torch.nn.Conv2d(2048, n_classes, 3, 1, r, r, bias=True))
+        aspp.forward = lambda x: sum(c(x) for c in aspp.children())
+        self.add_module("aspp", aspp)
+
+
+class _KMSC(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+
+def test_a_kazuto_checkpoint_computes_here_what_it_computes_there(tiny_cfg, tmp_path):
+    """Random weights and random BatchNorm statistics in kazuto1011's network, saved as his
+    MSC model saves them; loaded through deeplab.init into caffe_resnet101, the logits on the
+    same image agree to 1e-4 (relative). His input is BGR, 0-255, minus the Caffe mean; ours
+    is the RGB uint8 image."""
+    torch.manual_seed(0)
+    ref = _KDeepLabV2(11, (1, 2, 2, 1))
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.normal_(m.weight, std=(2 / m.weight[0].numel()) ** 0.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.1, 0.1)
+    ref.eval()
+    torch.save(_KMSC(ref).state_dict(), tmp_path / "kazuto.pth")
+    cfg = tiny_cfg(**dl(backbone="caffe_resnet101", backbone_kwargs={"blocks": [1, 2, 2, 1]},
+                        init=str(tmp_path / "kazuto.pth"), freeze_bn=True))
+    ours = build_deeplab(cfg, 11).eval()
+    image = np.random.default_rng(0).integers(0, 256, (70, 66, 3), dtype=np.uint8)
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    bgr = x.flip(1).float() - torch.tensor([104.008, 116.669, 122.675]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = ref(bgr)
+        got = ours(x)
+    assert got.shape == expected.shape == (1, 11, 9, 9)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert ours.pad_rgb == (123, 117, 104)                  # the Caffe mean, in RGB
+
+
+def test_inits_that_do_not_fit_are_refused(tiny_cfg, tmp_path):
+    torch.manual_seed(0)
+    torch.save(_KMSC(_KDeepLabV2(11, (1, 1, 1, 1))).state_dict(), tmp_path / "kazuto.pth")
+    timm_cfg = tiny_cfg(**dl(init=str(tmp_path / "kazuto.pth")))
+    with pytest.raises(CpfcteError, match="kazuto1011.*set deeplab.backbone=caffe_resnet101"):
+        build_deeplab(timm_cfg, 11)
+    from cpfcte.deeplab import detect_backbone               # what the stage does first
+
+    detected = detect_backbone(timm_cfg)
+    assert detected.deeplab.backbone == "caffe_resnet101" and timm_cfg.deeplab.backbone == "resnet10t"
+    assert detect_backbone(tiny_cfg(**TINY_DL)).deeplab.backbone == "resnet10t"
     torch.save({"base.layer1.conv1.conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(CpfcteError, match="does not fit DeepLabv2"):
-        load_init(dst, tmp_path / "bad.pth")
+    caffe = dl(backbone="caffe_resnet101", backbone_kwargs={"blocks": [1, 1, 1, 1]})
+    with pytest.raises(CpfcteError, match="bad.pth: does not fit DeepLabv2"):
+        build_deeplab(tiny_cfg(**{"deeplab": {**caffe["deeplab"],
+                                              "init": str(tmp_path / "bad.pth")}}), 11)
+    with pytest.raises(CpfcteError, match="no ImageNet weights"):
+        build_deeplab(tiny_cfg(**caffe, random_init_ok=False), 11)
+    with pytest.raises(CpfcteError, match="missing.pth: DeepLab init file not found"):
+        build_deeplab(tiny_cfg(**{"deeplab": {**caffe["deeplab"],
+                                              "init": str(tmp_path / "missing.pth")}}), 11)
+
+
+def test_our_own_deeplab_state_round_trips_as_init(tiny_cfg, tmp_path):
+    src = build_deeplab(tiny_cfg(**TINY_DL), 11)
+    torch.save(src.state_dict(), tmp_path / "own.pth")
+    dst = build_deeplab(tiny_cfg(**dl(init=str(tmp_path / "own.pth")), seed=9), 11)
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
 
 
 def test_resnet101_deeplabv2_parameter_count(tiny_cfg):
@@ -221,7 +363,7 @@ def test_test_time_crf_is_the_references_or_with_pseudo_the_runs_own(tiny_cfg, t
     monkeypatch.setattr(crf, "dense_crf", lambda image, probs, params: (
         seen.append(params), real(image, probs, params))[1])
     for mode, expected in (("reference", (67.0, 10, 1.0, 3.0, 4.0)),
-                           ("pseudo", (17.0, 2, 3.0, 13.0, 10.0))):
+                           ("pseudo", (17.0, 2, 1.0, 3.0, 4.0))):
         seen.clear()
         cfg = run_config(tmp_path / "p", {"deeplab.iterations": 2,       # as notebook 04 does
                                           "deeplab.test_crf": mode})
@@ -250,8 +392,8 @@ def test_msc_loss_sums_its_terms_as_the_reference_does():
     terms = [torch.nn.functional.cross_entropy(
         torch.nn.functional.interpolate(o, size=(8, 8), mode="bilinear", align_corners=False),
         y, ignore_index=255) for o in outs]
-    assert torch.allclose(msc_loss(outs, y), sum(terms))
-    assert torch.allclose(msc_loss(outs, y, "mean"), sum(terms) / 3)
+    assert torch.allclose(msc_loss(outs, y, size="labels"), sum(terms))
+    assert torch.allclose(msc_loss(outs, y, "mean", size="labels"), sum(terms) / 3)
     assert torch.equal(msc_loss(outs[:1], y), msc_loss(outs[:1], y, "mean"))  # one output
 
 
@@ -342,3 +484,33 @@ def test_deeplab_under_torchrun_trains_the_weights_of_one_process(tiny_cfg, toy_
     assert diff(w1, weights(tmp_path / "two")) < 1e-6
     train_deeplab(tiny_cfg(seed=1, deeplab=section), pseudo, tmp_path / "other", progress=False)
     assert diff(w1, weights(tmp_path / "other")) > 1e-2
+
+
+def test_training_scales_come_from_the_choices_or_a_uniform_range(toy_root):
+    from cpfcte.data import TOY_CLASSES
+    from cpfcte.data.voc import VOCDataset
+    from cpfcte.deeplab import PseudoLabelData
+
+    voc = VOCDataset(toy_root, "train", TOY_CLASSES)
+    rng = np.random.default_rng(0)
+    sets = PseudoLabelData(voc, toy_root, 32, choices=(0.5, 0.75, 1.0, 1.25, 1.5))
+    drawn = {sets.draw_scale(rng) for _ in range(200)}
+    assert drawn == {0.5, 0.75, 1.0, 1.25, 1.5}
+    uniform = PseudoLabelData(voc, toy_root, 32, scale=(0.75, 1.25))
+    values = [uniform.draw_scale(rng) for _ in range(200)]
+    assert 0.75 <= min(values) and max(values) <= 1.25 and len(set(values)) == 200
+
+
+def test_msc_max_test_views_are_the_max_of_the_msc_logits(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_deeplab(tiny_cfg(**TINY_DL), 11).eval()
+    image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    probs, one = predict_probs(model, image, views="msc_max", single=True)
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        outs = msc_logits(model, x)
+    up = lambda t: F.interpolate(t, size=(40, 56), mode="bilinear", align_corners=False)  # noqa: E731
+    assert torch.allclose(probs, up(outs[-1]).softmax(1)[0], atol=1e-6)
+    assert torch.allclose(one, up(outs[0]).softmax(1)[0], atol=1e-6)
+    with pytest.raises(CpfcteError, match="test_views"):
+        predict_probs(model, image, views="median")

@@ -126,7 +126,7 @@ def test_class_evidence_by_hand(tmp_path):
 
     from cpfcte.explore import class_evidence
 
-    cfg = SimpleNamespace(img_size=32, k=2, pooling="topk")
+    cfg = SimpleNamespace(img_size=32, k=2, pooling="topk", resize="pil")
     voc = _Split(tmp_path)
     obj = np.zeros((4, 4), bool)
     obj[:2, :2] = True
@@ -153,5 +153,5 @@ def test_class_evidence_needs_masks(tmp_path):
     voc = _Split(tmp_path)
     voc.gt_dir_or_none = lambda: None
     with pytest.raises(CpfcteError, match="no ground-truth masks"):
-        class_evidence(_Z(np.zeros((3, 4, 4))), SimpleNamespace(img_size=32, k=2, pooling="topk"),
+        class_evidence(_Z(np.zeros((3, 4, 4))), SimpleNamespace(img_size=32, k=2, pooling="topk", resize="pil"),
                        voc)

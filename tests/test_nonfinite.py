@@ -84,3 +84,23 @@ def test_json_files_never_hold_nan(tmp_path):
     with pytest.raises(CpfcteError, match=r"m.json: refusing to write a non-finite number"):
         write_json(tmp_path / "m.json", {"loss": float("nan")})
     assert not (tmp_path / "m.json").exists()
+
+
+def test_the_guard_makes_no_host_to_device_copy_in_a_step(monkeypatch):
+    """A step's index reaches the device tensor in place (``fill_``): no ``torch.tensor`` or
+    ``torch.as_tensor`` of a host value, which on CUDA would be a blocking copy every step."""
+    import torch
+
+    from cpfcte.finite import FiniteGuard
+
+    guard = FiniteGuard(torch.device("cpu"), "run", "step")
+
+    def refuse(*a, **k):
+        raise AssertionError("host-to-device copy in the step")
+
+    monkeypatch.setattr(torch, "as_tensor", refuse)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    for i, value in enumerate([1.0, 2.0, float("nan"), float("inf"), 3.0]):
+        assert guard.step(torch.full((), value), i)
+    monkeypatch.undo()
+    assert int(guard.first_bad) == 2

@@ -19,11 +19,35 @@ def test_batch_memory_is_extrapolated_from_two_probes_and_refused_with_the_figur
         check_batch_fits(probe, 64, 24 * gb, "stage 1", "lower batch_size", extra=2 * gb)
 
 
+def test_the_batch_is_checked_against_free_memory_not_the_total(monkeypatch):
+    """Two jobs on one GPU: the second sees what the first leaves free (plus what it holds
+    itself), not the device's total, and is refused before it runs out of memory."""
+    import types
+
+    import torch
+
+    from cpfcte import capacity
+
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (30 * gb, 140 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2 * gb)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(capacity, "cuda_probe", lambda step, d: {1: 3 * gb, 2: 4 * gb}.get)
+    model = torch.nn.Linear(2, 2)
+    cuda = types.SimpleNamespace(type="cuda")
+    assert capacity.cuda_capacity(cuda) == 32 * gb
+    assert capacity.check_cuda_batch(model, cuda, 16, None, "stage 1", "fix", slots=2) == \
+        3 * gb + 15 * gb + 6 * 4 * 2
+    with pytest.raises(CpfcteError, match=r"batch 64 needs about .* the device has 32\.0 GB"):
+        capacity.check_cuda_batch(model, cuda, 64, None, "stage 1", "fix", slots=2)
+
+
 def test_cuda_options_and_process_counts_are_refused_before_the_run_folder_exists(tiny_cfg,
                                                                                  tmp_path):
     import torch
 
-    from cpfcte.train import check_nproc, train
+    from cpfcte.distributed import check_nproc
+    from cpfcte.train import train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -69,20 +69,77 @@ def test_two_stage_lr_and_frozen_backbone_in_the_first_stage(tiny_cfg, tmp_path)
     assert any(not torch.equal(state[k], state2[k]) for k in state if k.startswith("backbone."))
 
 
+def test_which_parameters_train_in_each_phase(tiny_cfg, tmp_path):
+    """ViT-PCM's regime: the ViT frozen in the warm-up; then only its last unfreeze_blocks
+    blocks and its final norm train (the embeddings and the first blocks never do);
+    unfreeze_blocks=None trains every one. The head always trains."""
+    from cpfcte.train import make_model, set_phase, trainable_parameters
+
+    kw = {"backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}}
+    cfg = tiny_cfg(unfreeze_blocks=2, freeze_backbone_warmup=True, **kw)
+    model = make_model(cfg)
+
+    def training() -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    head = {n for n, _ in model.named_parameters() if not n.startswith("backbone.")}
+    set_phase(model, cfg, "warm-up")
+    assert training() == head
+    set_phase(model, cfg, "main")
+    vit = {n for n in training() if n.startswith("backbone.")}
+    assert vit == {n for n, _ in model.named_parameters()
+                   if n.startswith(("backbone.blocks.1.", "backbone.blocks.2.", "backbone.norm."))}
+    assert training() - vit == head
+    assert not any(n.startswith(("backbone.patch_embed", "backbone.pos_embed",
+                                 "backbone.cls_token", "backbone.blocks.0.")) for n in vit)
+    set_phase(model, tiny_cfg(unfreeze_blocks=None, **kw), "main")
+    assert training() == {n for n, _ in model.named_parameters()}
+    with pytest.raises(CpfcteError, match="has 3 blocks"):
+        set_phase(model, tiny_cfg(unfreeze_blocks=4, **kw), "main")
+
+    count = lambda names: sum(p.numel() for n, p in model.named_parameters() if n in names)  # noqa: E731
+    summary = train(cfg, tmp_path / "r", progress=False)
+    assert list(summary["trainable_parameters"]) == ["warm-up", "main"]
+    assert summary["trainable_parameters"] == {"warm-up": count(head), "main": count(head | vit)}
+    assert trainable_parameters(model, tiny_cfg(warmup_epochs=0, **kw)) == {
+        "main": count({n for n, _ in model.named_parameters()})}
+    before = make_model(cfg).state_dict()
+    after = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)["model"]
+    for name in before:                                # what was frozen throughout is unchanged
+        if name.startswith(("backbone.blocks.0.", "backbone.patch_embed", "backbone.pos_embed")):
+            assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["backbone.blocks.2.mlp.fc1.weight"],
+                           after["backbone.blocks.2.mlp.fc1.weight"])
+
+
 def test_a_run_folder_refuses_another_config(tiny_cfg, tmp_path):
     train(tiny_cfg(epochs=1), tmp_path / "r", progress=False)
     with pytest.raises(CpfcteError, match="differs in k"):
         train(tiny_cfg(epochs=1, k=3), tmp_path / "r", progress=False)
 
 
-def test_bpm_masks_absent_classes_then_upsamples_and_argmaxes():
-    # 3 classes on a 1×2 patch grid: class 2 wins the right patch but is absent from the label
-    probs = torch.tensor([[[0.5, 0.2]], [[0.3, 0.3]], [[0.2, 0.5]]])  # (C, h, w)
-    labels = torch.tensor([1.0, 1.0, 0.0])
-    out = bpm_from_probs(probs, labels, (2, 4))
-    assert out.shape == (2, 4) and out.dtype == np.uint8
-    assert out.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
-    assert bpm_from_probs(probs, torch.ones(3), (1, 2)).tolist() == [[0, 2]]
+def test_bpm_both_normalisations_on_a_three_class_case_computed_by_hand():
+    """Background, A, B on a 1×3 patch grid. Eq. 10 as printed (``none``) gives background
+    everywhere; ViT-PCM's merge_class_labels (``pcm``) divides each class map by its maximum
+    (bg 0.8, A 0.4, B 0.3), then renormalises each patch over the classes."""
+    from cpfcte.pseudo import bpm_grid
+
+    probs = torch.tensor([[[0.8, 0.5, 0.6]], [[0.1, 0.4, 0.1]], [[0.1, 0.1, 0.3]]])  # (C, h, w)
+    every = torch.ones(3)
+    assert bpm_from_probs(probs, every, (1, 3), norm="none").tolist() == [[0, 0, 0]]
+    assert bpm_from_probs(probs, every, (1, 3)).tolist() == [[0, 1, 2]]     # pcm: the default
+    maps = bpm_grid(probs[None], every[None])[0, :, 0]                       # (C, 3)
+    scaled = torch.tensor([[1.0, 0.625, 0.75], [0.25, 1.0, 0.25], [1 / 3, 1 / 3, 1.0]])
+    assert torch.allclose(maps, scaled / scaled.sum(0), atol=1e-6)
+    assert torch.allclose(maps.sum(0), torch.ones(3))
+    # B absent: zeroed before the normalisation, its patch goes to the background
+    assert bpm_from_probs(probs, torch.tensor([1.0, 1.0, 0.0]), (1, 3)).tolist() == [[0, 1, 0]]
+    # upsampled to 5 with the corners aligned (ViT-PCM's resize): x = 0, .5, 1, 1.5, 2 on the
+    # grid; at .5 bg (.632+.319)/2 > A (.158+.511)/2; at 1.5 bg .347 > B .335 > A .318
+    assert bpm_from_probs(probs, every, (1, 5)).tolist() == [[0, 0, 1, 0, 2]]
+    # half-pixel centres (resize=pil): x = -.2 → 0, .4, 1, 1.6 (B .368 > bg .353), 2.2 → 2
+    assert bpm_from_probs(probs, every, (1, 5), align_corners=False).tolist() == \
+        [[0, 0, 1, 2, 2]]
 
 
 def test_baselines():
@@ -187,3 +244,24 @@ def test_ensure_pseudo_labels_makes_the_training_split_once(tiny_cfg, tmp_path):
     pseudo(tmp_path / "t", tmp_path / "q")                               # the train split only
     with pytest.raises(CpfcteError, match="no CRF pseudo labels of the training split"):
         pseudo_label_dir(tmp_path / "q")
+
+
+def test_inference_loader_workers_give_the_same_bits(tiny_cfg, tmp_path, toy_root):
+    """Decoding and resizing in 2 DataLoader workers writes the same BPMs and grid maps, byte
+    for byte, as in the stage's own process."""
+    from cpfcte.data import TOY_CLASSES
+    from cpfcte.data.voc import VOCDataset
+    from cpfcte.pseudo import make_pseudo_labels
+
+    train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
+    model, _ = load_trained(tmp_path / "t")
+    voc = VOCDataset(toy_root, "train", TOY_CLASSES)
+    for workers in (0, 2):
+        make_pseudo_labels(model, voc, tmp_path / f"bpm{workers}", infer_size=48, batch_size=3,
+                           probs_dir=tmp_path / f"probs{workers}", workers=workers,
+                           progress=False)
+    for kind in ("bpm", "probs"):
+        a = sorted((tmp_path / f"{kind}0").iterdir())
+        b = sorted((tmp_path / f"{kind}2").iterdir())
+        assert [f.name for f in a] == [f.name for f in b] and len(a) == 8
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))

@@ -10,6 +10,9 @@ voc|coco`` turns into the layout the readers use, as it does the real ones.
 - COCO: ``train2014/`` and ``val2014/`` JPEGs named ``COCO_<split>2014_<12 digits>.jpg``,
   ``annotations/instances_<split>2014.json`` with the 80 categories at their official ids,
   polygon and uncompressed-RLE instances, and a crowd region.
+- kazuto1011's COCO-pretrained DeepLabv2 init: ``deeplabv1_resnet101-coco.pth``, a state dict
+  with his module names (``layer1.conv1.conv.weight`` ... ``layer5.block3.increase.bn.*``, the
+  91-class ``fc`` head), random weights and BatchNorm statistics.
 
 The pictures are coloured shapes on a textured background (one colour per class), so the masks
 and the labels agree; what the networks learn from eight of them is beside the point.
@@ -183,3 +186,27 @@ def make_coco(root: str | Path, n_train: int = 4, n_val: int = 2, seed: int = 0)
             {"info": {"description": "cpfcte smoke fixture"}, "images": images,
              "annotations": annotations, "categories": categories}))
     return root
+
+
+def make_kazuto_init(path: str | Path, n_classes: int = 91, seed: int = 0) -> Path:
+    """Write a DeepLabv2 init in kazuto1011/deeplab-pytorch's format at ``path``: the
+    Caffe-style ResNet-101 (``cpfcte.caffe_resnet``) under his key names, with the ``fc`` head
+    of his converted COCO init, random weights and BatchNorm statistics. Returns ``path``."""
+    import torch
+
+    from cpfcte.caffe_resnet import CaffeResNet
+
+    torch.manual_seed(seed)
+    net = CaffeResNet()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    fc = torch.nn.Conv2d(2048, n_classes, 1)
+    state.update({"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path

@@ -125,6 +125,21 @@ def crf_miou(m: dict) -> float | None:
     return (m.get("crf") or {}).get("miou")
 
 
+BPM_NORM_LABELS = {"pcm": "ViT-PCM normalisation", "none": "Eq. 10 as printed"}
+
+
+def bpm_by_norm(norm: str, crf: bool = False) -> Callable[[dict], float | None]:
+    """The BPM mIoU (``crf``: after its CRF) of one normalisation (``bpm_norm``: pcm | none),
+    from a pseudo-label run's main BPM or its ``other_norm``; None when the run made no BPM of
+    that normalisation."""
+    def extract(m: dict) -> float | None:
+        for scores in (m, m.get("other_norm") or {}):
+            if scores.get("bpm_norm") == norm:
+                return (scores.get("crf") or {}).get("miou") if crf else scores.get("miou")
+        return None
+    return extract
+
+
 def pseudo_miou(m: dict) -> float | None:
     """The final pseudo labels: after the CRF where it ran, else the BPM."""
     return (m.get("crf") or {}).get("miou", m.get("miou"))

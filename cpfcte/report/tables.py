@@ -19,8 +19,9 @@ from cpfcte.errors import CpfcteError
 from cpfcte.io import write_text
 from cpfcte.paths import output_dir, project_root
 from cpfcte.report.provenance import provenance
-from cpfcte.report.results import (Measure, Paired, bpm_miou, collect, crf_miou, deeplab_level,
-                                   fmt, group, group_measures, pseudo_miou, seed_runs)
+from cpfcte.report.results import (BPM_NORM_LABELS, Measure, Paired, bpm_by_norm, bpm_miou,
+                                   collect, crf_miou, deeplab_level, fmt, group, group_measures,
+                                   pseudo_miou, seed_runs)
 
 TOY_NOTE = ("toy profile: a synthetic dataset and tiny networks on a CPU; its numbers are not "
             "comparable to the paper's, so no difference to the paper's values is shown.")
@@ -139,6 +140,14 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
     crf = collect(profile, run, crf_miou)
     first, _ = catalog.run_metrics(profile, run)
     extra = []
+    main_norm = (first or {}).get("bpm_norm")
+    for norm in ("none", "pcm"):                   # the BPM both ways (note 7), each ± CRF
+        label = f"BPM, {BPM_NORM_LABELS[norm]}"
+        same = " (the CPF-CTE rows)" if norm == main_norm else ""
+        for crf_too, what in ((False, "w/o CRF"), (True, "+ CRF")):
+            cell = collect(profile, run, bpm_by_norm(norm, crf_too))
+            if cell.values:
+                extra.append([f"{label}, {what}{same}", "this run", "", "", cell.text])
     aug, _ = catalog.run_metrics(profile, aug_run)
     if aug:
         split = f"{aug['split']} ({aug['images']:,} images)"
@@ -157,9 +166,15 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
                            f"ours beside them: split {first['split']} ({first['images']} "
                            f"images); inference {first['infer_size']}×{first['infer_size']} "
                            f"({first['patches_per_side']} patches per side)")
+        if main_norm:
+            table_notes.append(f"the CPF-CTE rows' BPM: {BPM_NORM_LABELS[main_norm]} (note 7); "
+                               "'Eq. 10 as printed' masks the absent classes and takes the "
+                               "argmax, 'ViT-PCM normalisation' also divides each class map by "
+                               "its maximum over the image and renormalises over the classes; "
+                               "the CRF starts from the BPM's own maps")
         if first.get("crf"):
             table_notes.append(f"CRF (pydensecrf): {first['crf']['params_text']}; unary = -log "
-                               "softmax over the image's classes")
+                               "of the BPM's maps over the image's classes")
     table_notes += provenance(profile, bpm.runs + ([aug_run] if aug else []))
     return comparison_table("table1", "Table 1: pseudo-label quality (mIoU)", profile,
                             paper_values.TABLE1, {"CPF-CTE w/o CRF": bpm, "CPF-CTE": crf},
@@ -172,10 +187,14 @@ def _deeplab_rows(paper_rows, profile: str, run: str, prefix: str = "CPF-CTE"):
     by row label: ``(rows, ours)``."""
     rows, ours = [], {}
     applicable = bool(seed_runs(profile, run))
+    first, _ = catalog.run_metrics(profile, run) if applicable else (None, "")
+    names = {k: v["label"] for k, v in ((first or {}).get("levels") or {}).items()
+             if "label" in v}
+    names = {**DEEPLAB_TEST_LEVELS, **names}           # the run's own labels (test_views)
     for method, pub, backbone, value in paper_rows:
         if method == prefix:
             for level in ("single_scale", "multi_scale"):
-                label = f"{prefix}: DeepLabv2, {DEEPLAB_TEST_LEVELS[level]}"
+                label = f"{prefix}: DeepLabv2, {names[level]}"
                 rows.append((label, "this run", backbone, None))
                 if applicable:
                     ours[label] = collect(profile, run, deeplab_level(level))
@@ -191,27 +210,38 @@ def _deeplab_notes(profile: str, run: str) -> list[str]:
     m, _ = catalog.run_metrics(profile, run)
     table_notes = []
     if m:
+        msc_max = m.get("test_views") == "msc_max"
+        views = ("the MSC max over scales 1, 0.75, 0.5 (kazuto1011's test)" if msc_max else
+                 f"test scales {m['test_scales']}{' + flip' if m['flip'] else ''}")
         table_notes += [f"level: {m['level']} on the CPF-CTE row, the paper's final output "
                         f"(Sec. 4.2); the rows above it score the same network's single-scale "
-                        f"and multi-scale + flip predictions; split {m['split']} "
+                        f"and multi-scale predictions; split {m['split']} "
                         f"({m['images']} images)",
                         f"DeepLabv2: {m['backbone']}, {m['parameters']:,} parameters, "
-                        f"{m['iterations']} iterations; test scales {m['test_scales']}"
-                        f"{' + flip' if m['flip'] else ''}"
+                        f"{m['iterations']} iterations; {views}"
                         + (f"; test-time CRF: {m['crf_params']}" if m.get("crf_params") else ""),
                         f"trained on the pseudo labels of {_relative(m['pseudo_dir'])}"]
     return table_notes + provenance(profile, [run])
 
 
 def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
-    """Table 2: DeepLabv2 on VOC val (toy: the toy val split), each test-time level a row."""
-    (run,) = catalog.group_reads(group("table2"), profile)
+    """Table 2: DeepLabv2 on VOC val (toy: the toy val split), each test-time level a row; and,
+    on voc, the same DeepLabv2 from kazuto1011's COCO-pretrained init (note 16)."""
+    run, coco_init = catalog.group_reads(group("table2"), profile)
     rows, ours = _deeplab_rows(paper_values.TABLE2, profile, run)
     if not seed_runs(profile, run):
         ours = {"CPF-CTE": "no VOC run exists for this profile: make one with "
                            "`make paper PROFILE=voc`"}
+    label = "CPF-CTE: DeepLabv2 from kazuto1011's COCO-pretrained init, multi-scale + CRF"
+    if seed_runs(profile, coco_init):
+        cell = collect(profile, coco_init, deeplab_level("crf")).text
+    else:
+        cell = ("voc profile only: it needs kazuto1011's COCO-pretrained DeepLabv2 "
+                "(deeplabv1_resnet101-coco.pth; note 16)")
+    extra = [[label, "this run", "ResNet-101 (Caffe)", "", cell]]
     return comparison_table("table2", "Table 2: semantic segmentation (mIoU), VOC 2012 val",
-                            profile, rows, ours, _deeplab_notes(profile, run), out_dir=out_dir)
+                            profile, rows, ours, _deeplab_notes(profile, run), extra,
+                            out_dir=out_dir)
 
 
 def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
