@@ -60,7 +60,7 @@ def _data(args: argparse.Namespace) -> None:
             print(json.dumps(prepare_folder(
                 args.images, args.labels, args.out, masks=args.masks, classes=classes,
                 val_fraction=args.val_fraction, seed=args.seed, train_list=args.train_list,
-                val_list=args.val_list), indent=2))
+                val_list=args.val_list, force=args.force), indent=2))
         elif args.dataset == "voc":
             from cpfcte.data.prepare_voc import prepare_voc
 
@@ -83,8 +83,7 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cpfcte.config import config_from_dict, derive, load_config, parse_set_args
-    from cpfcte.io import read_json
+    from cpfcte.config import config_from_file, derive, load_config, parse_set_args
     from cpfcte.paths import run_path
     from cpfcte.train import train, train_distributed
 
@@ -92,13 +91,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.weights:   # a path given on the command line is relative to the current folder
         overrides["weights"] = str(Path(args.weights).resolve())
     if args.from_config:
-        cfg = derive(config_from_dict(read_json(args.from_config), args.from_config), overrides)
+        cfg = derive(config_from_file(args.from_config), overrides)
     else:
         cfg = load_config(args.profile, overrides)
     if args.run is None and not args.from_config:
         raise CpfcteError("cpfcte train needs --run NAME (or --from-config, whose folder is "
                           "the run folder)")
-    run_dir = (run_path(cfg.profile, args.run) if args.run
+    run_dir = (run_path(cfg.profile, args.run) if args.run is not None
                else Path(args.from_config).resolve().parent)
     if args.nproc != 1:
         summary = train_distributed(cfg, run_dir, args.nproc)
@@ -125,7 +124,10 @@ def _pseudo(args: argparse.Namespace) -> None:
     _same_profile(args.profile, cfg.profile, train_dir, "--train-run")
     m = pseudo_stage(cfg, train_dir, run_path(args.profile, args.run),
                      both_norms=args.both_norms)
-    print(json.dumps({k: m[k] for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
+    if m.get("no_masks"):
+        print(f"no masks: the dataset has no ground truth for split {m['split']!r}, so the "
+              f"pseudo labels in {m['bpm_dir']} are not scored", file=sys.stderr)
+    print(json.dumps({k: m.get(k) for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
                      indent=2))
 
 
@@ -138,9 +140,8 @@ def _same_profile(asked: str, found: str, run_dir: Path, flag: str) -> None:
 
 
 def _deeplab(args: argparse.Namespace) -> None:
-    from cpfcte.config import config_from_dict, derive, load_config, parse_set_args
+    from cpfcte.config import config_from_file, derive, load_config, parse_set_args
     from cpfcte.deeplab import deeplab_stage, train_deeplab, train_deeplab_distributed
-    from cpfcte.io import read_json
     from cpfcte.paths import run_path
     from cpfcte.pseudo import pseudo_run_of
     from cpfcte.runfolder import RunFolder, run_config
@@ -158,8 +159,7 @@ def _deeplab(args: argparse.Namespace) -> None:
             args.pseudo = str(run_path(args.profile, args.pseudo))   # a run name of the profile
         upstream = pseudo_run_of(args.pseudo)
         if args.from_config:              # torchrun's processes: the launcher's whole config
-            cfg = derive(config_from_dict(read_json(args.from_config), args.from_config),
-                         overrides)
+            cfg = derive(config_from_file(args.from_config), overrides)
         else:
             cfg = (run_config(upstream, overrides) if upstream
                    else load_config(args.profile, overrides))
@@ -175,10 +175,17 @@ def _deeplab(args: argparse.Namespace) -> None:
                                             "parameters")} | {"run_dir": str(run_dir)}, indent=2))
         return
     folder = RunFolder(run_dir)
+    record = folder.record()
+    if record.get("stage") != "deeplab" or "pseudo_dir" not in record:
+        raise CpfcteError(f"{run_dir}: holds a {record.get('stage')} run, not a DeepLabv2 "
+                          "training run; give the --run of `cpfcte deeplab train`")
     cfg = derive(folder.config(), {"val_split": args.split})
-    m = deeplab_stage(cfg, folder.record()["pseudo_dir"], run_dir)
-    print(json.dumps({k: m[k] for k in ("miou", "split", "images", "pred_dir", "crf_dir")} |
-                     {"miou_no_crf": m["no_crf"]["miou"]}, indent=2))
+    m = deeplab_stage(cfg, record["pseudo_dir"], run_dir)
+    if m.get("no_masks"):
+        print(f"no masks: the dataset has no ground truth for split {m['split']!r}, so the "
+              f"predictions in {m['pred_dir']} are not scored", file=sys.stderr)
+    print(json.dumps({k: m.get(k) for k in ("miou", "split", "images", "pred_dir", "crf_dir")}
+                     | {"miou_no_crf": (m.get("no_crf") or {}).get("miou")}, indent=2))
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -187,7 +194,7 @@ def _predict(args: argparse.Namespace) -> None:
 
     report = predict_folder(run_path(args.profile, args.run), args.images, args.out,
                             crf=args.crf, scores=args.scores, threshold=args.threshold,
-                            device=args.device, limit=args.limit)
+                            device=args.device, limit=args.limit, force=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "classes_kept"}, indent=2))
 
 
@@ -201,7 +208,8 @@ def _export(args: argparse.Namespace) -> None:
 
         root = resolve(load_config("voc").data_root, data_dir())
         test_list = root / "ImageSets" / "Segmentation" / "test.txt"
-    print(json.dumps(export_voc_test(args.pred, args.out, test_list, args.images), indent=2))
+    print(json.dumps(export_voc_test(args.pred, args.out, test_list, args.images,
+                                     force=args.force), indent=2))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -212,9 +220,20 @@ def _eval(args: argparse.Namespace) -> None:
         path = Path(args.list)
         if not path.is_file():
             raise CpfcteError(f"{path}: list file not found")
-        ids = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+        from cpfcte.io import read_ids
+
+        ids = read_ids(path)
         if not ids:
             raise CpfcteError(f"{path}: list file is empty")
+    else:                                       # without a list: every ground-truth mask
+        missing = sorted(p.stem for p in Path(args.gt).glob("*.png")
+                         if not (Path(args.pred) / p.name).is_file()) \
+            if Path(args.gt).is_dir() and Path(args.pred).is_dir() else []
+        if missing:
+            print(f"warning: {args.pred} has no prediction for {len(missing)} ground-truth "
+                  f"mask(s) of {args.gt} ({', '.join(missing[:5])}"
+                  f"{' …' if len(missing) > 5 else ''}); they are not scored. Pass --list to "
+                  "score a fixed set (a missing prediction is then an error)", file=sys.stderr)
     result = evaluate_dirs(args.pred, args.gt, args.num_classes, ids=ids,
                            ignore_index=args.ignore_index)
     print(json.dumps(result, indent=2))
@@ -236,10 +255,23 @@ def _print_check(profile: str) -> bool:
     return ok
 
 
+def _known_profile(profile: str) -> None:
+    """Refuse a profile name that names no profile file, before anything is read or written."""
+    from cpfcte.config import load_config
+
+    load_config(profile)
+
+
 def _paper(args: argparse.Namespace) -> None:
     from cpfcte.batch import run_batch, stage_times
     from cpfcte.report import write_all
 
+    from cpfcte.numerics import warn_native
+
+    _known_profile(args.profile)
+    warn_native()                              # once, at the start: digits may differ here
+    if args.jobs < 1:
+        raise CpfcteError(f"--jobs {args.jobs}: must be ≥ 1 (runs at the same time)")
     if args.check:
         sys.exit(0 if _print_check(args.profile) else 1)
     if args.status:
@@ -281,6 +313,7 @@ def _paper(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from cpfcte.report import write_all
 
+    _known_profile(args.profile)
     _headless_plots()
     for name, paths in write_all(args.profile).items():
         print(name, " ".join(str(p) for p in paths.values()))
@@ -301,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("dataset", choices=["toy", "voc", "coco", "folder"])
     prep.add_argument("--root", help="toy: output folder (default: data/toy)")
     prep.add_argument("--seed", type=int, default=0, help="toy: generator seed; folder: val draw seed")
-    prep.add_argument("--force", action="store_true", help="toy: regenerate even if present")
+    prep.add_argument("--force", action="store_true",
+                      help="toy: regenerate even if present; toy and folder: replace what the "
+                           "command writes in a folder it did not make")
     prep.add_argument("--voc-root", help="voc: VOCdevkit/VOC2012 (default: data/VOCdevkit/VOC2012)")
     prep.add_argument("--sbd-root", help="voc: SBD's benchmark_RELEASE/dataset "
                       "(default: data/benchmark_RELEASE/dataset)")
@@ -421,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage 1: image score above which a class may appear")
     pr.add_argument("--device", help="default: the run's (auto)")
     pr.add_argument("--limit", type=int, help="only the first N images (by name)")
+    pr.add_argument("--force", action="store_true",
+                    help="write into a --out folder that is not empty and not a prediction's")
     pr.set_defaults(func=_predict)
 
     ex = sub.add_parser("export", help="pack predictions for an evaluation server")
@@ -431,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--list", help="test ids (default: the voc data root's "
                                    "ImageSets/Segmentation/test.txt)")
     vt.add_argument("--images", help="the test JPEGs, to check each PNG's size")
+    vt.add_argument("--force", action="store_true", help="replace an existing --out archive")
     vt.set_defaults(func=_export)
     return parser
 
@@ -441,6 +479,16 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except CpfcteError as e:
         print(f"cpfcte: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ncpfcte: interrupted. What was finished is kept (checkpoints, masks); run the "
+              "same command again to continue (cpfcte train: with --resume)", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:                       # a full disk, a refused permission, a bad path
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"cpfcte: error: {where}{e.strerror or e} (the operating system refused the "
+              "operation: check the path, its permissions and the free disk space)",
+              file=sys.stderr)
         sys.exit(2)
 
 

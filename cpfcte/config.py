@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,6 +467,13 @@ def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise CpfcteError(f"{path}: a profile must be a mapping of parameter: value")
     values = dict(values)
+    name = Path(profile).stem if Path(profile).suffix else str(profile)
+    said = values.get("profile", name)
+    if said != name:
+        raise CpfcteError(f"{path}: says profile: {said}, but the file is profile {name!r}; "
+                          f"its runs would go to runs/{said}/. Set profile: {name} (or remove "
+                          "the line: a profile is named by its file)")
+    values["profile"] = name
     base = values.pop("extends", None)
     values = nest(values, str(path))
     if base is None:
@@ -502,6 +510,17 @@ def config_from_dict(values: dict[str, Any], source: Path | str = "config") -> C
     return _coerce(Config(**values, **sections))
 
 
+def config_from_file(path: str | Path) -> Config:
+    """A Config from a JSON file: a whole config (``launch_config.json``) or a run folder's
+    ``config.json`` (``{"stage", "digest", "config": {...}}``), validated."""
+    from cpfcte.io import read_json
+
+    values = read_json(Path(path))
+    if isinstance(values, dict) and "config" in values and "stage" in values:
+        values = values["config"]                 # a run folder's record
+    return config_from_dict(values, path).validate()
+
+
 def _coerce(obj, prefix: str = ""):
     """Cast fields to their declared types (YAML and papermill may give ints for floats)."""
     for f in dataclasses.fields(obj):
@@ -512,10 +531,20 @@ def _coerce(obj, prefix: str = ""):
         if kind in ("CRFConfig", "DeepLabConfig") or (optional and value is None):
             continue
         try:
-            if kind == "int" and not isinstance(value, bool):
+            if kind == "int":
+                if isinstance(value, bool) or (isinstance(value, float)
+                                               and not value.is_integer()):
+                    raise ValueError(value)            # true is not 1; 1.7 is not 1
+                if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+                    raise ValueError(value)
                 value = int(value)
             elif kind == "float":
+                if isinstance(value, bool):
+                    raise ValueError(value)
                 value = float(value)
+                if not math.isfinite(value):
+                    raise CpfcteError(f"parameter {prefix}{f.name}={value!r} must be a finite "
+                                      "number")
             elif kind == "bool" and not isinstance(value, bool):
                 if str(value).lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
@@ -539,6 +568,12 @@ def parse_set_args(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise CpfcteError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        if not raw.strip():
+            raise CpfcteError(f"--set {pair}: no value after '='; give one (null keeps none)")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise CpfcteError(f"--set {pair}: {raw!r} is not a value (numbers, true/false, "
+                              "null, [lists], {mappings} or text)") from None
     check_keys(out, "--set")
     return out

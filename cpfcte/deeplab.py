@@ -423,12 +423,9 @@ def check_crop(voc, dl) -> None:
     ``dl.crop`` on both sides even at the largest random scale, DeepLabv2 would learn mostly
     from padding. (Images smaller than the crop at scale 1 are padded with 255, as in the
     reference recipe.) Reads the image headers only."""
-    from PIL import Image
-
     small, example = 0, None
     for i, image_id in enumerate(voc.ids):
-        with Image.open(voc.image_path(i)) as im:
-            w, h = im.size
+        w, h = voc.image_size(i)
         if max(w, h) * dl.largest_scale() < dl.crop:
             small += 1
             example = example or f"{image_id}: {w}×{h}"
@@ -603,6 +600,11 @@ def load_deeplab(run_dir: str | Path, cfg: Config) -> DeepLabV2:
     if state is None:
         raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train DeepLabv2 first")
     if state["iteration"] < cfg.deeplab.iterations:
+        holder = folder.holder()
+        if holder:
+            raise CpfcteError(f"{folder.path}: still training (iteration {state['iteration']} "
+                              f"of {cfg.deeplab.iterations}; process {holder.get('pid')} on "
+                              f"{holder.get('host')}); wait for it to finish")
         raise CpfcteError(f"{folder.path / CHECKPOINT}: stopped at iteration "
                           f"{state['iteration']} of {cfg.deeplab.iterations}; resume training "
                           "first")

@@ -65,7 +65,6 @@ def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
     probabilities, stored as float16 for the CRF, so at bias 0 it matches the run's BPM mIoU up
     to the pixels whose top two classes tie within that rounding (0.04 points on the test's
     barely trained model)."""
-    from PIL import Image
 
     from cpfcte.crf import load_grid_probs, upsampled_probs
     from cpfcte.data import open_split
@@ -83,8 +82,7 @@ def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
     cm = ConfusionMatrix(len(voc.classes))
     for i, image_id in enumerate(voc.ids):
         grid, classes = load_grid_probs(probs_dirs[0] / f"{image_id}.npz")
-        with Image.open(voc.image_path(i)) as im:
-            w, h = im.size
+        w, h = voc.image_size(i)
         probs = upsampled_probs(grid, (h, w), cfg.resize == "pcm")  # the image's classes
         cm.update(biased_argmax(probs, classes, bias), read_label_png(gt / f"{image_id}.png"),
                   image_id, gt_name=str(gt / f"{image_id}.png"))

@@ -38,24 +38,42 @@ def check_prediction(path: Path, image: Path | None = None) -> None:
         raise CpfcteError(f"{path}: values {bad.tolist()} outside 0..{NUM_CLASSES - 1} (the "
                           "server scores the 20 VOC classes and background; no 255)")
     if image is not None:
-        with Image.open(image) as im:
-            if im.size != size:
-                raise CpfcteError(f"{path}: {size[0]}×{size[1]}, its image {image.name} is "
-                                  f"{im.size[0]}×{im.size[1]}")
+        from cpfcte.io import image_size
+
+        shown = image_size(image)
+        if shown != size:
+            raise CpfcteError(f"{path}: {size[0]}×{size[1]}, its image {image.name} is "
+                              f"{shown[0]}×{shown[1]} (as it displays: EXIF orientation "
+                              "applied)")
 
 
 def export_voc_test(pred: str | Path, out: str | Path, test_list: str | Path,
-                    images: str | Path | None = None) -> dict:
-    """Check every prediction of the test list, then write the tar.gz atomically."""
-    from cpfcte.io import atomic_path
+                    images: str | Path | None = None, force: bool = False) -> dict:
+    """Check every prediction of the test list, then write the tar.gz atomically. An id that
+    is not a plain file name (``../x``, ``a/b``) or comes twice is refused, and so is an
+    existing archive without ``force``."""
+    from cpfcte.io import atomic_path, read_ids
 
     pred, out, test_list = Path(pred), Path(out), Path(test_list)
     if not test_list.is_file():
         raise CpfcteError(f"{test_list}: test list not found; pass --list "
                           "VOC2012/ImageSets/Segmentation/test.txt")
-    ids = [x.split()[0] for x in test_list.read_text().splitlines() if x.strip()]
+    ids = read_ids(test_list)
     if not ids:
         raise CpfcteError(f"{test_list}: empty test list")
+    for line, i in enumerate(ids, start=1):
+        if Path(i).name != i or i in (".", "..") or "\\" in i:
+            raise CpfcteError(f"{test_list}: id {i!r} is not a plain image id (it would leave "
+                              "the prediction folder and the archive's folder); fix the list")
+    seen: dict[str, int] = {}
+    for n, i in enumerate(ids, start=1):
+        if i in seen:
+            raise CpfcteError(f"{test_list}: id {i!r} appears twice (entries {seen[i]} and "
+                              f"{n}); the archive would hold it twice")
+        seen[i] = n
+    if out.exists() and not force:
+        raise CpfcteError(f"{out}: exists; nothing was written. Give another file name, or "
+                          "--force to replace it")
     missing = [i for i in ids if not (pred / f"{i}.png").is_file()]
     if missing:
         raise CpfcteError(f"{pred}: {len(missing)} of {len(ids)} test ids have no PNG (e.g. "

@@ -222,15 +222,76 @@ def read_label_png(path: str | Path) -> np.ndarray:
                           "truncated: regenerate or re-download it") from None
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with a clear error for a missing or corrupt file."""
+MAX_PIXELS = 40_000_000   # larger images are refused: resize them first (VOC's are ~0.2 MP)
+# EXIF orientations that swap width and height (5-8: transposed or rotated by 90°)
+_SWAPPING = {5, 6, 7, 8}
+
+
+def _too_large(path: Path, w: int, h: int) -> CpfcteError:
+    return CpfcteError(f"{path}: image is {w}×{h} ({w * h / 1e6:.0f} megapixels), above the "
+                       f"{MAX_PIXELS / 1e6:.0f} that cpfcte reads; resize it (at most about "
+                       "6000 px on a side) and give the resized copy")
+
+
+def _open(path: Path):
+    """``Image.open`` with PIL's decompression-bomb guard turned into a clear error."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise CpfcteError(f"{path}: image too large to decode safely ({e}); resize it (at "
+                          "most about 6000 px on a side) and give the resized copy") from None
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as the image displays (its EXIF orientation applied), from the header
+    alone; an image above ``MAX_PIXELS`` is refused."""
     path = Path(path)
     if not path.is_file():
         raise CpfcteError(f"{path}: image not found")
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except CpfcteError:
+        raise
+    except Exception as e:
+        raise CpfcteError(f"{path}: cannot read image header ({e}); the file is corrupt: "
+                          "regenerate or re-download it") from None
+    if w * h > MAX_PIXELS:
+        raise _too_large(path, w, h)
+    return (h, w) if orientation in _SWAPPING else (w, h)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB as it displays: its EXIF orientation applied (a phone's
+    portrait JPEG stored sideways comes out upright, as a viewer shows it and as masks are
+    drawn on it), 16-bit images scaled to 8 bits (not clipped), with a clear error for a
+    missing, corrupt or too large file."""
+    from PIL import ImageOps
+
+    path = Path(path)
+    if not path.is_file():
+        raise CpfcteError(f"{path}: image not found")
+    try:
+        with _open(path) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise _too_large(path, *im.size)
             im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):               # 16-bit (or 32-bit integer) grey
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
+                im = Image.fromarray(np.round(arr * (255.0 / top)).clip(0, 255)
+                                     .astype(np.uint8), mode="L")
             return im.convert("RGB")
+    except CpfcteError:
+        raise
     except Exception as e:
         raise CpfcteError(f"{path}: cannot decode image ({e}); the file is corrupt or "
                           "truncated: regenerate or re-download it") from None
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """The ids of a split list: one per line, the whole line (a file name may hold spaces),
+    blank lines skipped."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]

@@ -82,7 +82,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
                   classes: tuple[str, ...] | None = None) -> dict:
     """Score the PNGs of ``pred_dir`` against same-named PNGs of ``gt_dir`` (palette or
     grayscale). With ``ids``, exactly those images are scored and each must exist in both."""
-    from cpfcte.guard import refuse_copy, refuse_self_evaluation
+    from cpfcte.guard import near_copy, refuse_copy, refuse_self_evaluation
 
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
@@ -103,7 +103,7 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, *,
         if not gt_path.is_file():
             raise CpfcteError(f"{gt_path}: ground truth missing for image {image_id}")
         pred, gt = read_label_png(pred_path), read_label_png(gt_path)
-        identical += bool(np.array_equal(pred, gt))
+        identical += near_copy(pred, gt)
         cm.update(pred, gt, name=str(pred_path), gt_name=str(gt_path))
     refuse_copy(identical, len(ids), pred_dir, "predictions")
     result = cm.summary(classes)

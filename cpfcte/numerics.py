@@ -21,8 +21,14 @@ keeps the machine's own code paths (faster on AVX-512; not reproducible across m
 
 What is left outside: the C++ dense CRF (pydensecrf) is compiled when installed; the same
 compiler and C library give the same results, and glibc's ``exp`` is not bound to the
-processor's vector units. A processor without AVX2 cannot take the pinned paths: ``check``
-says so.
+processor's vector units.
+
+A processor without AVX2 (Apple Silicon, an ARM server such as a GH200, an old x86) cannot take
+the pinned paths. It runs with its own (``mode`` "native (no AVX2)"), says so once at the start
+of a stage, its provenance says "numerics native", and ``cpfcte paper --check`` reports its
+differences from the committed tables as expected on that machine, not as a failure to
+reproduce. A pinned x86 run whose pins did not take effect (numpy imported before cpfcte)
+still refuses (``check``).
 """
 
 from __future__ import annotations
@@ -35,10 +41,71 @@ NUMPY_ABOVE_AVX2 = "X86_V4 AVX512_ICL AVX512_SPR"
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT",
         "NPY_DISABLE_CPU_FEATURES": NUMPY_ABOVE_AVX2}
 MODE_VARIABLE = "CPFCTE_NUMERICS"
+FAKE_CPU = "CPFCTE_FAKE_CPU"     # tests: "arm64" or "x86_64-noavx2" fakes the processor
+
+
+def cpu_has_avx2(machine: str | None = None, flags: str | None = None) -> bool:
+    """Whether the processor can take the pinned AVX2 paths: x86-64 with AVX2 (from
+    ``platform.machine()`` and the flags of /proc/cpuinfo; without /proc, an x86-64 is taken to
+    have AVX2, as every x86 Mac and PC since 2013 does). Reads no numpy or torch. Tests fake
+    the processor with CPFCTE_FAKE_CPU=arm64 | x86_64 | x86_64-noavx2."""
+    import platform
+
+    fake = os.environ.get(FAKE_CPU)
+    if fake:
+        machine = fake.split("-")[0]
+        flags = "" if fake.endswith("-noavx2") else "avx2"
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "x64"):
+        return False
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as info:
+                flags = next((line for line in info if line.startswith("flags")), "avx2")
+        except OSError:
+            return True
+    return "avx2" in flags.replace(":", " ").split()
+
+
+def mode() -> str:
+    """``pinned``; ``native`` (asked for: CPFCTE_NUMERICS=native); ``native (no AVX2)`` (a
+    processor that cannot take the pinned paths)."""
+    if os.environ.get(MODE_VARIABLE, "pinned") == "native":
+        return "native"
+    return "pinned" if cpu_has_avx2() else "native (no AVX2)"
 
 
 def pinned() -> bool:
-    return os.environ.get(MODE_VARIABLE, "pinned") != "native"
+    return mode() == "pinned"
+
+
+def native_reason() -> str | None:
+    """Why this process runs native numerics, for the one warning a stage gives; None when
+    pinned."""
+    m = mode()
+    if m == "pinned":
+        return None
+    if m == "native":
+        return f"{MODE_VARIABLE}=native is set"
+    import platform
+
+    return (f"this processor ({platform.machine()}) has no AVX2, so the pinned x86 code paths "
+            "cannot run")
+
+
+def warn_native() -> None:
+    """Say once per process that the digits may differ from the committed tables."""
+    import warnings
+
+    reason = native_reason()
+    if reason:
+        warnings.warn(f"cpfcte numerics native: {reason}; the digits may differ from the "
+                      "committed tables (paper --check reports that as expected here)",
+                      NativeNumerics, stacklevel=2)
+
+
+class NativeNumerics(UserWarning):
+    pass
 
 
 def pin_environment() -> list[str]:
@@ -61,6 +128,7 @@ def apply(cfg) -> None:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if not pinned():
+        warn_native()
         return
     check()
     torch.backends.mkldnn.enabled = False

@@ -53,6 +53,11 @@ def run_path(profile: str, run_name: str) -> Path:
     """The folder of a run: ``runs/<profile>/<run_name>`` for a plain name, ``runs/<run_name>``
     for a name with a slash (``toy/train_full``: the batch runner names runs so), or the path
     itself when absolute."""
+    if not str(run_name).strip() or str(run_name) != str(run_name).strip():
+        from cpfcte.errors import CpfcteError
+
+        raise CpfcteError(f"run name {run_name!r}: give a name without leading or trailing "
+                          "spaces (it names a folder under runs/)")
     p = Path(run_name)
     if p.is_absolute():
         return p

@@ -46,15 +46,21 @@ def image_classes(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, *,
                    crf: bool = False,
                    scores: bool = False, threshold: float = 0.5, device: str | None = None,
-                   limit: int | None = None, progress: bool = True) -> dict:
+                   limit: int | None = None, force: bool = False, progress: bool = True) -> dict:
     """Predict every image of ``images`` (None: the run's own dataset's ``JPEGImages``; the
-    first ``limit`` by name, when given) with the run folder ``run``; see the module doc."""
+    first ``limit`` by name, when given) with the run folder ``run``; see the module doc.
+    ``out`` must be new, empty or an earlier prediction's (``force``: a folder of yours), may
+    not overlap the images or lie in a dataset; every image is decoded once before anything is
+    written, so a bad file is an error naming it and no output."""
     from PIL import Image
 
-    from cpfcte.io import save_label_png, write_json
+    from cpfcte.io import atomic_path, read_image, save_label_png, write_json
     from cpfcte.progress import progress_bar
     from cpfcte.runfolder import RunFolder
+    from cpfcte.safety import check_folder, mark, refuse_alias, refuse_inside_dataset
 
+    if limit is not None and limit < 1:
+        raise CpfcteError(f"--limit {limit}: must be ≥ 1 (the number of images to predict)")
     folder = RunFolder(run)
     stage = folder.stage
     if stage not in ("train", "deeplab"):
@@ -68,9 +74,19 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
     from cpfcte.data.folder import list_images
 
     cfg = folder.config()
-    files = list_images(Path(images) if images is not None
-                        else dataset_root(cfg) / "JPEGImages")[:limit]
+    source = Path(images) if images is not None else dataset_root(cfg) / "JPEGImages"
+    files = list_images(source)[:limit]
+    same = _same_stems(files)
+    if same:
+        raise CpfcteError(f"{source}: {same[0].name} and {same[1].name} would write the same "
+                          f"outputs ({same[0].stem}.png, {same[0].stem}.jpg); rename one")
     out = Path(out)
+    refuse_alias([out / "labels", out / "overlays", out / "scores", out / "predict.json"],
+                 [source, folder.path], "cpfcte predict")
+    refuse_inside_dataset(out, "prediction folder")
+    check_folder(out, "predict", force=force)
+    for path in progress_bar(files, desc="checking images", disable=not progress, leave=False):
+        read_image(path)                       # a bad file fails here, before any output
     if device:
         from cpfcte.config import derive
 
@@ -92,9 +108,14 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
     device_ = next(model.parameters()).device
     crf_params = (cfg.crf if stage == "train" else cfg.test_crf()) if crf else None
     kept = {}
+    import shutil
+
+    mark(out, "predict")
+    for sub in ("labels", "overlays", "scores"):       # an earlier prediction's outputs go
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
     for path in progress_bar(files, desc="predict", disable=not progress):
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
+        rgb = read_image(path)
         image = np.asarray(rgb, dtype=np.uint8)
         h, w = image.shape[:2]
         if stage == "train":                   # as the pseudo-label stage: Eq. 10, then the CRF
@@ -113,10 +134,11 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
                 labels = crf_labels(image, probs, present, crf_params)
             if scores:
                 (out / "scores").mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(out / "scores" / f"{path.stem}.npz",
-                                    z=grid.cpu().numpy().astype(np.float32),
-                                    image_scores=pooled.cpu().numpy().astype(np.float32),
-                                    classes=np.array(classes))
+                with atomic_path(out / "scores" / f"{path.stem}.npz") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez_compressed(fh, z=grid.cpu().numpy().astype(np.float32),
+                                            image_scores=pooled.cpu().numpy().astype(np.float32),
+                                            classes=np.array(classes))
             kept[path.stem] = [classes[i] for i in present if i > 0]
         else:                                  # as DeepLabv2's prediction of val
             probs = predict_probs(model, image, tuple(cfg.deeplab.test_scales),
@@ -130,8 +152,8 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
                 labels = crf_labels(image, *crf_classes(probs), crf_params)
         save_label_png(out / "labels" / f"{path.stem}.png", labels, palette=True)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(overlay(image, labels)).save(out / "overlays" / f"{path.stem}.jpg",
-                                                     quality=90)
+        with atomic_path(out / "overlays" / f"{path.stem}.jpg") as tmp:
+            Image.fromarray(overlay(image, labels)).save(tmp, format="JPEG", quality=90)
     report = {"run": str(folder.path), "stage": stage, "images": len(files),
               "out": str(out), "crf": crf_params.describe() if crf_params else None,
               "classes": list(classes)}
@@ -139,6 +161,16 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         report.update(threshold=threshold, infer_size=size, classes_kept=kept)
     write_json(out / "predict.json", report)
     return report
+
+
+def _same_stems(files: list[Path]) -> tuple[Path, Path] | None:
+    """Two images whose outputs would collide (the same name but for the suffix)."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen:
+            return seen[f.stem], f
+        seen[f.stem] = f
+    return None
 
 
 def _classes(cfg) -> tuple[str, ...]:

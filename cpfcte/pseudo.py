@@ -289,7 +289,7 @@ def score_or_none(pred_dir: Path, gt: Path | None, voc: VOCDataset) -> dict:
     from cpfcte.metrics import evaluate_dirs
 
     if gt is None:
-        return {"miou": None, "iou": None, "no_masks": True}
+        return {"miou": None, "iou": None, "no_masks": True, "images": len(voc)}
     return evaluate_dirs(pred_dir, gt, len(voc.classes), ids=voc.ids, classes=voc.classes)
 
 

@@ -91,6 +91,7 @@ class RunFolder:
         same digest of ``digest_of`` (the fields that shape this stage's outputs)."""
         if stage not in STAGES:
             raise ValueError(stage)
+        self.refuse_foreign()                         # before anything is written
         digest = short_digest(digest_of)
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
@@ -113,6 +114,38 @@ class RunFolder:
         write_json(path, {"stage": stage, "digest": digest, "digest_of": digest_of,
                           "config": cfg.to_dict(), **extra})
         return self
+
+    def refuse_foreign(self) -> None:
+        """Refuse, before any write, a run folder that is a file, a dataset's ground truth,
+        inside a dataset, or a folder of the user's (not empty, and not a run: no config.json,
+        only files a run does not write)."""
+        from cpfcte.guard import refuse_ground_truth
+        from cpfcte.safety import refuse_inside_dataset, user_files
+
+        if self.path.exists() and not self.path.is_dir():
+            raise CpfcteError(f"{self.path}: exists and is a file, not a run folder; give "
+                              "another run name or folder")
+        refuse_ground_truth(self.path, "run folder")
+        refuse_inside_dataset(self.path, "run folder")
+        if not (self.path / CONFIG).is_file():
+            found = user_files(self.path)
+            if found:
+                raise CpfcteError(f"{self.path}: not a run folder (no {CONFIG}) and not empty "
+                                  f"(it holds {', '.join(p.name for p in found[:3])}); nothing "
+                                  "was written. Give a new run name or an empty folder")
+
+    def holder(self) -> dict | None:
+        """The live process holding the folder's lock (pid, host), or None."""
+        import socket
+
+        try:
+            held = json.loads((self.path / LOCK).read_text())
+        except (OSError, ValueError):
+            return None
+        pid, host = held.get("pid"), held.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
+            return None
+        return held
 
     def produced(self) -> bool:
         """Whether the run wrote anything beyond its config and bookkeeping (a checkpoint, a

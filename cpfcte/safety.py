@@ -28,12 +28,18 @@ DATASET_MARKERS = ("cpfcte_prepare_voc.json", "cpfcte_prepare_coco.json",
                    "cpfcte_prepare_folder.json", "toy_spec.json")
 
 
+# a folder a preparation completed before the owner files existed is that preparation's
+MADE_BY = {"cpfcte_prepare_folder.json": "data prepare folder", "toy_spec.json": "data prepare toy"}
+
+
 def owner_of(folder: Path) -> str | None:
     """The command that marked ``folder`` as its own, or None."""
+    folder = Path(folder)
     try:
-        return json.loads((Path(folder) / OWNER).read_text()).get("by")
+        return json.loads((folder / OWNER).read_text()).get("by")
     except (OSError, ValueError, AttributeError):
-        return None
+        pass
+    return next((by for name, by in MADE_BY.items() if (folder / name).is_file()), None)
 
 
 def mark(folder: Path, by: str) -> None:
@@ -50,14 +56,14 @@ def user_files(folder: Path) -> list[Path]:
         return []
     return sorted(p for p in folder.iterdir()
                   if p.name not in BOOKKEEPING and p.suffix != ".ipynb"
-                  and not p.name.startswith(".cpfcte"))
+                  and p.name not in MADE_BY and not p.name.startswith(".cpfcte")
+                  and not (p.name.startswith(".") and p.name.endswith(".tmp")))  # a killed write
 
 
-def claim_folder(folder: str | Path, by: str, *, force: bool = False,
+def check_folder(folder: str | Path, by: str, *, force: bool = False,
                  also_ours: tuple[str, ...] = (), flag: str = "--force") -> Path:
-    """Make ``folder`` the output folder of command ``by``, or refuse, before anything is
-    written: it must be new or empty, or marked by ``by`` (or one of ``also_ours``), or
-    ``force`` must be given. Marks it. Returns it."""
+    """Refuse ``folder`` as the output folder of command ``by`` unless it is new or empty,
+    marked by ``by`` (or one of ``also_ours``), or ``force`` is given. Writes nothing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CpfcteError(f"{folder}: exists and is a file, not a folder; give a folder path")
@@ -71,6 +77,13 @@ def claim_folder(folder: str | Path, by: str, *, force: bool = False,
                 f"{', '.join(p.name for p in found[:3])}{' …' if len(found) > 3 else ''}. "
                 f"Nothing was written. Give a new or empty folder, or pass {flag} to replace "
                 "what this command writes there")
+    return folder
+
+
+def claim_folder(folder: str | Path, by: str, *, force: bool = False,
+                 also_ours: tuple[str, ...] = (), flag: str = "--force") -> Path:
+    """``check_folder``, then mark the folder as ``by``'s own. Returns it."""
+    folder = check_folder(folder, by, force=force, also_ours=also_ours, flag=flag)
     mark(folder, by)
     return folder
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -378,9 +377,14 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
         raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train this run first "
                           f"(cpfcte train --run {folder.path})")
     if state["epoch"] < cfg.epochs:
+        holder = folder.holder()
+        if holder:
+            raise CpfcteError(f"{folder.path}: still training (epoch {state['epoch']} of "
+                              f"{cfg.epochs} done; process {holder.get('pid')} on "
+                              f"{holder.get('host')}); wait for it to finish")
         raise CpfcteError(f"{folder.path / CHECKPOINT}: training stopped at epoch "
-                          f"{state['epoch']} of {cfg.epochs}; resume it before making pseudo "
-                          "labels")
+                          f"{state['epoch']} of {cfg.epochs}; resume it (cpfcte train --run "
+                          f"{folder.path} --resume) before using it")
     # the architecture only: weights come from the checkpoint, never from the hub
     model = make_model(derive(cfg, {"pretrained": False, "weights": None, "random_init_ok": True}))
     model.load_state_dict(state["model"])

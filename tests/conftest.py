@@ -20,6 +20,18 @@ TINY_MODEL = dict(img_size=32, backbone_kwargs={"patch_size": 8, "embed_dim": 32
                   infer_size=48, infer_batch=4, workers=0)
 
 
+def skip_or_fail(reason: str | None) -> None:
+    """Skip a test whose service is missing, with the reason; under ``CI=true`` fail instead:
+    CI installs and starts every service a test needs, so a missing one is a CI failure, not
+    a silently skipped test."""
+    import os
+
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true, so this test may not be skipped: {reason}")
+        pytest.skip(reason)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("CPFCTE_RUNS", str(tmp_path / "runs"))

@@ -6,7 +6,8 @@ that the figures rendered inline; a screenshot is saved. Notebooks: 02_train (tr
 background-bias slider must render as live widgets).
 
 The test needs ``chromium`` and ``chromedriver`` on the PATH (``apt-get install chromium
-chromium-driver``, which ``.ci/run`` does); without them it is skipped with that reason.
+chromium-driver``, which ``.ci/run`` does); without them it is skipped with that reason, and
+under CI=true it fails with it (conftest.skip_or_fail).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
-           "chromium-driver); .ci/run installs them")
+@pytest.fixture(scope="module", autouse=True)
+def _browser():
+    from conftest import skip_or_fail
+
+    skip_or_fail(None if CHROMIUM and DRIVER else
+                 "needs Debian's chromium and chromium-driver (apt-get install chromium "
+                 "chromium-driver); .ci/run installs them")
 
 STATE_JS = """
 const app = window.jupyterapp;

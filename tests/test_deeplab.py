@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cpfcte.caffe_resnet import kazuto_key
-from cpfcte.deeplab import (ASPP, build_deeplab, load_init, msc_logits, param_groups, poly_lr,
+from cpfcte.deeplab import (ASPP, build_deeplab, msc_logits, param_groups, poly_lr,
                             predict_probs, train_deeplab)
 from cpfcte.errors import CpfcteError
 from cpfcte.runfolder import CHECKPOINT

@@ -118,7 +118,7 @@ def test_bad_folder_input_names_the_file_and_line(own_folder, tmp_path):
             prepare_folder(images, bad, out, **kw)
     (images / "broken.png").write_bytes(b"not an image")
     _write(bad, [["image", "labels"], ["broken.png", "ruby_dot"]])
-    with pytest.raises(CpfcteError, match=r"bad.csv:2: image .*broken.png unreadable"):
+    with pytest.raises(CpfcteError, match=r"bad.csv:2: .*broken.png: cannot decode image"):
         prepare_folder(images, bad, out)
     m = read_label_png(masks / "photo_01.png")
     save_label_png(masks / "photo_01.png", np.where(m > 0, 40, 0).astype(np.uint8))

@@ -2,7 +2,9 @@
 every run with sbatch (through submitit), one job is killed with scancel, the batch reports it
 failed with its log, and the resubmission runs only what is missing. `.ci/run` starts a one-node
 SLURM for this (`.ci/slurm/start`: slurm-wlm and munge from Debian); elsewhere the test is
-skipped with the reason."""
+skipped with the reason, and under CI=true it fails with it (conftest.skip_or_fail). The check
+is patient (sinfo retried for a minute) and names the daemon that does not answer, with the
+last lines of its log."""
 
 import json
 import os
@@ -14,22 +16,47 @@ import time
 import pytest
 
 
-def _slurm_up() -> str | None:
+def _daemons() -> str:
+    """Which SLURM daemons run, and the last lines of the log of each one that does not."""
+    from pathlib import Path
+
+    conf = Path(os.environ.get("SLURM_CONF", "/tmp/cpfcte-slurm/slurm.conf"))
+    parts = []
+    for daemon in ("munged", "slurmctld", "slurmd"):
+        running = subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 0
+        parts.append(f"{daemon} {'running' if running else 'NOT running'}")
+        log = conf.parent / f"{daemon}.log"
+        if not running and log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-5:]
+            parts.append(f"{log} ends: " + " | ".join(tail))
+    return "; ".join(parts)
+
+
+def _slurm_up(attempts: int = 6, wait: float = 10.0) -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "SLURM is not installed (sudo .ci/slurm/start installs and starts a one-node one)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"sinfo failed ({e})"
-    if out.returncode or not any(s in out.stdout for s in ("idle", "mix", "alloc")):
-        return ("no SLURM controller with an idle node here (start one with .ci/slurm/start "
-                f"and export SLURM_CONF): {out.stderr.strip()[:200]}")
-    return None
+    last = ""
+    for attempt in range(attempts):               # a controller that is still starting answers
+        try:
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                                 timeout=20)
+            if out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc")):
+                return None
+            last = (f"sinfo exit {out.returncode}, states {out.stdout.split()}: "
+                    f"{out.stderr.strip()[:200]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            last = f"sinfo failed ({e})"
+        if attempt + 1 < attempts:
+            time.sleep(wait)
+    return (f"no SLURM controller with an idle node after {attempts} tries ({last}); "
+            f"{_daemons()}; start one with .ci/slurm/start and export SLURM_CONF")
 
 
-REASON = _slurm_up()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+@pytest.fixture(scope="module", autouse=True)
+def _slurm():
+    from conftest import skip_or_fail
+
+    skip_or_fail(_slurm_up())
 
 
 def _squeue() -> list[tuple[str, str, str]]:

@@ -100,7 +100,10 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
     from cpfcte.data.coco import prepare_coco
     from cpfcte.data.toy import ToySpec, generate
 
+    from cpfcte.safety import check_folder
+
     root = Path(root) if root else data_dir() / "toy"
+    check_folder(root, "data prepare toy", force=force)     # never replace a folder of yours
     generate(root, ToySpec(seed=seed), force=force, progress=progress)
     if force or not (root / "coco" / PREPARED["toy_coco"]).exists():
         prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)

@@ -67,8 +67,8 @@ def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: 
 
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / archive.name
-    if final.exists():
-        verify(archive, final)
+    if final.exists():                  # it may be a file you put there: checked, never removed
+        verify(archive, final, removed=False)
         return final
     part = downloads / (archive.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -111,7 +111,7 @@ def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: 
         raise CpfcteError(f"{part}: transfer stopped at {size} of {archive.size} bytes; run the "
                           "same command again to resume")
     try:
-        verify(archive, part)
+        verify(archive, part, removed=True)
     except CpfcteError:
         part.unlink(missing_ok=True)
         raise
@@ -119,16 +119,21 @@ def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: 
     return final
 
 
-def verify(archive: Archive, path: Path) -> None:
+def verify(archive: Archive, path: Path, removed: bool = True) -> None:
+    """Refuse a file of the wrong size or MD5. ``removed`` says what the caller does with it:
+    a partial download of ours is removed; a finished file (maybe yours) is left in place."""
+    fix = ("it was removed: run the command again" if removed else
+           "it is left in place: delete it, or put the right file there, and run the command "
+           "again")
     size = path.stat().st_size
     if archive.size is not None and size != archive.size:
-        raise CpfcteError(f"{path}: {size} bytes, expected {archive.size}; the download is "
-                          "corrupt (it was removed: run the command again)")
+        raise CpfcteError(f"{path}: {size} bytes, expected {archive.size}; the file is corrupt "
+                          f"or another one ({fix})")
     if archive.md5 is not None:
         digest = md5sum(path)
         if digest != archive.md5:
-            raise CpfcteError(f"{path}: MD5 {digest}, expected {archive.md5}; the download is "
-                              "corrupt (it was removed: run the command again)")
+            raise CpfcteError(f"{path}: MD5 {digest}, expected {archive.md5}; the file is "
+                              f"corrupt or another one ({fix})")
 
 
 def extract(archive_path: Path, dest: Path, top: str) -> Path:

@@ -83,16 +83,16 @@ def read_label_csv(path: Path, classes: tuple[str, ...] | None = None
 
 
 def _check_image(path: Path, where: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+    """The size of an image as it displays (EXIF orientation applied), after decoding it once:
+    a missing, corrupt, too large or unreadable file is an error naming the CSV line."""
+    from cpfcte.io import read_image
 
     if not path.is_file():
         raise CpfcteError(f"{where}: image {path} not found")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size
-    except (OSError, UnidentifiedImageError) as e:
-        raise CpfcteError(f"{where}: image {path} unreadable ({e})") from None
+        return read_image(path).size
+    except CpfcteError as e:
+        raise CpfcteError(f"{where}: {e}") from None
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -106,27 +106,43 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _read_list(path: Path) -> list[str]:
+    from cpfcte.io import read_ids
+
     if not path.is_file():
         raise CpfcteError(f"{path}: split list not found")
-    return [Path(x.split()[0]).stem for x in path.read_text().splitlines() if x.strip()]
+    return [Path(x).stem for x in read_ids(path)]
+
+
+# what a preparation writes into its --out folder (and replaces when it prepares it again)
+OUTPUTS = ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets", "classes.txt")
 
 
 def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
                    masks: str | Path | None = None, classes: tuple[str, ...] | None = None,
                    val_fraction: float = 0.2, seed: int = 0, train_list: str | Path | None = None,
-                   val_list: str | Path | None = None) -> dict:
-    """Write the VOC layout of a folder of images with image-level labels; returns a report."""
-    from cpfcte.data.voc import voc_xml
+                   val_list: str | Path | None = None, force: bool = False) -> dict:
+    """Write the VOC layout of a folder of images with image-level labels; returns a report.
+    ``out`` must be new or empty, or a folder this command prepared before (its outputs are then
+    replaced: no mask of an earlier preparation stays), or ``force`` replaces them in a folder
+    of yours; no output may overlap the inputs. Every check runs before the first write."""
+    import shutil
+
     from cpfcte.data import begin_preparation, finish_preparation
+    from cpfcte.data.voc import voc_xml
     from cpfcte.io import read_label_png, save_label_png, write_text
+    from cpfcte.safety import check_folder, claim_folder, refuse_alias
 
     images, labels, out = Path(images), Path(labels), Path(out)
     if not images.is_dir():
         raise CpfcteError(f"{images}: image folder not found")
-    begin_preparation(out, "folder", ("Annotations", "SegmentationClass",
-                                      "ImageSets/Segmentation", "."))
     if not 0 <= val_fraction < 1:
         raise CpfcteError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    by = "data prepare folder"
+    refuse_alias([out / o for o in OUTPUTS] + [out],
+                 [images, labels, Path(masks) if masks else None,
+                  Path(train_list) if train_list else None,
+                  Path(val_list) if val_list else None], f"cpfcte {by}")
+    check_folder(out, by, force=force)                 # before reading anything large
     known, entries = read_label_csv(labels, classes)
     all_classes = ("background",) + known
     stems: dict[str, int] = {}
@@ -151,13 +167,22 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
             mask = read_label_png(path)
             w, h = sizes[stem]
             if mask.shape != (h, w):
+                hint = (" (the image's EXIF orientation is applied: its size is as it "
+                        "displays; a mask drawn on the stored, unrotated pixels has the "
+                        "other shape)") if mask.shape == (w, h) else ""
                 raise CpfcteError(f"{path}: mask is {mask.shape[1]}×{mask.shape[0]}, its image "
-                                  f"{name} is {w}×{h}")
+                                  f"{name} is {w}×{h}{hint}")
             bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(len(all_classes)), 255])
             if bad.size:
                 raise CpfcteError(f"{path}: values {bad.tolist()} outside 0..{len(known)} and "
                                   f"255 (classes: {list(all_classes)})")
             mask_files[stem] = mask
+    listed = {Path(name).name for _, name, _ in entries}
+    unlisted = [p.name for p in list_images(images) if p.name not in listed]
+    if unlisted:
+        raise CpfcteError(f"{labels}: no row for {len(unlisted)} image(s) of {images}, e.g. "
+                          f"{unlisted[0]!r}; every image needs its labels (add a row, or move "
+                          "the image out of the folder)")
     ids = [Path(name).stem for _, name, _ in entries]
     if train_list or val_list:
         if not (train_list and val_list):
@@ -177,6 +202,15 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
         train = sorted(ids[i] for i in order[n_val:])
     if not train:
         raise CpfcteError(f"{labels}: no training image left (lower --val-fraction)")
+    claim_folder(out, by, force=force)                 # every check passed: the first write
+    begin_preparation(out, "folder", ("Annotations", "SegmentationClass",
+                                      "ImageSets/Segmentation", "."))
+    for name in OUTPUTS:                                # an earlier preparation's outputs go
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
     for (line, name, names), stem in zip(entries, ids):
         link = out / "JPEGImages" / f"{stem}.jpg"
         link.parent.mkdir(parents=True, exist_ok=True)

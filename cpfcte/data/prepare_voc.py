@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cpfcte.data.classes import VOC_CLASSES
 from cpfcte.data.voc import parse_annotation, read_split
@@ -54,8 +53,10 @@ def read_sbd_mat(path: Path) -> np.ndarray:
 
 
 def _check_mask(mask: np.ndarray, image: Path, source: Path) -> np.ndarray:
-    with Image.open(image) as im:
-        size = (im.height, im.width)
+    from cpfcte.io import image_size
+
+    w, h = image_size(image)
+    size = (h, w)
     if mask.shape != size:
         raise CpfcteError(f"{source}: mask is {mask.shape[1]}×{mask.shape[0]} but its image "
                           f"{image.name} is {size[1]}×{size[0]}")

@@ -48,7 +48,9 @@ def split_file(root: Path, split: str) -> Path:
 
 def read_split(root: str | Path, split: str) -> list[str]:
     path = split_file(Path(root), split)
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    from cpfcte.io import read_ids
+
+    ids = read_ids(path)
     if not ids:
         raise CpfcteError(f"{path}: split list is empty")
     return ids
@@ -74,9 +76,13 @@ def parse_annotation(path: Path, classes: tuple[str, ...]) -> list[str]:
 
 
 def voc_xml(filename: str, size: tuple[int, int], names: list[str]) -> str:
-    """A VOC ``Annotations`` file naming the image's objects."""
+    """A VOC ``Annotations`` file naming the image's objects (names and file name escaped:
+    a class ``R&D`` or a file ``tom & jerry.jpg`` stays valid XML)."""
+    from xml.sax.saxutils import escape
+
     w, h = size
-    objs = "".join(f"\t<object>\n\t\t<name>{n}</name>\n\t\t<pose>Unspecified</pose>\n"
+    filename = escape(filename)
+    objs = "".join(f"\t<object>\n\t\t<name>{escape(n)}</name>\n\t\t<pose>Unspecified</pose>\n"
                    f"\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t</object>\n"
                    for n in names)
     return (f"<annotation>\n\t<folder>VOC2012</folder>\n\t<filename>{filename}</filename>\n"
@@ -128,16 +134,10 @@ class VOCDataset:
         return read_image(self.image_path(index))
 
     def image_size(self, index: int) -> tuple[int, int]:
-        """(width, height) from the image header, without decoding the pixels."""
-        path = self.image_path(index)
-        try:
-            with Image.open(path) as im:
-                return im.size
-        except FileNotFoundError:
-            raise CpfcteError(f"{path}: image not found") from None
-        except Exception as e:
-            raise CpfcteError(f"{path}: cannot read image header ({e}); the file is corrupt: "
-                              "regenerate or re-download it") from None
+        """(width, height) as the image displays, from its header, without decoding."""
+        from cpfcte.io import image_size
+
+        return image_size(self.image_path(index))
 
     def label_names(self, index: int) -> list[str]:
         return _annotation(self.root / "Annotations" / f"{self.ids[index]}.xml", self.classes)
