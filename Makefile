@@ -48,8 +48,10 @@ test-scale: $(STAMP)
 
 # On a CUDA machine: the same smoke on the GPU, the throughput benchmark (writes
 # benchmarks/throughput.json, which the voc plan reads) and the voc plan. GPU_PY: the venv's
-# python when there is one, else python3 (a GPU machine's own PyTorch and timm).
-GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+# python when it exists and imports torch (a dangling .venv link does not), else python3 (a GPU
+# machine's own PyTorch and timm; benchmarks/build_wheels.sh builds the rest it needs, and
+# benchmarks/device_check.sh, the first session's one script, installs them).
+GPU_PY ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
 	$(GPU_PY) -m cpfcte.smoke --out runs/_gpu_scale

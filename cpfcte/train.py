@@ -164,6 +164,34 @@ def trainable_parameters(model: CPFCTE, cfg: Config) -> dict[str, int]:
     return out
 
 
+def train_step(wrapped: torch.nn.Module, model: CPFCTE, cfg: Config, optimizer, guard: FiniteGuard,
+               x: torch.Tensor, y: torch.Tensor, step: int, sums: torch.Tensor,
+               use_amp: bool) -> torch.Tensor | None:
+    """One optimiser step of stage 1 on a batch already on the device: the forward pass under
+    bf16 autocast (with ``use_amp``), top-k pooling, the MCE loss in float32 plus ViT-PCM's L2
+    on the classifier, backward, Adam. ``sums`` (loss·n, correct labels, n, MCE·n) is updated in
+    place on the device: nothing is read back to the host, so the step never waits for the
+    GPU. Returns the image scores p (detached), or None for a step the guard skipped."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = wrapped(x)
+    p = pool(out["z"].float(), cfg.pooling, cfg.k)
+    mce = mce_loss(p, y)
+    loss = mce                                         # + ViT-PCM's L2 on the classifier
+    if cfg.classifier_l2:
+        loss = loss + cfg.classifier_l2 * model.classifier.l2_penalty()
+    optimizer.zero_grad(set_to_none=True)
+    if not guard.step(loss, step):
+        return None
+    loss.backward()
+    optimizer.step()
+    n = len(x)
+    sums[0].add_(loss.detach() * n)
+    sums[1].add_(((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum())
+    sums[2].add_(n)
+    sums[3].add_(mce.detach() * n)
+    return p.detach().float()
+
+
 def state_digest(model: torch.nn.Module) -> str:
     """A hash of every parameter and buffer: equal on every rank after a DDP run."""
     import hashlib
@@ -270,26 +298,10 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         for step, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = wrapped(x)
-            p = pool(out["z"].float(), cfg.pooling, cfg.k)
-            mce = mce_loss(p, y)
-            loss = mce                                 # + ViT-PCM's L2 on the classifier
-            if cfg.classifier_l2:
-                loss = loss + cfg.classifier_l2 * model.classifier.l2_penalty()
-            optimizer.zero_grad(set_to_none=True)
-            if not guard.step(loss, step):
-                continue
-            loss.backward()
-            optimizer.step()
-            # in place on the device: no host-to-device copy, no sync in the step
-            n = len(x)
-            sums[0].add_(loss.detach() * n)
-            sums[1].add_(((p.detach() > 0.5) == (y > 0.5)).float().mean(dim=1).sum())
-            sums[2].add_(n)
-            sums[3].add_(mce.detach() * n)
-            scores.append(p.detach().float())
-            truths.append(y.float())
+            p = train_step(wrapped, model, cfg, optimizer, guard, x, y, step, sums, use_amp)
+            if p is not None:
+                scores.append(p)
+                truths.append(y.float())
         guard.check(model, f"epoch {epoch + 1}", world)
         if not scores:
             raise NonFiniteError(f"{folder.path}: every step of epoch {epoch + 1} had a "

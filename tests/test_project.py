@@ -165,3 +165,20 @@ def test_a_broken_notes_file_is_refused(tmp_path, monkeypatch):
     bad.write_text("## 1. A\n\nno summary\n")
     with pytest.raises(CpfcteError, match="note 1 has no"):
         notes.all_notes()
+
+
+def test_gpu_check_takes_python3_when_the_venv_python_is_a_dangling_link(tmp_path):
+    """`$(wildcard)` is true for a dangling symlink; GPU_PY must test that the interpreter
+    imports torch (a GPU machine's own python3 has it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        import pytest
+
+        pytest.fail("make is needed (CI installs it)")
+    dangling = tmp_path / "python"
+    dangling.symlink_to(tmp_path / "missing-python")
+    out = subprocess.run(["make", "-n", "gpu-check", f"PY={dangling}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert out.splitlines()[0].startswith("python3 -c") and str(dangling) not in out

@@ -442,3 +442,22 @@ def test_a_processor_without_avx2_runs_native_and_says_so(monkeypatch, tmp_path,
     monkeypatch.setenv("CPFCTE_FAKE_CPU", "x86_64")
     ok, lines = check.check("toy")
     assert not ok and lines[0].startswith("NOT reproduced")
+
+
+def test_your_own_data_without_masks_says_no_masks_instead_of_a_key_error(photos, tiny_cfg,
+                                                                        tmp_path, capsys):
+    from cpfcte import cli
+    from cpfcte.config import derive
+    from cpfcte.data.folder import prepare_folder
+    from cpfcte.train import train
+
+    images, labels = photos
+    prepare_folder(images, labels, tmp_path / "own", val_fraction=0)
+    cfg = derive(tiny_cfg(epochs=1), {"dataset": "folder", "data_root": str(tmp_path / "own"),
+                                      "train_split": "train", "pseudo_split": "train"})
+    train(cfg, tmp_path / "t", progress=False)
+    capsys.readouterr()
+    cli.main(["pseudo", "--train-run", str(tmp_path / "t"), "--run", str(tmp_path / "p")])
+    out = capsys.readouterr()
+    assert "no masks" in out.err and '"miou": null' in out.out and '"images": 4' in out.out
+    assert len(list((tmp_path / "p").glob("bpm_train_*/*.png"))) == 4
