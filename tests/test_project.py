@@ -179,6 +179,6 @@ def test_gpu_check_takes_python3_when_the_venv_python_is_a_dangling_link(tmp_pat
         pytest.fail("make is needed (CI installs it)")
     dangling = tmp_path / "python"
     dangling.symlink_to(tmp_path / "missing-python")
-    out = subprocess.run(["make", "-n", "gpu-check", f"PY={dangling}"], cwd=ROOT,
+    out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", f"PY={dangling}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60).stdout
     assert out.splitlines()[0].startswith("python3 -c") and str(dangling) not in out
