@@ -42,9 +42,9 @@ test: $(STAMP)
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 # the voc and coco profiles through every stage at the paper's sizes, on small real-format
-# datasets, random init and 2 steps each (cpfcte.smoke); about 7 min on 2 CPU cores
+# datasets, random init and 2 steps each (cpfcte.batch.smoke); about 7 min on 2 CPU cores
 test-scale: $(STAMP)
-	$(PY) -m cpfcte.smoke --out runs/_scale
+	$(PY) -m cpfcte.batch.smoke --out runs/_scale
 
 # On a CUDA machine: the same smoke on the GPU, the throughput benchmark (writes
 # benchmarks/throughput.json, which the voc plan reads) and the voc plan. GPU_PY: the venv's
@@ -54,7 +54,7 @@ test-scale: $(STAMP)
 GPU_PY ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
-	$(GPU_PY) -m cpfcte.smoke --out runs/_gpu_scale
+	$(GPU_PY) -m cpfcte.batch.smoke --out runs/_gpu_scale
 	$(GPU_PY) benchmarks/gpu_bench.py --out benchmarks/throughput.json
 	$(GPU_PY) -m cpfcte paper --profile voc --dry-run
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpfcte.config import CRFConfig
-from cpfcte.crf import CRFJob, crf_stage, save_grid_probs
+from cpfcte.machinery.config import CRFConfig
+from cpfcte.method.crf import save_grid_probs
+from cpfcte.stages.crf_pool import CRFJob, crf_stage
 
 
 def make_inputs(folder: Path, n: int, classes: int, present: int, seed: int = 0):

@@ -99,7 +99,7 @@ if [ "$TINY" = 1 ]; then
     --steps 1 --out "$OUT/throughput.json"
 else
   step micro 120 "$PY" benchmarks/device_micro.py --out "$OUT/micro.json"
-  step smoke 300 "$PY" -m cpfcte.smoke --out "$OUT/smoke" --profiles voc
+  step smoke 300 "$PY" -m cpfcte.batch.smoke --out "$OUT/smoke" --profiles voc
   cp "$OUT/smoke/smoke.json" "$OUT/smoke.json" 2>/dev/null
   step bench 240 "$PY" benchmarks/gpu_bench.py --no-compile --warmup 2 --steps 5 \
     --out "$OUT/throughput.json"

@@ -4,7 +4,7 @@ which decides something the CUDA paths were only read for:
 1. the CF-BiLSTM's dtype under autocast: both LSTMs of each BiLSTM take and give float32
    (under CUDA autocast cuDNN's LSTM would otherwise run in float16; note 13);
 2. one stage-1 step at the voc sizes (ViT-B/16 at 384, batch 16, random init) through
-   ``cpfcte.train.train_step`` under ``torch.cuda.set_sync_debug_mode("warn")``: the number of
+   ``cpfcte.stages.train.train_step`` under ``torch.cuda.set_sync_debug_mode("warn")``: the number of
    synchronising CUDA calls it makes (0 expected), its seconds and peak memory;
 3. the value range each DeepLabv2 MSC branch sees (after the model's own normalisation): the
    three must match.
@@ -27,14 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
 import torch  # noqa: E402
+
+import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
 
 TINY_VIT = {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
 def voc_config(tiny: bool):
-    from cpfcte.config import load_config
+    from cpfcte.machinery.config import load_config
 
     over = {"pretrained": False, "random_init_ok": True}
     if tiny:
@@ -44,7 +45,7 @@ def voc_config(tiny: bool):
 
 
 def check_bilstm_dtype(device: torch.device) -> dict:
-    from cpfcte.model import CFBiLSTM
+    from cpfcte.method.cf_bilstm import CFBiLSTM
 
     lstm = CFBiLSTM(32, 16, "hv").to(device)
     seen = []
@@ -62,8 +63,8 @@ def check_bilstm_dtype(device: torch.device) -> dict:
 
 
 def check_stage1_step(device: torch.device, tiny: bool) -> dict:
-    from cpfcte.finite import FiniteGuard
-    from cpfcte.train import make_model, set_phase, train_step
+    from cpfcte.machinery.finite import FiniteGuard
+    from cpfcte.stages.train import make_model, set_phase, train_step
 
     cfg = voc_config(tiny)
     model = make_model(cfg).to(device).train()
@@ -99,8 +100,8 @@ def check_stage1_step(device: torch.device, tiny: bool) -> dict:
 
 
 def check_msc_ranges(device: torch.device, tiny: bool) -> dict:
-    from cpfcte.config import load_config
-    from cpfcte.deeplab import build_deeplab, msc_logits
+    from cpfcte.machinery.config import load_config
+    from cpfcte.method.deeplabv2 import build_deeplab, msc_logits
 
     over = {"deeplab.pretrained": False, "random_init_ok": True}
     if tiny:

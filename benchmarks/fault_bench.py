@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cpfcte  # noqa: F401  (pins the numerics before numpy/torch)
-from cpfcte.paths import data_dir, project_root
+from cpfcte.machinery.paths import data_dir, project_root
 
 TAG = "CPFCTE_FAULT_TAG"
 VOLATILE = {"seconds", "started", "finished", "timing", "hardware", "time", "elapsed",
@@ -99,7 +99,7 @@ def stages(work: Path, toy: Path, overrides: tuple[str, ...] = ()) -> dict[str, 
             "  p: {notebook: 03_pseudo_labels.ipynb, needs: [t],\n"
             "      params: {train_run: t, baselines: false, n_show: 1}}\n")
 
-    batch_code = ("import cpfcte, sys; from cpfcte.batch import run_batch; "
+    batch_code = ("import cpfcte, sys; from cpfcte.batch.runner import run_batch; "
                   "r = run_batch('toy', batch_path=sys.argv[1], log=print); "
                   "sys.exit(0 if all(v.get('status') == 'done' for v in r.values()) else 1)")
     return {
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="training overrides (the tests' tiny model)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    from cpfcte.data import prepare_toy
+    from cpfcte.data.toy import prepare_toy
 
     work = Path(args.out).resolve()
     work.mkdir(parents=True, exist_ok=True)

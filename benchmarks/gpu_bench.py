@@ -39,9 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
 
 PAPER = {"img": 384, "infer": 960, "crop": 321, "dl_batch": 10, "batches": (16, 64),
          "infer_batch": 8, "crf_images": 32, "image_hw": (375, 500)}
@@ -84,7 +85,7 @@ def timed(step, batch: int, device: torch.device, warmup: int, steps: int) -> di
 
 
 def stage1_config(tiny: bool):
-    from cpfcte.config import load_config
+    from cpfcte.machinery.config import load_config
 
     over = {"pretrained": False, "random_init_ok": True}
     if tiny:
@@ -95,8 +96,8 @@ def stage1_config(tiny: bool):
 
 def train_step_fn(model, cfg, kind: str, batch: int, device, amp: bool, compiled: bool):
     """One stage-1 training step on random images and labels."""
-    from cpfcte.losses import mce_loss
-    from cpfcte.pooling import pool
+    from cpfcte.method.mce_loss import mce_loss
+    from cpfcte.method.topk_pooling import pool
 
     x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     y = (torch.rand(batch, 21, device=device) < 0.1).float()    # background + 20 classes
@@ -108,7 +109,7 @@ def train_step_fn(model, cfg, kind: str, batch: int, device, amp: bool, compiled
     def forward(x):
         if kind == "bare":
             return model(x)
-        return pool(model(x)["z"].float(), cfg.pooling, cfg.k)      # as cpfcte.train does
+        return pool(model(x)["z"].float(), cfg.pooling, cfg.k)      # as cpfcte.stages.train does
 
     fwd = torch.compile(forward) if compiled else forward
 
@@ -137,7 +138,7 @@ def bench_stage1(cfg, device, amp: bool, sizes: dict, compile_ok: bool, warmup: 
     regime (``regime``: the last ``unfreeze_blocks`` blocks train)."""
     import timm
 
-    from cpfcte.train import make_model, set_phase
+    from cpfcte.stages.train import make_model, set_phase
 
     out = {}
     for kind in ("bare", "full", "regime"):
@@ -169,8 +170,9 @@ def bench_stage1(cfg, device, amp: bool, sizes: dict, compile_ok: bool, warmup: 
 
 
 def bench_inference(cfg, device, sizes: dict, warmup: int, steps: int) -> dict:
-    from cpfcte.pseudo import aligned, bpm_grid, patch_probs
-    from cpfcte.train import make_model
+    from cpfcte.data.transforms import aligned
+    from cpfcte.method.bpm import bpm_grid, patch_probs
+    from cpfcte.stages.train import make_model
 
     torch.manual_seed(0)
     model = make_model(cfg).to(device).eval()
@@ -191,8 +193,8 @@ def bench_inference(cfg, device, sizes: dict, warmup: int, steps: int) -> dict:
 
 
 def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps: int) -> dict:
-    from cpfcte.config import load_config
-    from cpfcte.deeplab import build_deeplab, msc_logits, msc_loss, param_groups
+    from cpfcte.machinery.config import load_config
+    from cpfcte.method.deeplabv2 import build_deeplab, msc_logits, msc_loss, param_groups
 
     over = {"deeplab.pretrained": False, "random_init_ok": True}
     if tiny:
@@ -222,8 +224,8 @@ def bench_crf(sizes: dict) -> dict:
     """Dense CRF over every core (the pseudo labels' pool), on VOC-sized inputs."""
     import numpy as np
 
-    from cpfcte.config import CRFConfig
-    from cpfcte.crf import CRFJob, crf_stage
+    from cpfcte.machinery.config import CRFConfig
+    from cpfcte.stages.crf_pool import CRFJob, crf_stage
 
     cores = os.cpu_count() or 1
     rng = np.random.default_rng(0)

@@ -32,13 +32,14 @@ import os
 import sys
 from pathlib import Path
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 
 def _data(args: argparse.Namespace) -> None:
-    from cpfcte.config import load_config
-    from cpfcte.data import classes_of, dataset_root, dataset_stats, prepare_toy
-    from cpfcte.paths import data_dir
+    from cpfcte.data import classes_of, dataset_root, dataset_stats
+    from cpfcte.data.toy import prepare_toy
+    from cpfcte.machinery.config import load_config
+    from cpfcte.machinery.paths import data_dir
 
     if args.action == "download":
         from cpfcte.data.download import download
@@ -83,9 +84,9 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cpfcte.config import config_from_file, derive, load_config, parse_set_args
-    from cpfcte.paths import run_path
-    from cpfcte.train import train, train_distributed
+    from cpfcte.machinery.config import config_from_file, derive, load_config, parse_set_args
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.stages.train import train, train_distributed
 
     overrides = parse_set_args(args.set)
     if args.weights:   # a path given on the command line is relative to the current folder
@@ -112,10 +113,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _pseudo(args: argparse.Namespace) -> None:
-    from cpfcte.config import parse_set_args
-    from cpfcte.paths import run_path
-    from cpfcte.pseudo import pseudo_stage
-    from cpfcte.runfolder import run_config
+    from cpfcte.machinery.config import parse_set_args
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.machinery.runfolder import run_config
+    from cpfcte.stages.pseudo_labels import pseudo_stage
 
     train_dir = run_path(args.profile, args.train_run)
     overrides = {"infer_size": args.infer_size, "infer_scale": args.infer_scale,
@@ -140,11 +141,12 @@ def _same_profile(asked: str, found: str, run_dir: Path, flag: str) -> None:
 
 
 def _deeplab(args: argparse.Namespace) -> None:
-    from cpfcte.config import config_from_file, derive, load_config, parse_set_args
-    from cpfcte.deeplab import deeplab_stage, train_deeplab, train_deeplab_distributed
-    from cpfcte.paths import run_path
-    from cpfcte.pseudo import pseudo_run_of
-    from cpfcte.runfolder import RunFolder, run_config
+    from cpfcte.machinery.config import config_from_file, derive, load_config, parse_set_args
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.machinery.runfolder import RunFolder, run_config
+    from cpfcte.stages.deeplab_predict import deeplab_stage
+    from cpfcte.stages.deeplab_train import train_deeplab, train_deeplab_distributed
+    from cpfcte.stages.pseudo_runs import pseudo_run_of
 
     if args.action == "train" and args.run is None:
         if not args.from_config:
@@ -189,8 +191,8 @@ def _deeplab(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cpfcte.paths import run_path
-    from cpfcte.predict import predict_folder
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.stages.predict import predict_folder
 
     report = predict_folder(run_path(args.profile, args.run), args.images, args.out,
                             crf=args.crf, scores=args.scores, threshold=args.threshold,
@@ -199,12 +201,12 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cpfcte.export import export_voc_test
+    from cpfcte.stages.export import export_voc_test
 
     test_list = args.list
     if test_list is None:
-        from cpfcte.config import load_config
-        from cpfcte.paths import data_dir, resolve
+        from cpfcte.machinery.config import load_config
+        from cpfcte.machinery.paths import data_dir, resolve
 
         root = resolve(load_config("voc").data_root, data_dir())
         test_list = root / "ImageSets" / "Segmentation" / "test.txt"
@@ -213,14 +215,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from cpfcte.metrics import evaluate_dirs
+    from cpfcte.method.metrics import evaluate_dirs
 
     ids = None
     if args.list:
         path = Path(args.list)
         if not path.is_file():
             raise CpfcteError(f"{path}: list file not found")
-        from cpfcte.io import read_ids
+        from cpfcte.machinery.io import read_ids
 
         ids = read_ids(path)
         if not ids:
@@ -257,16 +259,15 @@ def _print_check(profile: str) -> bool:
 
 def _known_profile(profile: str) -> None:
     """Refuse a profile name that names no profile file, before anything is read or written."""
-    from cpfcte.config import load_config
+    from cpfcte.machinery.config import load_config
 
     load_config(profile)
 
 
 def _paper(args: argparse.Namespace) -> None:
-    from cpfcte.batch import run_batch, stage_times
+    from cpfcte.batch.runner import run_batch, stage_times
+    from cpfcte.machinery.numerics import warn_native
     from cpfcte.report import write_all
-
-    from cpfcte.numerics import warn_native
 
     _known_profile(args.profile)
     warn_native()                              # once, at the start: digits may differ here
@@ -275,15 +276,15 @@ def _paper(args: argparse.Namespace) -> None:
     if args.check:
         sys.exit(0 if _print_check(args.profile) else 1)
     if args.status:
-        from cpfcte.catalog import expand, load_batch
-        from cpfcte.cluster import status_lines
+        from cpfcte.batch.catalog import expand, load_batch
+        from cpfcte.batch.cluster import status_lines
 
         runs, _ = expand(load_batch(), args.profile)
         print("\n".join(status_lines(args.profile, list(runs))))
         return
     cluster = None
     if args.executor != "local":
-        from cpfcte.cluster import ClusterConfig, check_executor
+        from cpfcte.batch.cluster import ClusterConfig, check_executor
 
         check_executor(args.executor)
         cluster = ClusterConfig.load(args.cluster, partition=args.partition,
@@ -292,7 +293,7 @@ def _paper(args: argparse.Namespace) -> None:
     results = run_batch(args.profile, only=args.only, dry_run=args.dry_run, jobs=args.jobs,
                         executor=args.executor, cluster=cluster)
     if args.dry_run:
-        from cpfcte.plan import print_plan
+        from cpfcte.batch.plan import print_plan
 
         print_plan(args.profile, results)
         return

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpfcte.io import atomic_path
+from cpfcte.machinery.io import atomic_path, colorize
 
 IMAGE = "<image>"                 # a column of ``examples``: the image itself
 GROUND_TRUTH = "<ground truth>"   # a column of ``examples``: the split's ground-truth mask
@@ -29,14 +29,6 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
     return path
-
-
-def colorize(labels) -> np.ndarray:
-    """A label map as an RGB array in the VOC palette (255 in its cream colour)."""
-    from cpfcte.io import voc_palette
-
-    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    return pal[np.asarray(labels)]
 
 
 def mask_grid(rows: list[tuple[str, list]], titles: list[str]):
@@ -69,8 +61,8 @@ def examples(voc, columns: dict[str, str | Path], n: int = 4):
     """The first ``n`` images of a split (a ``VOCDataset``), one column per entry of
     ``columns`` (title → ``IMAGE``, ``GROUND_TRUTH`` or a folder of label PNGs named by image
     id); each row is named by the image id and its image-level labels."""
-    from cpfcte.errors import CpfcteError
-    from cpfcte.io import read_label_png
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.machinery.io import read_label_png
 
     if n < 0:
         raise CpfcteError(f"n_show={n}: the number of images to show must be ≥ 0")
@@ -159,7 +151,7 @@ def training_curves(run_dir: str | Path):
     DeepLabv2 run."""
     import matplotlib.pyplot as plt
 
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.runfolder import RunFolder
 
     folder = RunFolder(run_dir)
     history = folder.summary()["history"]
@@ -194,7 +186,7 @@ def learning_curves(runs: dict[str, str | Path]):
     configuration): MCE loss and the mAP of the image-level scores per epoch."""
     import matplotlib.pyplot as plt
 
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.runfolder import RunFolder
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     for label, run_dir in runs.items():
@@ -254,9 +246,9 @@ def class_frequency(profile: str, images_per_class: dict[str, int], split: str):
 def dataset_overview(profile: str, n_show: int = 6, split: str | None = None) -> dict | None:
     """Counts per split, the class-frequency plot and a grid of images with their ground-truth
     masks for the dataset of ``profile``; ``None`` when that dataset is not prepared here."""
-    from cpfcte.config import load_config
     from cpfcte.data import dataset_root, dataset_stats, open_split
-    from cpfcte.errors import CpfcteError
+    from cpfcte.machinery.config import load_config
+    from cpfcte.machinery.errors import CpfcteError
 
     cfg = load_config(profile)
     try:

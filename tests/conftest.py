@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cpfcte.config import load_config
 from cpfcte.data.toy import ToySpec, generate
+from cpfcte.machinery.config import load_config
 
 TINY_SPEC = ToySpec(seed=3, n_train=8, n_val=4, n_extra=16, min_size=40, max_size=56)
 TINY_MODEL = dict(img_size=32, backbone_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 1,

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from cpfcte.errors import CpfcteError
-from cpfcte.io import save_label_png
-from cpfcte.metrics import evaluate_dirs
-from cpfcte.runfolder import RunFolder
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import save_label_png
+from cpfcte.machinery.runfolder import RunFolder
+from cpfcte.method.metrics import evaluate_dirs
 
 
 @pytest.mark.parametrize("content, words", [
@@ -86,7 +86,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 
 
 def test_no_checkpoint_is_read_with_pickle_enabled():
-    from cpfcte.paths import project_root
+    from cpfcte.machinery.paths import project_root
 
     for path in [*(project_root() / "cpfcte").rglob("*.py"),
                  *(project_root() / "benchmarks").glob("*.py")]:

@@ -5,12 +5,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cpfcte.batch import run_batch, select
-from cpfcte.catalog import load_batch
-from cpfcte.errors import CpfcteError
-from cpfcte.io import write_json
-from cpfcte.paths import runs_dir
-
+from cpfcte.batch.catalog import load_batch
+from cpfcte.batch.runner import run_batch, select
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import write_json
+from cpfcte.machinery.paths import runs_dir
 
 PARAMS = 'profile = "toy"\nrun_name = "x"\nfail = False\nother = None'
 
@@ -25,7 +24,7 @@ def _notebook(path: Path, code: str, params_src: str = PARAMS) -> None:
     nbformat.write(nb, path)
 
 
-RUN_DIR = ("from cpfcte.paths import run_path\n"        # a step's first lines: its run folder
+RUN_DIR = ("from cpfcte.machinery.paths import run_path\n"        # a step's first lines: its run folder
            "d = run_path(profile, run_name)\n"
            "d.mkdir(parents=True, exist_ok=True)\n")
 
@@ -219,7 +218,7 @@ def seeded_batch(tmp_path):
 
 
 def test_seeds_expand_and_follow_their_needs(seeded_batch):
-    from cpfcte.catalog import expand
+    from cpfcte.batch.catalog import expand
 
     runs, _ = expand(load_batch(seeded_batch), "toy")
     assert list(runs) == ["train", "train_s1", "train_s2", "pseudo", "pseudo_s1", "pseudo_s2",
@@ -233,7 +232,7 @@ def test_seeds_expand_and_follow_their_needs(seeded_batch):
 
 
 def test_dry_run_plans_without_executing(seeded_batch, capsys):
-    from cpfcte.plan import print_plan
+    from cpfcte.batch.plan import print_plan
 
     res = run_batch("toy", batch_path=seeded_batch, dry_run=True, log=lambda *_: None)
     assert all(r.get("dry_run") for r in res.values()) and len(res) == 7
@@ -253,7 +252,7 @@ def test_killed_batch_resumes_without_redoing_finished_runs(seeded_batch):
     import sys
     import time
 
-    code = ("from cpfcte.batch import run_batch; "
+    code = ("from cpfcte.batch.runner import run_batch; "
             f"run_batch('toy', batch_path={str(seeded_batch)!r}, log=print)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -273,7 +272,7 @@ def test_killed_batch_resumes_without_redoing_finished_runs(seeded_batch):
 
 
 def test_every_table_and_figure_of_the_paper_has_a_batch_entry():
-    from cpfcte.catalog import group_runs
+    from cpfcte.batch.catalog import group_runs
 
     batch = load_batch()
     assert {f"table{i}" for i in range(1, 6)} | {f"fig{i}" for i in range(4, 8)} <= set(batch.groups)
@@ -336,7 +335,8 @@ def test_every_report_run_waits_for_every_run_its_tables_and_figures_read(profil
     """Record which runs the report functions actually read while drawing a report run's
     tables and figures: each must be among that run's (transitive) needs. The paper run once
     did not wait for deeplab_coco and showed Table 3 as "not run"."""
-    from cpfcte import catalog, report
+    from cpfcte import report
+    from cpfcte.batch import catalog
 
     runs, _ = catalog.expand(catalog.load_batch(), profile)
     read: list[str] = []
@@ -372,7 +372,7 @@ def test_a_group_read_below_its_report_run_is_refused(tmp_path):
 def test_tables_4_and_5_match_the_papers_rows_by_label(tmp_path, monkeypatch):
     """A batch whose rows are in another order still puts each value on its paper row; a
     missing row is an error naming it."""
-    from cpfcte import catalog
+    from cpfcte.batch import catalog
     from cpfcte.report import table5
 
     write_json(runs_dir() / "toy" / "pseudo_gap" / "metrics.json",
@@ -389,7 +389,7 @@ def test_tables_4_and_5_match_the_papers_rows_by_label(tmp_path, monkeypatch):
 
 
 def test_the_dry_run_plan_is_keyed_by_stage(capsys):
-    from cpfcte.plan import estimate_seconds, throughputs
+    from cpfcte.batch.plan import estimate_seconds, throughputs
 
     res = run_batch("voc", dry_run=True, log=lambda *_: None)
     stages = {r["stage"] for r in res.values() if r.get("dry_run")}
@@ -449,8 +449,8 @@ def test_check_against_git_head(tmp_path, monkeypatch):
 
 
 def test_the_longest_chain_of_work_is_launched_first():
-    from cpfcte.batch import critical_path
-    from cpfcte.catalog import Run
+    from cpfcte.batch.catalog import Run
+    from cpfcte.batch.runner import critical_path
 
     runs = {"t1": Run("t1", "x", stage="train"), "t2": Run("t2", "x", stage="train"),
             "p1": Run("p1", "x", needs=["t1"], stage="pseudo"),

@@ -71,7 +71,7 @@ def _free_port() -> int:
 def lab(request, tmp_path):
     """A JupyterLab on 127.0.0.1 over a copy of the notebooks (autosave never touches the
     project's), with its own settings, runtime and run folders."""
-    from cpfcte.data import prepare_toy
+    from cpfcte.data.toy import prepare_toy
 
     prepare_toy(progress=False)                      # into CPFCTE_DATA (a temporary folder)
     nb_dir = tmp_path / "notebooks"

@@ -4,22 +4,21 @@ machinery as SLURM); against a real SLURM in tests/test_slurm.py."""
 import json
 
 import pytest
-
-from cpfcte.batch import run_batch
-from cpfcte.errors import CpfcteError
-from cpfcte.paths import runs_dir
-
 from test_batch_report import seeded_batch  # noqa: F401  (the fixture)
+
+from cpfcte.batch.runner import run_batch
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.paths import runs_dir
 
 
 def _cluster():
-    from cpfcte.cluster import ClusterConfig
+    from cpfcte.batch.cluster import ClusterConfig
 
     return ClusterConfig(poll_seconds=0.3, cpus_per_task=1, mem_gb=1)
 
 
 def test_jobs_through_submitit_finish_skip_and_resubmit_only_what_failed(seeded_batch):
-    from cpfcte.cluster import status_lines
+    from cpfcte.batch.cluster import status_lines
 
     root = runs_dir() / "toy"
     root.mkdir(parents=True, exist_ok=True)
@@ -48,8 +47,8 @@ def test_jobs_through_submitit_finish_skip_and_resubmit_only_what_failed(seeded_
 
 
 def test_cluster_bad_input_is_refused_before_anything_is_submitted(tmp_path, monkeypatch):
-    from cpfcte.catalog import Run
-    from cpfcte.cluster import ClusterConfig, check_executor, job_resources
+    from cpfcte.batch.catalog import Run
+    from cpfcte.batch.cluster import ClusterConfig, check_executor, job_resources
 
     monkeypatch.setenv("PATH", str(tmp_path))           # no sbatch here
     with pytest.raises(CpfcteError, match="--executor slurm: sbatch, squeue, scancel not on "
@@ -76,7 +75,7 @@ def test_cluster_bad_input_is_refused_before_anything_is_submitted(tmp_path, mon
 
 
 def test_sbatch_options_from_the_cluster_file():
-    from cpfcte.cluster import ClusterConfig, slurm_parameters
+    from cpfcte.batch.cluster import ClusterConfig, slurm_parameters
 
     params = slurm_parameters(ClusterConfig(partition="gpu", account="lab", qos="high",
                                             sbatch=["--constraint=h100", "--exclusive"]))

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpfcte import crf
-from cpfcte.config import CRFConfig
-from cpfcte.crf import CRFJob, bilinear_resize, crf_stage, dense_crf, save_grid_probs
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_label_png
+from cpfcte.machinery.config import CRFConfig
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_label_png
+from cpfcte.method import crf
+from cpfcte.stages import crf_pool
+from cpfcte.method.crf import bilinear_resize, dense_crf, save_grid_probs
+from cpfcte.stages.crf_pool import CRFJob, crf_stage
 
 
 def two_colour_image(h=40, w=60, edge=30):
@@ -80,7 +82,12 @@ def test_the_crf_defaults_are_vit_pcms():
     """ViT-PCM's configs/voc12.yaml CRF: POS_XY_STD 1, POS_W 3, BI_XY_STD 67, BI_RGB_STD 3,
     BI_W 4, ITER_MAX 10 (note 8); the same as kazuto1011's test-time CRF; the toy and voc
     profiles take them."""
-    from cpfcte.config import PYDENSECRF_EXAMPLE, REFERENCE_TEST_CRF, CRFConfig, load_config
+    from cpfcte.machinery.config import (
+        PYDENSECRF_EXAMPLE,
+        REFERENCE_TEST_CRF,
+        CRFConfig,
+        load_config,
+    )
 
     expected = {"gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 67.0,
                 "bilateral_srgb": 3.0, "bilateral_compat": 4.0, "iterations": 10}
@@ -142,12 +149,12 @@ def _crashing(job, params):
     return _real_crf_image(job, params)
 
 
-_real_crf_image = crf.crf_image
+_real_crf_image = crf_pool.crf_image
 
 
 def test_a_crashing_worker_is_survived_and_its_image_named(tmp_path, monkeypatch):
     jobs = make_jobs(tmp_path, 8)
-    monkeypatch.setattr(crf, "crf_image", _crashing)
+    monkeypatch.setattr(crf_pool, "crf_image", _crashing)
     r = crf_stage(jobs, CRFConfig(iterations=2, workers=2), progress=False)
     assert list(r["failed"]) == ["002"] and "died" in r["failed"]["002"]
     assert r["written"] == 7
@@ -156,8 +163,8 @@ def test_a_crashing_worker_is_survived_and_its_image_named(tmp_path, monkeypatch
 
 def test_killed_stage_leaves_no_partial_file_and_resumes(tmp_path):
     jobs = make_jobs(tmp_path, 60, size=(200, 260))
-    code = ("import json, sys; from cpfcte.crf import crf_stage, CRFJob; "
-            "from cpfcte.config import CRFConfig; "
+    code = ("import json, sys; from cpfcte.stages.crf_pool import CRFJob, crf_stage; "
+            "from cpfcte.machinery.config import CRFConfig; "
             "crf_stage([CRFJob(*j) for j in json.loads(sys.argv[1])], CRFConfig(workers=1), "
             "progress=False)")
     import json

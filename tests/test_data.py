@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpfcte.config import load_config
 from cpfcte.data import TOY_CLASSES, dataset_root
 from cpfcte.data.toy import ToySpec, generate
 from cpfcte.data.voc import VOCDataset, gt_dir, read_split
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_label_png
+from cpfcte.machinery.config import load_config
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_label_png
 
 
 def test_toy_dataset_has_the_voc_layout(toy_root):

@@ -3,7 +3,7 @@ NCCL): identical replicas, one set of outputs written by rank 0, the frozen-back
 
 import json
 
-from cpfcte.train import train_distributed
+from cpfcte.stages.train import train_distributed
 
 
 def test_two_process_gloo_training_keeps_ranks_identical(tiny_cfg, tmp_path):
@@ -41,7 +41,7 @@ def test_two_processes_train_the_same_weights_as_one(tiny_cfg, tmp_path):
     averaged, replicas drifting) fails it. The augmentation of an image depends on (seed,
     epoch, image) alone, so it is the same under any split; dropout masks are drawn per rank,
     so they are off here."""
-    from cpfcte.train import train
+    from cpfcte.stages.train import train
 
     no_dropout = {"dropout": 0.0, "lstm_dropout": 0.0}
     cfg = tiny_cfg(epochs=2, warmup_epochs=0, batch_size=8, augment="pcm", **no_dropout)
@@ -55,7 +55,7 @@ def test_two_processes_train_the_same_weights_as_one(tiny_cfg, tmp_path):
 
 
 def test_epoch_shard_splits_each_global_batch_between_ranks():
-    from cpfcte.train import EpochShard
+    from cpfcte.stages.train import EpochShard
 
     one = list(EpochShard(10, 4, 1, 0, seed=3, epoch=1))
     r0, r1 = (list(EpochShard(10, 4, 2, r, seed=3, epoch=1)) for r in (0, 1))
@@ -70,7 +70,7 @@ def test_each_rank_takes_its_gpu_before_the_process_group_exists(monkeypatch):
     ``device_id``, so no rank's first barrier runs on GPU 0. (Faked: no GPU here.)"""
     import torch
 
-    from cpfcte import distributed
+    from cpfcte.machinery import distributed
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")

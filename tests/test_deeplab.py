@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpfcte.caffe_resnet import kazuto_key
-from cpfcte.deeplab import (ASPP, build_deeplab, msc_logits, param_groups, poly_lr,
-                            predict_probs, train_deeplab)
-from cpfcte.errors import CpfcteError
-from cpfcte.runfolder import CHECKPOINT
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.runfolder import CHECKPOINT
+from cpfcte.method.caffe_resnet import kazuto_key
+from cpfcte.method.deeplabv2 import ASPP, build_deeplab, msc_logits, param_groups, poly_lr
+from cpfcte.stages.deeplab_predict import predict_probs
+from cpfcte.stages.deeplab_train import train_deeplab
 
 TINY = dict(backbone="resnet10t", backbone_kwargs={"channels": [8, 8, 16, 16]}, pretrained=False,
             crop=32, batch=2, iterations=4, ckpt_every=2, workers=0, msc=False, freeze_bn=False,
@@ -76,7 +77,7 @@ def test_the_loss_resizes_the_labels_to_each_output_or_the_outputs_to_the_labels
     NEAREST; labels: each output upsampled to the labels. Both sum the terms."""
     from PIL import Image
 
-    from cpfcte.deeplab import msc_loss
+    from cpfcte.method.deeplabv2 import msc_loss
 
     torch.manual_seed(0)
     y = torch.randint(0, 3, (2, 9, 9))
@@ -140,7 +141,7 @@ def _pseudo_dir(toy_root, tmp_path):
     """Pseudo labels for train_aug made from the toy masks' classes, shifted: not ground truth,
     the right format and sizes."""
     from cpfcte.data.voc import read_split
-    from cpfcte.io import read_label_png, save_label_png
+    from cpfcte.machinery.io import read_label_png, save_label_png
 
     out = tmp_path / "pseudo"
     for image_id in read_split(toy_root, "train_aug"):
@@ -176,7 +177,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_cfg, toy_root, tmp_path):
 
 
 def test_deeplab_stage_scores_val_and_writes_metrics(tiny_cfg, toy_root, tmp_path):
-    from cpfcte.deeplab import deeplab_stage
+    from cpfcte.stages.deeplab_predict import deeplab_stage
 
     cfg = tiny_cfg(**TINY_DL)
     m = deeplab_stage(cfg, _pseudo_dir(toy_root, tmp_path), tmp_path / "d", progress=False)
@@ -288,7 +289,7 @@ def test_inits_that_do_not_fit_are_refused(tiny_cfg, tmp_path):
     timm_cfg = tiny_cfg(**dl(init=str(tmp_path / "kazuto.pth")))
     with pytest.raises(CpfcteError, match="kazuto1011.*set deeplab.backbone=caffe_resnet101"):
         build_deeplab(timm_cfg, 11)
-    from cpfcte.deeplab import detect_backbone               # what the stage does first
+    from cpfcte.method.deeplabv2 import detect_backbone  # what the stage does first
 
     detected = detect_backbone(timm_cfg)
     assert detected.deeplab.backbone == "caffe_resnet101" and timm_cfg.deeplab.backbone == "resnet10t"
@@ -313,7 +314,7 @@ def test_our_own_deeplab_state_round_trips_as_init(tiny_cfg, tmp_path):
 
 
 def test_resnet101_deeplabv2_parameter_count(tiny_cfg):
-    from cpfcte.deeplab import count_parameters
+    from cpfcte.method.deeplabv2 import count_parameters
 
     cfg = tiny_cfg(deeplab={"backbone": "resnet101", "backbone_kwargs": {}, "pretrained": False})
     # ResNet-101 without its classifier: 42,500,160; ASPP: 4 × (2048·3·3·21 + 21) = 1,548,372
@@ -348,11 +349,11 @@ def test_test_time_crf_is_the_references_or_with_pseudo_the_runs_own(tiny_cfg, t
     ``deeplab.test_crf=pseudo``, the CRF settings given to the training run and to the
     pseudo-label run follow the pseudo labels to it, the way notebook 04 derives its config
     (note 15). Every level is scored on its own."""
-    from cpfcte import crf
-    from cpfcte.deeplab import deeplab_stage
-    from cpfcte.pseudo import pseudo_stage
-    from cpfcte.runfolder import run_config
-    from cpfcte.train import train
+    from cpfcte.machinery.runfolder import run_config
+    from cpfcte.method import crf
+    from cpfcte.stages.deeplab_predict import deeplab_stage
+    from cpfcte.stages.pseudo_labels import pseudo_stage
+    from cpfcte.stages.train import train
 
     train(tiny_cfg(epochs=1, crf={"workers": 1}, **TINY_DL), tmp_path / "t", progress=False)
     pseudo_cfg = run_config(tmp_path / "t", {"pseudo_split": "train_aug", "crf.iterations": 2,
@@ -383,7 +384,7 @@ def test_test_time_crf_is_the_references_or_with_pseudo_the_runs_own(tiny_cfg, t
 def test_msc_loss_sums_its_terms_as_the_reference_does():
     import torch
 
-    from cpfcte.deeplab import msc_loss
+    from cpfcte.method.deeplabv2 import msc_loss
 
     torch.manual_seed(0)
     y = torch.randint(0, 3, (2, 8, 8))
@@ -401,8 +402,9 @@ def test_single_scale_view_is_part_of_the_multi_scale_mean():
     import numpy as np
     import torch
 
-    from cpfcte.config import load_config
-    from cpfcte.deeplab import build_deeplab, predict_probs
+    from cpfcte.machinery.config import load_config
+    from cpfcte.method.deeplabv2 import build_deeplab
+    from cpfcte.stages.deeplab_predict import predict_probs
 
     cfg = load_config("toy", {"deeplab.backbone_kwargs": {"channels": [8, 8, 16, 16]}})
     torch.manual_seed(0)
@@ -418,12 +420,12 @@ def test_single_scale_view_is_part_of_the_multi_scale_mean():
 
 def test_deeplab_prediction_reports_a_failed_crf_image_and_writes_the_others(
         tiny_cfg, toy_root, tmp_path, monkeypatch):
-    from cpfcte import crf
-    from cpfcte.deeplab import deeplab_stage
+    from cpfcte.stages import crf_pool
+    from cpfcte.stages.deeplab_predict import deeplab_stage
 
     cfg = tiny_cfg(crf={"workers": 1}, **TINY_DL)
-    real = crf.crf_image
-    monkeypatch.setattr(crf, "crf_image", lambda job, p: (
+    real = crf_pool.crf_image
+    monkeypatch.setattr(crf_pool, "crf_image", lambda job, p: (
         (_ for _ in ()).throw(RuntimeError("boom")) if job.name == "2026_000009" else real(job, p)))
     with pytest.raises(CpfcteError, match=r"dense CRF failed on 1 image\(s\), e.g. 2026_000009: RuntimeError: boom"):
         deeplab_stage(cfg, _pseudo_dir(toy_root, tmp_path), tmp_path / "d", progress=False)
@@ -433,8 +435,8 @@ def test_deeplab_prediction_reports_a_failed_crf_image_and_writes_the_others(
 def test_cli_deeplab_on_a_pseudo_label_run_starts_from_that_runs_config(tiny_cfg, toy_root,
                                                                        capsys):
     from cpfcte.cli import main
-    from cpfcte.paths import runs_dir
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.paths import runs_dir
+    from cpfcte.machinery.runfolder import RunFolder
 
     model = ["data_root=" + str(toy_root), "img_size=32", "token_dim=8", "lstm_hidden=8", "k=2",
              "infer_size=48", "batch_size=8", "epochs=1",
@@ -463,7 +465,7 @@ def test_deeplab_under_torchrun_trains_the_weights_of_one_process(tiny_cfg, toy_
     frozen with ImageNet statistics, which a random tiny backbone lacks: per-image GroupNorm
     stands in (no batch statistics, as frozen BN). Measured: 1.2e-7 (float32 rounding) after 3
     SGD steps at lr 1e-2; tolerance 1e-6. The control, another seed, differs by 2."""
-    from cpfcte.deeplab import train_deeplab_distributed
+    from cpfcte.stages.deeplab_train import train_deeplab_distributed
 
     pseudo = _pseudo_dir(toy_root, tmp_path)
     section = {**TINY, "msc": True, "batch": 4, "iterations": 3, "ckpt_every": 3,
@@ -489,7 +491,7 @@ def test_deeplab_under_torchrun_trains_the_weights_of_one_process(tiny_cfg, toy_
 def test_training_scales_come_from_the_choices_or_a_uniform_range(toy_root):
     from cpfcte.data import TOY_CLASSES
     from cpfcte.data.voc import VOCDataset
-    from cpfcte.deeplab import PseudoLabelData
+    from cpfcte.stages.deeplab_data import PseudoLabelData
 
     voc = VOCDataset(toy_root, "train", TOY_CLASSES)
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import pytest
 
 
 def test_biased_argmax_moves_pixels_to_background_by_hand():
-    from cpfcte.explore import biased_argmax
+    from cpfcte.stages.explore import biased_argmax
 
     probs = np.array([[[0.4, 0.2]], [[0.6, 0.8]]], np.float32)      # 2 classes, 1×2 image
     classes = np.array([0, 7])
@@ -18,9 +18,9 @@ def test_biased_argmax_moves_pixels_to_background_by_hand():
 def trained(toy_root, tmp_path_factory):
     from conftest import TINY_MODEL
 
-    from cpfcte.config import load_config
-    from cpfcte.pseudo import pseudo_stage
-    from cpfcte.train import train
+    from cpfcte.machinery.config import load_config
+    from cpfcte.stages.pseudo_labels import pseudo_stage
+    from cpfcte.stages.train import train
 
     tmp = tmp_path_factory.mktemp("explore")
     cfg = load_config("toy", {"data_root": str(toy_root), **TINY_MODEL, "epochs": 1,
@@ -31,8 +31,8 @@ def trained(toy_root, tmp_path_factory):
 
 
 def test_bias_zero_reproduces_the_runs_bpm_and_a_large_bias_all_background(trained):
-    from cpfcte.explore import bias_miou
-    from cpfcte.io import read_json
+    from cpfcte.machinery.io import read_json
+    from cpfcte.stages.explore import bias_miou
 
     m = read_json(trained / "p" / "metrics.json")
     # float16 storage of the probabilities flips a few near-tied pixels: within 0.5 points
@@ -43,8 +43,8 @@ def test_bias_zero_reproduces_the_runs_bpm_and_a_large_bias_all_background(train
 
 def test_patch_view_and_the_widgets(trained):
     from cpfcte.data import open_split
-    from cpfcte.explore import explorer, patch_view
-    from cpfcte.train import load_trained
+    from cpfcte.stages.explore import explorer, patch_view
+    from cpfcte.stages.train import load_trained
 
     model, cfg = load_trained(trained / "t")
     voc = open_split(cfg, cfg.pseudo_split)
@@ -69,24 +69,6 @@ def test_patch_view_and_the_widgets(trained):
     assert cls.value == cls.options[0][1]
 
 
-class _Z(__import__("torch").nn.Module):
-    """A stand-in stage-1 model whose patch probabilities Z are given: (C, 4, 4) on a 32 px
-    input of 8 px patches."""
-
-    patch_size = (8, 8)
-
-    def __init__(self, z):
-        import torch
-
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.z = torch.as_tensor(z, dtype=torch.float32)
-
-    def forward(self, x):
-        c = self.z.shape[0]
-        return {"z": self.z.reshape(c, -1).T[None].expand(x.shape[0], -1, -1), "grid": (4, 4)}
-
-
 class _Split:
     """One 32×32 image whose class 1 fills the top-left quadrant (patches (0..1, 0..1))."""
 
@@ -95,16 +77,13 @@ class _Split:
     split = "train"
 
     def __init__(self, root):
-        from PIL import Image
-
-        from cpfcte.io import save_label_png
+        from cpfcte.machinery.io import save_label_png
 
         self.root = root
-        (root / "gt").mkdir()
+        (root / "gt").mkdir(exist_ok=True)
         gt = np.zeros((32, 32), np.uint8)
         gt[:16, :16] = 1
         save_label_png(root / "gt" / "img.png", gt)
-        self.img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
 
     def __len__(self):
         return 1
@@ -112,46 +91,59 @@ class _Split:
     def labels(self, i):
         return np.array([1.0, 1.0, 0.0], np.float32)
 
-    def image(self, i):
-        return self.img
-
     def gt_dir_or_none(self):
         return self.root / "gt"
 
 
 def test_class_evidence_by_hand(tmp_path):
     """Known answers: a healthy class picks its object's patches; a collapsed one gives them to
-    the background and takes its image score from background patches."""
-    from types import SimpleNamespace
+    the background and takes its image score from background patches. The evidence is fed the
+    pseudo-label stage's own patch probabilities (no second forward pass)."""
+    from cpfcte.stages.evidence import ClassEvidence
 
-    from cpfcte.explore import class_evidence
-
-    cfg = SimpleNamespace(img_size=32, k=2, pooling="topk", resize="pil")
     voc = _Split(tmp_path)
     obj = np.zeros((4, 4), bool)
     obj[:2, :2] = True
     healthy = np.where(obj, 0.9, 0.05)
-    z = np.stack([1 - healthy, healthy, np.zeros((4, 4))])
-    (row,) = class_evidence(_Z(z), cfg, voc)
+    ev = ClassEvidence(voc, "topk", 2)
+    ev.add(0, np.stack([1 - healthy, healthy, np.zeros((4, 4))]))
+    (row,) = ev.rows()
     assert row["class"] == "a" and row["images"] == 1
     assert row["on_object"] == pytest.approx(0.9) and row["bg_on_object"] == pytest.approx(0.1)
     assert row["off_object"] == pytest.approx(0.05) and row["topk_on_object"] == 1.0
     collapsed = np.where(obj, 0.02, 0.0)
     collapsed[3, 2:] = 0.6                                    # two background patches
-    z = np.stack([1 - collapsed, collapsed, np.zeros((4, 4))])
-    (row,) = class_evidence(_Z(z), cfg, voc)
+    ev = ClassEvidence(voc, "topk", 2)
+    ev.add(0, np.stack([1 - collapsed, collapsed, np.zeros((4, 4))]))
+    (row,) = ev.rows()
     assert row["topk_on_object"] == 0.0 and row["bg_on_object"] == pytest.approx(0.98)
     assert row["off_object"] == pytest.approx(1.2 / 12)
+    # average pooling draws from every patch: 4 of the 16 lie on the object
+    ev = ClassEvidence(voc, "gap", 2)
+    ev.add(0, np.stack([1 - healthy, healthy, np.zeros((4, 4))]))
+    assert ev.rows()[0]["topk_on_object"] == pytest.approx(4 / 16)
+
+
+def test_class_evidence_resumes_from_its_saved_sums(tmp_path):
+    from cpfcte.stages.evidence import ClassEvidence
+
+    voc = _Split(tmp_path)
+    z = np.stack([np.full((4, 4), 0.5), np.full((4, 4), 0.5), np.zeros((4, 4))])
+    ev = ClassEvidence(voc, "topk", 2, tmp_path / "evidence.json")
+    assert ev.wants(0)
+    ev.add(0, z)
+    ev.save()
+    again = ClassEvidence(voc, "topk", 2, tmp_path / "evidence.json")
+    assert not again.wants(0) and again.rows() == ev.rows()
+    other = ClassEvidence(voc, "gmp", 1, tmp_path / "evidence.json")   # another pooling: anew
+    assert other.wants(0)
 
 
 def test_class_evidence_needs_masks(tmp_path):
-    from types import SimpleNamespace
-
-    from cpfcte.errors import CpfcteError
-    from cpfcte.explore import class_evidence
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.stages.evidence import ClassEvidence
 
     voc = _Split(tmp_path)
     voc.gt_dir_or_none = lambda: None
     with pytest.raises(CpfcteError, match="no ground-truth masks"):
-        class_evidence(_Z(np.zeros((3, 4, 4))), SimpleNamespace(img_size=32, k=2, pooling="topk", resize="pil"),
-                       voc)
+        ClassEvidence(voc, "topk", 2)

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from cpfcte import faults
-from cpfcte.errors import CpfcteError
-from cpfcte.io import atomic_path, clean_partial, write_json, write_text
-from cpfcte.paths import project_root
+from cpfcte.machinery import faults
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import atomic_path, clean_partial, write_json, write_text
+from cpfcte.machinery.paths import project_root
 from tests.conftest import TINY_MODEL
 
 
@@ -76,7 +76,7 @@ def test_a_real_oserror_becomes_a_clear_error(tmp_path):
 def test_kill_during_a_write_keeps_the_old_file_and_the_next_start_cleans_up(tmp_path):
     target = tmp_path / "table1.md"
     target.write_text("old\n")
-    code = (f"import cpfcte; from cpfcte.io import write_text; "
+    code = (f"import cpfcte; from cpfcte.machinery.io import write_text; "
             f"write_text({str(target)!r}, 'new' * 100000)")
     env = {**os.environ, faults.VARIABLE: "kill-write:1"}
     env.pop(faults.OWNER, None)
@@ -119,7 +119,7 @@ def test_crf_workers_exit_when_their_stage_is_killed(tmp_path):
     the stage's pid (``crf._exit_with_owner``)."""
     bench = _bench()
     tag = "crf-orphans-" + str(os.getpid())
-    code = ("import cpfcte, time; from cpfcte.crf import process_pool\n"
+    code = ("import cpfcte, time; from cpfcte.stages.crf_pool import process_pool\n"
             "pool = process_pool(2)\n"
             "[f.result() for f in [pool.submit(time.sleep, 0.01) for _ in range(4)]]\n"
             "print('ready', flush=True); time.sleep(60)\n")

@@ -4,7 +4,7 @@ has what the plan reads (the benchmark itself needs a CUDA machine: `make gpu-ch
 import importlib.util
 import json
 
-from cpfcte.paths import project_root
+from cpfcte.machinery.paths import project_root
 
 
 def _bench():
@@ -16,13 +16,13 @@ def _bench():
 
 
 def test_gpu_bench_runs_every_stage_at_tiny_sizes_and_writes_the_plans_keys(tmp_path):
-    from cpfcte.plan import REFERENCE
+    from cpfcte.batch.plan import REFERENCE
 
     out = tmp_path / "throughput.json"
     result = _bench().main(["--tiny", "--device", "cpu", "--no-compile", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
-    assert set(REFERENCE) <= set(data)                    # what cpfcte.plan reads
+    assert set(REFERENCE) <= set(data)                    # what cpfcte.batch.plan reads
     for key in ("train_img_s", "infer_img_s", "deeplab_img_s", "crf_s_per_image_core"):
         assert data[key] > 0
     assert set(data["stage1"]) == {"bare_b2_eager", "full_b2_eager", "regime_b2_eager"}
@@ -46,7 +46,7 @@ def test_a_failed_crf_is_an_error_not_a_speed(monkeypatch):
     into a seconds-per-image figure for the plan."""
     import pytest
 
-    import cpfcte.crf as crf
+    import cpfcte.stages.crf_pool as crf
 
     def failing(jobs, params, **kw):              # what crf_stage reports without pydensecrf
         return {"written": 0, "skipped": 0, "seconds": 0.01, "workers": 2,

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 
 def test_a_renamed_copy_of_the_ground_truth_is_refused_as_predictions(toy_root, tmp_path):
     from cpfcte.data.voc import read_split
-    from cpfcte.metrics import evaluate_dirs
+    from cpfcte.method.metrics import evaluate_dirs
 
     ids = read_split(toy_root, "val")
     copy = tmp_path / "my_predictions"
@@ -21,8 +21,9 @@ def test_a_renamed_copy_of_the_ground_truth_is_refused_as_predictions(toy_root, 
 
 
 def test_deeplab_refuses_a_renamed_copy_of_the_training_masks(tiny_cfg, toy_root, tmp_path):
-    from cpfcte.deeplab import train_deeplab
     from test_deeplab import TINY
+
+    from cpfcte.stages.deeplab_train import train_deeplab
 
     copy = tmp_path / "pseudo_from_somewhere"
     shutil.copytree(toy_root / "SegmentationClassAug", copy)
@@ -33,7 +34,7 @@ def test_deeplab_refuses_a_renamed_copy_of_the_training_masks(tiny_cfg, toy_root
 
 
 def test_run_and_profile_names_cannot_leave_runs():
-    from cpfcte.paths import run_path, runs_dir
+    from cpfcte.machinery.paths import run_path, runs_dir
 
     assert run_path("toy", "train_full") == runs_dir() / "toy" / "train_full"
     for profile, name in (("toy", "../x"), ("toy", "a/../../x"), ("../etc", "x")):
@@ -48,7 +49,7 @@ def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(tmp_path, tiny
     import subprocess
     import sys
 
-    from cpfcte.runfolder import LOCK, RunFolder
+    from cpfcte.machinery.runfolder import LOCK, RunFolder
 
     cfg = tiny_cfg()
     folder = RunFolder(tmp_path / "run")
@@ -70,7 +71,7 @@ def test_one_writer_per_run_folder_and_a_stale_lock_is_taken_over(tmp_path, tiny
 
 
 def test_a_failed_start_does_not_block_the_run_name(tmp_path, tiny_cfg):
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.runfolder import RunFolder
 
     a, b = tiny_cfg(), tiny_cfg(k=3)
     folder = RunFolder(tmp_path / "run").start("train", a, a.training_fields())
@@ -84,8 +85,8 @@ def test_a_failed_start_does_not_block_the_run_name(tmp_path, tiny_cfg):
 def test_a_stage_releases_its_lock_when_it_returns_or_raises(tmp_path, tiny_cfg):
     """A notebook kernel lives on after its stage: the lock goes with the stage, not with the
     process, so another process (the CLI, a second notebook) may continue the run."""
-    from cpfcte.runfolder import LOCK, RunFolder
-    from cpfcte.train import train
+    from cpfcte.machinery.runfolder import LOCK, RunFolder
+    from cpfcte.stages.train import train
 
     cfg = tiny_cfg(epochs=1)
     train(cfg, tmp_path / "run", progress=False)

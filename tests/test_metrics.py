@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from cpfcte.errors import CpfcteError
-from cpfcte.io import save_label_png
-from cpfcte.metrics import ConfusionMatrix, evaluate_dirs
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import save_label_png
+from cpfcte.method.metrics import ConfusionMatrix, evaluate_dirs
 
 
 def test_known_confusion_matrix():
@@ -85,7 +85,7 @@ def test_evaluate_dirs_missing_files_and_self_scoring(tmp_path):
 def test_rgb_masks_and_truncated_pngs_are_refused(tmp_path):
     from PIL import Image
 
-    from cpfcte.io import read_label_png
+    from cpfcte.machinery.io import read_label_png
 
     Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
     with pytest.raises(CpfcteError, match="mode 'RGB'"):
@@ -118,7 +118,7 @@ def test_cli_errors_exit_2_with_the_file_named(tmp_path, capsys):
 
 
 def test_average_precision_known_answers():
-    from cpfcte.metrics import average_precision, label_map
+    from cpfcte.method.metrics import average_precision, label_map
 
     # ranked: +, -, +, -  → precisions at the positives 1/1 and 2/3 → AP = 5/6
     assert average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(5 / 6)

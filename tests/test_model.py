@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from cpfcte.errors import CpfcteError
-from cpfcte.model import CFBiLSTM, ClassTokens
-from cpfcte.train import make_model
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.method.cf_bilstm import CFBiLSTM
+from cpfcte.method.class_tokens import ClassTokens
+from cpfcte.stages.train import make_model
 
 VARIANTS = [(t, c) for t in ("none", "soft", "mean") for c in ("none", "hv", "raster")]
 
@@ -30,7 +31,7 @@ def test_projection_option_maps_back_to_e(tiny_cfg):
 def test_the_patch_classifier_has_no_bias_and_starts_from_its_init_std():
     """Eq. 7 is Z = softmax(F W): no bias; W starts from N(0, 0.05²), ViT-PCM's
     RandomNormal(stddev=0.05) (note 4), or from the std asked for."""
-    from cpfcte.model import PatchClassifier
+    from cpfcte.method.patch_classifier import PatchClassifier
 
     torch.manual_seed(0)
     head = PatchClassifier(400, 50)
@@ -44,7 +45,7 @@ def test_the_patch_classifier_has_no_bias_and_starts_from_its_init_std():
 
 
 def test_the_l2_penalty_is_the_sum_of_squares_and_its_gradient_two_w():
-    from cpfcte.model import PatchClassifier
+    from cpfcte.method.patch_classifier import PatchClassifier
 
     head = PatchClassifier(3, 2)
     with torch.no_grad():
@@ -91,7 +92,7 @@ def test_hv_context_follows_rows_and_columns():
 def test_the_bilstm_equals_torch_bidirectional_lstm_with_the_same_weights():
     """Two one-directional LSTMs, the second over the reversed sequence, are one
     bidirectional LSTM (Eq. 3-5): same weights, same outputs."""
-    from cpfcte.model import BiLSTM
+    from cpfcte.method.cf_bilstm import BiLSTM
 
     torch.manual_seed(0)
     ours = BiLSTM(6, 5).eval()
@@ -107,7 +108,7 @@ def test_the_bilstm_equals_torch_bidirectional_lstm_with_the_same_weights():
 def test_lstm_input_dropout_keeps_one_mask_per_sequence_and_direction():
     """Keras's LSTM(dropout=p): one input mask per sequence, the same at every step, scaled
     by 1/(1-p); each direction of a BiLSTM draws its own; nothing in eval mode."""
-    from cpfcte.model import BiLSTM, SequenceDropout
+    from cpfcte.method.cf_bilstm import BiLSTM, SequenceDropout
 
     torch.manual_seed(0)
     drop = SequenceDropout(0.5).train()
@@ -181,8 +182,8 @@ def test_bad_image_sizes_are_refused(tiny_cfg):
 
 
 def test_non_toy_profile_never_initialises_randomly_in_silence(tmp_path):
-    from cpfcte.config import load_config
-    from cpfcte.model import build_backbone
+    from cpfcte.machinery.config import load_config
+    from cpfcte.method.network import build_backbone
 
     with pytest.raises(CpfcteError, match="randomly initialised"):
         load_config("voc", {"pretrained": False})
@@ -192,7 +193,7 @@ def test_non_toy_profile_never_initialises_randomly_in_silence(tmp_path):
 
 
 def test_local_weights_that_do_not_fit_are_refused(tiny_cfg, tmp_path):
-    from cpfcte.model import build_backbone
+    from cpfcte.method.network import build_backbone
 
     path = tmp_path / "wrong.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, path)
@@ -202,7 +203,7 @@ def test_local_weights_that_do_not_fit_are_refused(tiny_cfg, tmp_path):
 
 
 def test_local_weights_round_trip(tiny_cfg, tmp_path):
-    from cpfcte.model import build_backbone
+    from cpfcte.method.network import build_backbone
 
     cfg = tiny_cfg()
     src = build_backbone(cfg)
@@ -216,7 +217,7 @@ def test_local_weights_round_trip(tiny_cfg, tmp_path):
 def test_the_bilstms_run_in_float32_under_autocast():
     """Under autocast (bf16 here on the CPU; on CUDA cuDNN's LSTM would otherwise run in
     float16), both LSTMs of a BiLSTM take and give float32 (note 13)."""
-    from cpfcte.model import BiLSTM
+    from cpfcte.method.cf_bilstm import BiLSTM
 
     lstm = BiLSTM(6, 5)
     seen = []

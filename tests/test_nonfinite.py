@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from cpfcte.errors import CpfcteError
-from cpfcte.finite import FiniteGuard, NonFiniteError
-from cpfcte.io import write_json
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.finite import FiniteGuard, NonFiniteError
+from cpfcte.machinery.io import write_json
 
 
 def test_the_guard_records_the_first_bad_step_without_reading_it_back():
@@ -32,8 +32,8 @@ def test_the_guard_records_the_first_bad_step_without_reading_it_back():
 
 def test_stage1_with_a_huge_learning_rate_stops_and_keeps_the_last_good_checkpoint(
         tiny_cfg, tmp_path, monkeypatch):
-    import cpfcte.train as T
-    from cpfcte.pseudo import pseudo_stage
+    import cpfcte.stages.train as T
+    from cpfcte.stages.pseudo_labels import pseudo_stage
 
     cfg = tiny_cfg(epochs=3, warmup_epochs=0)
     T.train(cfg, tmp_path / "ok", progress=False, max_epochs=1)
@@ -64,8 +64,9 @@ def test_stage1_with_a_huge_learning_rate_stops_and_keeps_the_last_good_checkpoi
 
 
 def test_deeplab_stops_on_a_non_finite_loss(tiny_cfg, toy_root, tmp_path, monkeypatch):
-    import cpfcte.deeplab as D
     from test_deeplab import TINY, _pseudo_dir
+
+    import cpfcte.stages.deeplab_train as D
 
     pseudo = _pseudo_dir(toy_root, tmp_path)
     cfg = tiny_cfg(deeplab={**TINY, "iterations": 4, "ckpt_every": 2})
@@ -91,7 +92,7 @@ def test_the_guard_makes_no_host_to_device_copy_in_a_step(monkeypatch):
     ``torch.as_tensor`` of a host value, which on CUDA would be a blocking copy every step."""
     import torch
 
-    from cpfcte.finite import FiniteGuard
+    from cpfcte.machinery.finite import FiniteGuard
 
     guard = FiniteGuard(torch.device("cpu"), "run", "step")
 

@@ -1,5 +1,5 @@
 """Pinned CPU numerics: the same training gives the same weights whatever code paths the
-machine would pick by itself (cpfcte.numerics)."""
+machine would pick by itself (cpfcte.machinery.numerics)."""
 
 import json
 import os
@@ -13,10 +13,10 @@ from tests.conftest import TINY_MODEL
 TRAIN = """
 import hashlib, json, sys
 from pathlib import Path
-from cpfcte.config import load_config     # cpfcte first: it pins the paths numpy and torch load
+from cpfcte.machinery.config import load_config     # cpfcte first: it pins the paths numpy and torch load
 import torch
-from cpfcte.numerics import active_paths
-from cpfcte.train import train
+from cpfcte.machinery.numerics import active_paths
+from cpfcte.stages.train import train
 root, out = sys.argv[1], Path(sys.argv[2])
 cfg = load_config("toy", {"data_root": root, **json.loads(sys.argv[3]), "epochs": 2})
 train(cfg, out, progress=False)
@@ -56,9 +56,9 @@ def test_a_training_gives_the_same_weights_under_other_cpu_code_paths(toy_root, 
 
 def test_a_pinned_stage_refuses_a_process_with_other_code_paths(tiny_cfg, tmp_path):
     code = ("import numpy, torch, json, sys\n"           # loaded before cpfcte: not pinned
-            "from cpfcte.errors import CpfcteError\n"
-            "from cpfcte.config import load_config\n"
-            "from cpfcte.numerics import apply\n"
+            "from cpfcte.machinery.errors import CpfcteError\n"
+            "from cpfcte.machinery.config import load_config\n"
+            "from cpfcte.machinery.numerics import apply\n"
             "try:\n    apply(load_config('toy'))\nexcept CpfcteError as e:\n    print(e)\n")
     env = {k: v for k, v in os.environ.items()
            if k not in ("ATEN_CPU_CAPABILITY", "NPY_DISABLE_CPU_FEATURES", "MKL_CBWR")}
@@ -69,7 +69,7 @@ def test_a_pinned_stage_refuses_a_process_with_other_code_paths(tiny_cfg, tmp_pa
 
 
 def test_the_provenance_line_names_cpu_paths_threads_and_versions():
-    from cpfcte.numerics import describe
+    from cpfcte.machinery.numerics import describe
 
     line = describe()
     for part in ("numerics pinned", "ATen AVX2", "MKL CBWR AVX2,STRICT", "numpy ≤ X86_V3",

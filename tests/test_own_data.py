@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_label_png, save_label_png
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_label_png, save_label_png
 
 
 @pytest.fixture
@@ -36,13 +36,14 @@ def own_folder(toy_root, tmp_path):
 
 
 def test_a_folder_dataset_trains_and_predicts_with_the_toy_model(own_folder, tmp_path):
-    from cpfcte.config import load_config
+    from conftest import TINY_MODEL
+
     from cpfcte.data.classes import TOY_CLASSES
     from cpfcte.data.folder import prepare_folder
-    from cpfcte.predict import predict_folder
-    from cpfcte.pseudo import pseudo_stage
-    from cpfcte.train import train
-    from conftest import TINY_MODEL
+    from cpfcte.machinery.config import load_config
+    from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.pseudo_labels import pseudo_stage
+    from cpfcte.stages.train import train
 
     images, labels, masks = own_folder
     report = prepare_folder(images, labels, tmp_path / "mine", masks=masks, val_fraction=0.25,
@@ -84,7 +85,7 @@ def test_a_folder_dataset_trains_and_predicts_with_the_toy_model(own_folder, tmp
 
 
 def derive_split(cfg):
-    from cpfcte.config import derive
+    from cpfcte.machinery.config import derive
 
     return derive(cfg, {"pseudo_split": "train"})
 
@@ -147,8 +148,8 @@ def test_multi_hot_csv_gives_the_same_dataset_as_names(own_folder, tmp_path):
 
 
 def test_a_profile_of_yours_runs_as_the_profile_it_extends(tmp_path, monkeypatch):
-    from cpfcte import catalog
-    from cpfcte.config import base_profile, load_config
+    from cpfcte.batch import catalog
+    from cpfcte.machinery.config import base_profile, load_config
 
     monkeypatch.setenv("CPFCTE_PROFILES", str(tmp_path))
     (tmp_path / "mine.yaml").write_text("extends: toy\nprofile: mine\ndataset: folder\n"
@@ -162,7 +163,7 @@ def test_a_profile_of_yours_runs_as_the_profile_it_extends(tmp_path, monkeypatch
 
 
 def test_voc_test_export_packs_the_server_layout_and_refuses_what_it_would_reject(tmp_path):
-    from cpfcte.export import SERVER_DIR, export_voc_test
+    from cpfcte.stages.export import SERVER_DIR, export_voc_test
 
     pred, imgs = tmp_path / "pred", tmp_path / "imgs"
     imgs.mkdir()

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from cpfcte.errors import CpfcteError
-from cpfcte.losses import mce_loss
-from cpfcte.pooling import pool, topk_pool
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.method.mce_loss import mce_loss
+from cpfcte.method.topk_pooling import pool, topk_pool
 
 
 def test_topk_pooling_by_hand():

@@ -1,6 +1,6 @@
 import io
 
-from cpfcte.progress import MIN_INTERVAL_S, progress_bar
+from cpfcte.machinery.progress import MIN_INTERVAL_S, progress_bar
 
 
 def test_bars_redraw_at_most_once_a_second():

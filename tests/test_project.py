@@ -8,7 +8,7 @@ import nbformat
 import pytest
 import yaml
 
-from cpfcte.config import available_profiles, load_config
+from cpfcte.machinery.config import available_profiles, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def _code_lines(source: str) -> int:
 
 
 def test_notebook_cells_are_short_and_each_notebook_names_its_stage():
-    from cpfcte.catalog import STAGES
+    from cpfcte.batch.catalog import STAGES
 
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
@@ -70,7 +70,7 @@ def test_notebook_cells_are_short_and_each_notebook_names_its_stage():
 
 
 def test_report_notebooks_draw_by_default_what_the_batch_asks_of_them():
-    from cpfcte.catalog import load_batch
+    from cpfcte.batch.catalog import load_batch
 
     batch = load_batch()
     for run in batch.runs.values():
@@ -115,7 +115,7 @@ def test_the_promise_check_catches_the_old_overview_text():
 
 
 def test_no_notebook_promises_a_stage_that_the_batch_already_runs():
-    from cpfcte.catalog import load_batch
+    from cpfcte.batch.catalog import load_batch
 
     stages = {run.stage for run in load_batch().runs.values()}
     assert {"data", "train", "pseudo", "deeplab", "report"} <= stages
@@ -132,7 +132,7 @@ def test_no_notebook_promises_a_stage_that_the_batch_already_runs():
 
 
 def test_interpretation_notes_have_one_home_that_everything_cites():
-    from cpfcte import notes
+    from cpfcte.machinery import notes
 
     numbers = [n.number for n in notes.all_notes()]
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 17
@@ -154,8 +154,8 @@ def test_interpretation_notes_have_one_home_that_everything_cites():
 
 
 def test_a_broken_notes_file_is_refused(tmp_path, monkeypatch):
-    from cpfcte import notes
-    from cpfcte.errors import CpfcteError
+    from cpfcte.machinery import notes
+    from cpfcte.machinery.errors import CpfcteError
 
     bad = tmp_path / "n.md"
     bad.write_text("## 1. A\n\n*In short:* a\n\n## 3. C\n\n*In short:* c\n")

@@ -20,8 +20,8 @@ from cpfcte.data.coco import prepare_coco
 from cpfcte.data.fixtures import write_sbd_mat
 from cpfcte.data.prepare_voc import prepare_voc, read_sbd_mat
 from cpfcte.data.voc import VOCDataset, read_split
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_label_png, save_label_png
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_label_png, save_label_png
 
 
 def _xml(names):
@@ -335,10 +335,10 @@ def test_download_refuses_a_corrupt_archive(tmp_path):
 
 
 def test_unreachable_hub_is_a_clear_error(monkeypatch):
-    from cpfcte.config import load_config
-    from cpfcte.model import build_backbone
-
     import timm
+
+    from cpfcte.machinery.config import load_config
+    from cpfcte.method.network import build_backbone
 
     real = timm.create_model
 
@@ -398,7 +398,7 @@ def test_smoke_coco_fixture_has_the_80_categories_at_their_ids(tmp_path):
 
 
 def test_paper_profiles_keep_the_paper_sizes_and_never_allow_random_init():
-    from cpfcte.smoke import SmokeFailure, check_profile_sizes
+    from cpfcte.batch.smoke import SmokeFailure, check_profile_sizes
 
     for profile in ("voc", "coco"):
         check_profile_sizes(profile)
@@ -410,9 +410,10 @@ def test_an_interrupted_preparation_is_refused_until_it_is_rerun(voc_sbd, monkey
     """The completion file is written last: a preparation cut short (here by a full disk at
     its third mask) leaves a tree that `data verify` and every stage refuse, and a rerun keeps
     the masks already written and completes it."""
-    from cpfcte import faults
-    from cpfcte.config import load_config
-    from cpfcte.data import PREPARED, dataset_root
+    from cpfcte.data import dataset_root
+    from cpfcte.data.preparation import PREPARED
+    from cpfcte.machinery import faults
+    from cpfcte.machinery.config import load_config
 
     voc, sbd, _ = voc_sbd
     prepare_voc(voc, sbd, allow_partial=True, progress=False)          # a complete one first

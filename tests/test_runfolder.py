@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from cpfcte.config import load_config
-from cpfcte.errors import CpfcteError
-from cpfcte.runfolder import CONFIG, RunFolder, run_config
+from cpfcte.machinery.config import load_config
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.runfolder import CONFIG, RunFolder, run_config
 
 
 def test_a_folder_keeps_one_stage_and_one_digest(tmp_path):

@@ -4,11 +4,11 @@ images cannot fill, a run of the other profile."""
 
 import pytest
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 
 def test_batch_memory_is_extrapolated_from_two_probes_and_refused_with_the_figure():
-    from cpfcte.capacity import check_batch_fits, extrapolate
+    from cpfcte.machinery.capacity import check_batch_fits, extrapolate
 
     gb = 2**30
     probe = {1: 3 * gb, 2: 3.5 * gb}.__getitem__         # 2.5 GB fixed + 0.5 GB per image
@@ -26,7 +26,7 @@ def test_the_batch_is_checked_against_free_memory_not_the_total(monkeypatch):
 
     import torch
 
-    from cpfcte import capacity
+    from cpfcte.machinery import capacity
 
     gb = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (30 * gb, 140 * gb))
@@ -46,8 +46,8 @@ def test_cuda_options_and_process_counts_are_refused_before_the_run_folder_exist
                                                                                  tmp_path):
     import torch
 
-    from cpfcte.distributed import check_nproc
-    from cpfcte.train import train
+    from cpfcte.machinery.distributed import check_nproc
+    from cpfcte.stages.train import train
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -66,9 +66,9 @@ def test_cuda_options_and_process_counts_are_refused_before_the_run_folder_exist
 
 
 def test_a_crop_the_images_cannot_fill_is_refused(tiny_cfg, toy_root):
-    from cpfcte.config import load_config
     from cpfcte.data import open_split
-    from cpfcte.deeplab import check_crop
+    from cpfcte.machinery.config import load_config
+    from cpfcte.stages.deeplab_data import check_crop
 
     cfg = tiny_cfg(**{"deeplab.crop": 32})
     voc = open_split(cfg, cfg.train_split)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_label_png
-from cpfcte.pseudo import baseline_mask, bpm_from_probs, pseudo_stage
-from cpfcte.runfolder import CHECKPOINT, LOG, run_config
-from cpfcte.train import load_trained, train
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_label_png
+from cpfcte.machinery.runfolder import CHECKPOINT, LOG, run_config
+from cpfcte.method.bpm import bpm_from_probs
+from cpfcte.stages.pseudo_labels import baseline_mask, pseudo_stage
+from cpfcte.stages.train import load_trained, train
 
 
 def pseudo(train_dir, run_dir, overrides=None, **kw):
@@ -51,7 +52,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_cfg, tmp_pa
 def test_two_stage_lr_and_frozen_backbone_in_the_first_stage(tiny_cfg, tmp_path):
     cfg = tiny_cfg(epochs=2, warmup_epochs=1, freeze_backbone_warmup=True, lr_warmup=1e-3,
                    lr=1e-4)
-    from cpfcte.train import make_model
+    from cpfcte.stages.train import make_model
 
     before = make_model(cfg).state_dict()
     train(cfg, tmp_path / "r", max_epochs=1, progress=False)
@@ -73,7 +74,7 @@ def test_which_parameters_train_in_each_phase(tiny_cfg, tmp_path):
     """ViT-PCM's regime: the ViT frozen in the warm-up; then only its last unfreeze_blocks
     blocks and its final norm train (the embeddings and the first blocks never do);
     unfreeze_blocks=None trains every one. The head always trains."""
-    from cpfcte.train import make_model, set_phase, trainable_parameters
+    from cpfcte.stages.train import make_model, set_phase, trainable_parameters
 
     kw = {"backbone_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}}
     cfg = tiny_cfg(unfreeze_blocks=2, freeze_backbone_warmup=True, **kw)
@@ -122,7 +123,7 @@ def test_bpm_both_normalisations_on_a_three_class_case_computed_by_hand():
     """Background, A, B on a 1×3 patch grid. Eq. 10 as printed (``none``) gives background
     everywhere; ViT-PCM's merge_class_labels (``pcm``) divides each class map by its maximum
     (bg 0.8, A 0.4, B 0.3), then renormalises each patch over the classes."""
-    from cpfcte.pseudo import bpm_grid
+    from cpfcte.method.bpm import bpm_grid
 
     probs = torch.tensor([[[0.8, 0.5, 0.6]], [[0.1, 0.4, 0.1]], [[0.1, 0.1, 0.3]]])  # (C, h, w)
     every = torch.ones(3)
@@ -176,7 +177,7 @@ def test_pseudo_stage_writes_pngs_and_metrics_and_resumes(tiny_cfg, tmp_path):
 def test_pseudo_labels_refuse_a_ground_truth_folder(tiny_cfg, tmp_path, toy_root):
     from cpfcte.data import TOY_CLASSES
     from cpfcte.data.voc import VOCDataset
-    from cpfcte.pseudo import make_pseudo_labels
+    from cpfcte.stages.pseudo_labels import make_pseudo_labels
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     model, _ = load_trained(tmp_path / "t")
@@ -193,7 +194,7 @@ def test_pseudo_labels_refuse_a_ground_truth_folder(tiny_cfg, tmp_path, toy_root
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
-    from cpfcte.io import atomic_path, write_text
+    from cpfcte.machinery.io import atomic_path, write_text
 
     target = tmp_path / "metrics.json"
     write_text(target, "old")
@@ -206,7 +207,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
 
 def test_cli_train_and_pseudo(tiny_cfg, toy_root, capsys):
     from cpfcte.cli import main
-    from cpfcte.paths import runs_dir
+    from cpfcte.machinery.paths import runs_dir
 
     sets = ["data_root=" + str(toy_root), "img_size=32", "token_dim=8",
             "lstm_hidden=8", "k=2", "infer_size=48", "batch_size=8",
@@ -232,7 +233,8 @@ def test_cli_train_and_pseudo(tiny_cfg, toy_root, capsys):
 
 
 def test_ensure_pseudo_labels_makes_the_training_split_once(tiny_cfg, tmp_path):
-    from cpfcte.pseudo import ensure_pseudo_labels, pseudo_label_dir
+    from cpfcte.stages.pseudo_labels import ensure_pseudo_labels
+    from cpfcte.stages.pseudo_runs import pseudo_label_dir
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     made = ensure_pseudo_labels("toy", tmp_path / "p", tmp_path / "t", progress=False)
@@ -251,7 +253,7 @@ def test_inference_loader_workers_give_the_same_bits(tiny_cfg, tmp_path, toy_roo
     for byte, as in the stage's own process."""
     from cpfcte.data import TOY_CLASSES
     from cpfcte.data.voc import VOCDataset
-    from cpfcte.pseudo import make_pseudo_labels
+    from cpfcte.stages.pseudo_labels import make_pseudo_labels
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     model, _ = load_trained(tmp_path / "t")

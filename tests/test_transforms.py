@@ -1,12 +1,12 @@
-"""Stage-1 transforms (cpfcte.transforms): ViT-PCM's resize and augmentation, and ours."""
+"""Stage-1 transforms (cpfcte.data.transforms): ViT-PCM's resize and augmentation, and ours."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cpfcte import transforms as T
-from cpfcte.errors import CpfcteError
+from cpfcte.data import transforms as T
+from cpfcte.machinery.errors import CpfcteError
 
 
 class Draws:
@@ -107,7 +107,7 @@ def test_augment_modes():
 def test_training_images_keep_their_labels_and_draws_depend_on_seed_epoch_index(toy_root):
     from cpfcte.data import TOY_CLASSES
     from cpfcte.data.voc import VOCDataset
-    from cpfcte.train import ClassificationData
+    from cpfcte.stages.train import ClassificationData
 
     voc = VOCDataset(toy_root, "train", TOY_CLASSES)
     data = ClassificationData(voc, 32, "pcm", seed=0, resize="pcm")

@@ -1,4 +1,4 @@
-"""Nothing of the user's is ever lost (cpfcte.safety): a command writes only into a new or
+"""Nothing of the user's is ever lost (cpfcte.machinery.safety): a command writes only into a new or
 empty folder, one it made and marked, or one it is told to replace with --force; its outputs
 never alias its inputs; it never writes into a dataset; every check runs before the first
 write. And inputs that used to be accepted and then go wrong are read right or refused."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 
 def _csv(path, rows):
@@ -71,7 +71,7 @@ def test_prepare_refuses_a_dataset_it_did_not_make_and_keeps_its_lists(photos, t
 
 def test_preparing_again_without_masks_leaves_no_stale_mask(photos, tmp_path):
     from cpfcte.data.folder import prepare_folder
-    from cpfcte.io import save_label_png
+    from cpfcte.machinery.io import save_label_png
 
     images, labels = photos
     masks = tmp_path / "masks"
@@ -89,7 +89,7 @@ def test_preparing_again_without_masks_leaves_no_stale_mask(photos, tmp_path):
 
 
 def test_prepare_toy_refuses_a_folder_of_yours(tmp_path):
-    from cpfcte.data import prepare_toy
+    from cpfcte.data.toy import prepare_toy
 
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
@@ -103,8 +103,8 @@ def test_prepare_toy_refuses_a_folder_of_yours(tmp_path):
 
 def test_predict_refuses_outputs_that_would_overwrite_its_inputs(tiny_cfg, tmp_path,
                                                                  toy_root):
-    from cpfcte.predict import predict_folder
-    from cpfcte.train import train
+    from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.train import train
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     x = tmp_path / "X"
@@ -123,9 +123,9 @@ def test_predict_refuses_outputs_that_would_overwrite_its_inputs(tiny_cfg, tmp_p
 def test_a_run_folder_in_a_dataset_is_refused_before_config_json_is_written(tiny_cfg, toy_root,
                                                                              tmp_path):
     from cpfcte.data import fingerprint
-    from cpfcte.pseudo import pseudo_stage
-    from cpfcte.runfolder import run_config
-    from cpfcte.train import train
+    from cpfcte.machinery.runfolder import run_config
+    from cpfcte.stages.pseudo_labels import pseudo_stage
+    from cpfcte.stages.train import train
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     stamp = fingerprint(toy_root)
@@ -153,7 +153,7 @@ def test_a_run_folder_in_a_dataset_is_refused_before_config_json_is_written(tiny
 
 
 def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
-    from cpfcte.io import read_image
+    from cpfcte.machinery.io import read_image
 
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)      # 0 .. 64512
     Image.fromarray(ramp).save(tmp_path / "deep.png")                  # mode I;16
@@ -166,7 +166,7 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
 
 def test_an_exif_rotated_jpeg_is_read_as_it_displays(photos, tmp_path):
     from cpfcte.data.folder import prepare_folder
-    from cpfcte.io import image_size, read_image, save_label_png
+    from cpfcte.machinery.io import image_size, read_image, save_label_png
 
     stored = np.zeros((30, 50, 3), np.uint8)
     stored[:, :10] = 255                                 # a white band on the left, stored
@@ -189,7 +189,7 @@ def test_an_exif_rotated_jpeg_is_read_as_it_displays(photos, tmp_path):
 
 
 def test_a_huge_image_is_refused_with_the_fix(tmp_path, monkeypatch):
-    from cpfcte import io
+    from cpfcte.machinery import io
 
     Image.new("L", (7000, 6000)).save(tmp_path / "huge.png")        # 42 megapixels
     with pytest.raises(CpfcteError, match="7000×6000 .* resize it"):
@@ -203,9 +203,9 @@ def test_a_huge_image_is_refused_with_the_fix(tmp_path, monkeypatch):
 
 
 def test_names_with_spaces_and_ampersands_prepare_and_train(tiny_cfg, tmp_path):
-    from cpfcte.config import load_config
     from cpfcte.data import open_split
     from cpfcte.data.folder import prepare_folder
+    from cpfcte.machinery.config import load_config
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -227,8 +227,8 @@ def test_names_with_spaces_and_ampersands_prepare_and_train(tiny_cfg, tmp_path):
 def test_two_images_with_one_stem_and_an_image_without_a_row_are_refused(tiny_cfg, tmp_path,
                                                                         photos):
     from cpfcte.data.folder import prepare_folder
-    from cpfcte.predict import predict_folder
-    from cpfcte.train import train
+    from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.train import train
 
     images, labels = photos
     Image.new("RGB", (40, 40)).save(images / "extra.png")
@@ -250,8 +250,8 @@ def test_two_images_with_one_stem_and_an_image_without_a_row_are_refused(tiny_cf
 
 def test_a_bad_image_in_a_predict_folder_is_named_before_anything_is_written(tiny_cfg,
                                                                             tmp_path):
-    from cpfcte.predict import predict_folder
-    from cpfcte.train import train
+    from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.train import train
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     rng = np.random.default_rng(0)
@@ -272,8 +272,8 @@ def test_a_bad_image_in_a_predict_folder_is_named_before_anything_is_written(tin
 
 
 def test_the_leak_guard_refuses_a_near_copy_of_the_masks(tiny_cfg, toy_root, tmp_path):
-    from cpfcte.deeplab import train_deeplab
-    from cpfcte.io import read_label_png, save_label_png
+    from cpfcte.machinery.io import read_label_png, save_label_png
+    from cpfcte.stages.deeplab_train import train_deeplab
 
     copy = tmp_path / "copy"
     for png in (toy_root / "SegmentationClassAug").glob("*.png"):
@@ -288,7 +288,7 @@ def test_the_leak_guard_refuses_a_near_copy_of_the_masks(tiny_cfg, toy_root, tmp
 
 
 def test_values_that_must_be_refused(tmp_path, monkeypatch):
-    from cpfcte.config import load_config, parse_set_args
+    from cpfcte.machinery.config import load_config, parse_set_args
 
     for pair, words in (("epochs=1.7", "must be of type int"),
                         ("epochs=true", "must be of type int"),
@@ -321,8 +321,8 @@ def test_cli_names_and_counts_are_refused(tmp_path, capsys):
 
 
 def test_export_refuses_escaping_and_duplicated_ids_and_an_existing_archive(tmp_path):
-    from cpfcte.export import export_voc_test
-    from cpfcte.io import save_label_png
+    from cpfcte.machinery.io import save_label_png
+    from cpfcte.stages.export import export_voc_test
 
     pred = tmp_path / "pred"
     save_label_png(pred / "a.png", np.zeros((4, 4), np.uint8), palette=True)
@@ -339,7 +339,7 @@ def test_export_refuses_escaping_and_duplicated_ids_and_an_existing_archive(tmp_
 
 def test_eval_without_a_list_names_the_images_it_does_not_score(tmp_path, capsys):
     from cpfcte import cli
-    from cpfcte.io import save_label_png
+    from cpfcte.machinery.io import save_label_png
 
     for name in ("a", "b", "c"):
         save_label_png(tmp_path / "gt" / f"{name}.png", np.zeros((4, 4), np.uint8))
@@ -381,8 +381,8 @@ def test_a_run_still_training_says_so_and_a_run_config_json_trains_again(tiny_cf
     import json
     import socket
 
-    from cpfcte.config import config_from_file
-    from cpfcte.train import load_trained, train
+    from cpfcte.machinery.config import config_from_file
+    from cpfcte.stages.train import load_trained, train
 
     train(tiny_cfg(epochs=2), tmp_path / "t", max_epochs=1, progress=False)
     sleeper = subprocess.Popen(["sleep", "30"])
@@ -417,7 +417,7 @@ def test_a_wrong_download_you_put_there_is_left_in_place_and_said_so(tmp_path):
 
 
 def test_a_processor_without_avx2_runs_native_and_says_so(monkeypatch, tmp_path, tiny_cfg):
-    from cpfcte import numerics
+    from cpfcte.machinery import numerics
     from cpfcte.report import check
 
     for fake, expected in (("arm64", "native (no AVX2)"), ("x86_64-noavx2", "native (no AVX2)"),
@@ -447,9 +447,9 @@ def test_a_processor_without_avx2_runs_native_and_says_so(monkeypatch, tmp_path,
 def test_your_own_data_without_masks_says_no_masks_instead_of_a_key_error(photos, tiny_cfg,
                                                                         tmp_path, capsys):
     from cpfcte import cli
-    from cpfcte.config import derive
     from cpfcte.data.folder import prepare_folder
-    from cpfcte.train import train
+    from cpfcte.machinery.config import derive
+    from cpfcte.stages.train import train
 
     images, labels = photos
     prepare_folder(images, labels, tmp_path / "own", val_fraction=0)

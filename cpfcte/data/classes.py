@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cpfcte.data import begin_preparation, finish_preparation
-from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, save_label_png, write_text
+from cpfcte.data.preparation import begin_preparation, finish_preparation
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import IGNORE_INDEX, save_label_png, write_text
 
 KNOWN_COUNTS = {"train": 82081, "val": 40137}
 SPLITS = {"train": "train2014", "val": "val2014"}
@@ -110,9 +110,8 @@ def prepare_coco(coco_root: str | Path, out: str | Path | None = None, *,
                  classes: tuple[str, ...] | None = None, splits: dict[str, str] | None = None,
                  known_counts: dict[str, int] | None = KNOWN_COUNTS, allow_partial: bool = False,
                  progress: bool = True) -> dict:
-    from cpfcte.progress import progress_bar
-
     from cpfcte.data.coco_classes import COCO_CLASSES
+    from cpfcte.machinery.progress import progress_bar
 
     coco_root = Path(coco_root)
     out = Path(out) if out else coco_root

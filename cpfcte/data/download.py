@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def md5sum(path: Path) -> str:
 
 def fetch(archive: Archive, downloads: Path, *, progress: bool = True, timeout: float = 60) -> Path:
     """Download ``archive`` into ``downloads``; resume a ``.part`` file; verify; return the path."""
-    from cpfcte.progress import progress_bar
+    from cpfcte.machinery.progress import progress_bar
 
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / archive.name

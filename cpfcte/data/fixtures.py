@@ -1,5 +1,5 @@
 """Small datasets in the exact formats of the real downloads, for the paper-scale smoke
-(``cpfcte.smoke``): a VOC 2012 + SBD tree and a COCO 2014 tree that ``cpfcte data prepare
+(``cpfcte.batch.smoke``): a VOC 2012 + SBD tree and a COCO 2014 tree that ``cpfcte data prepare
 voc|coco`` turns into the layout the readers use, as it does the real ones.
 
 - VOC: VOC-sized JPEGs (500×375 and 375×500), ``Annotations/*.xml`` with the 20 VOC class
@@ -10,9 +10,8 @@ voc|coco`` turns into the layout the readers use, as it does the real ones.
 - COCO: ``train2014/`` and ``val2014/`` JPEGs named ``COCO_<split>2014_<12 digits>.jpg``,
   ``annotations/instances_<split>2014.json`` with the 80 categories at their official ids,
   polygon and uncompressed-RLE instances, and a crowd region.
-- kazuto1011's COCO-pretrained DeepLabv2 init: ``deeplabv1_resnet101-coco.pth``, a state dict
-  with his module names (``layer1.conv1.conv.weight`` ... ``layer5.block3.increase.bn.*``, the
-  91-class ``fc`` head), random weights and BatchNorm statistics.
+(kazuto1011's COCO-pretrained DeepLabv2 init in his format is
+``cpfcte.method.caffe_resnet.write_checkpoint``.)
 
 The pictures are coloured shapes on a textured background (one colour per class), so the masks
 and the labels agree; what the networks learn from eight of them is beside the point.
@@ -93,7 +92,7 @@ def make_voc_sbd(root: str | Path, n: int = 8, seed: int = 0) -> tuple[Path, Pat
     quarter). Returns (voc_root, sbd_root)."""
     from PIL import Image
 
-    from cpfcte.io import save_label_png
+    from cpfcte.machinery.io import save_label_png
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -186,27 +185,3 @@ def make_coco(root: str | Path, n_train: int = 4, n_val: int = 2, seed: int = 0)
             {"info": {"description": "cpfcte smoke fixture"}, "images": images,
              "annotations": annotations, "categories": categories}))
     return root
-
-
-def make_kazuto_init(path: str | Path, n_classes: int = 91, seed: int = 0) -> Path:
-    """Write a DeepLabv2 init in kazuto1011/deeplab-pytorch's format at ``path``: the
-    Caffe-style ResNet-101 (``cpfcte.caffe_resnet``) under his key names, with the ``fc`` head
-    of his converted COCO init, random weights and BatchNorm statistics. Returns ``path``."""
-    import torch
-
-    from cpfcte.caffe_resnet import CaffeResNet
-
-    torch.manual_seed(seed)
-    net = CaffeResNet()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    fc = torch.nn.Conv2d(2048, n_classes, 1)
-    state.update({"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path

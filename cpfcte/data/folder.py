@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpfcte.errors import CpfcteError
+from cpfcte.machinery.errors import CpfcteError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -85,7 +85,7 @@ def read_label_csv(path: Path, classes: tuple[str, ...] | None = None
 def _check_image(path: Path, where: str) -> tuple[int, int]:
     """The size of an image as it displays (EXIF orientation applied), after decoding it once:
     a missing, corrupt, too large or unreadable file is an error naming the CSV line."""
-    from cpfcte.io import read_image
+    from cpfcte.machinery.io import read_image
 
     if not path.is_file():
         raise CpfcteError(f"{where}: image {path} not found")
@@ -106,7 +106,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _read_list(path: Path) -> list[str]:
-    from cpfcte.io import read_ids
+    from cpfcte.machinery.io import read_ids
 
     if not path.is_file():
         raise CpfcteError(f"{path}: split list not found")
@@ -127,10 +127,10 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
     of yours; no output may overlap the inputs. Every check runs before the first write."""
     import shutil
 
-    from cpfcte.data import begin_preparation, finish_preparation
+    from cpfcte.data.preparation import begin_preparation, finish_preparation
     from cpfcte.data.voc import voc_xml
-    from cpfcte.io import read_label_png, save_label_png, write_text
-    from cpfcte.safety import check_folder, claim_folder, refuse_alias
+    from cpfcte.machinery.io import read_label_png, save_label_png, write_text
+    from cpfcte.machinery.safety import check_folder, claim_folder, refuse_alias
 
     images, labels, out = Path(images), Path(labels), Path(out)
     if not images.is_dir():

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from cpfcte.data.classes import VOC_CLASSES
+from cpfcte.data.preparation import begin_preparation, finish_preparation
 from cpfcte.data.voc import parse_annotation, read_split
-from cpfcte.data import begin_preparation, finish_preparation
-from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, read_label_png, save_label_png, write_text
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import IGNORE_INDEX, read_label_png, save_label_png, write_text
 
 KNOWN_COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
 
@@ -53,7 +53,7 @@ def read_sbd_mat(path: Path) -> np.ndarray:
 
 
 def _check_mask(mask: np.ndarray, image: Path, source: Path) -> np.ndarray:
-    from cpfcte.io import image_size
+    from cpfcte.machinery.io import image_size
 
     w, h = image_size(image)
     size = (h, w)
@@ -75,7 +75,7 @@ def _require(path: Path, what: str, fix: str) -> Path:
 
 def prepare_voc(voc_root: str | Path, sbd_root: str | Path, out: str | Path | None = None, *,
                 allow_partial: bool = False, progress: bool = True) -> dict:
-    from cpfcte.progress import progress_bar
+    from cpfcte.machinery.progress import progress_bar
 
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     get = "download it with `cpfcte data download voc --to DIR` (or by hand)"

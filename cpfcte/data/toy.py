@@ -39,8 +39,15 @@ import numpy as np
 from PIL import Image
 
 from cpfcte.data.classes import TOY_CLASSES, TOY_FAMILIES, TOY_MARKERS
-from cpfcte.errors import CpfcteError
-from cpfcte.io import IGNORE_INDEX, atomic_path, read_json, save_label_png, write_json, write_text
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import (
+    IGNORE_INDEX,
+    atomic_path,
+    read_json,
+    save_label_png,
+    write_json,
+    write_text,
+)
 
 SHAPES = ("ellipse", "rectangle", "triangle", "blob", "ring")
 TEXTURES = ("stripes", "checker", "dots", "mottled")
@@ -293,7 +300,7 @@ def generate(root: str | Path, spec: ToySpec = ToySpec(), *, force: bool = False
     """Write the toy dataset to ``root`` (idempotent: an existing dataset made from the same
     spec is kept). The dataset is built in a sibling folder and renamed into place, so an
     interrupted generation never leaves a half-written dataset at ``root``."""
-    from cpfcte.progress import progress_bar
+    from cpfcte.machinery.progress import progress_bar
 
     root = Path(root)
     if not force and is_complete(root, spec):
@@ -426,3 +433,20 @@ def is_complete(root: Path, spec: ToySpec) -> bool:
     except CpfcteError:
         return False
     return all(saved.get(k) == v for k, v in asdict(spec).items())
+
+
+def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = False,
+                progress: bool = True) -> Path:
+    """Generate the toy dataset (refusing a folder of yours) and convert its COCO twin
+    through the COCO path."""
+    from cpfcte.data.coco import prepare_coco
+    from cpfcte.data.preparation import PREPARED
+    from cpfcte.machinery.paths import data_dir
+    from cpfcte.machinery.safety import check_folder
+
+    root = Path(root) if root else data_dir() / "toy"
+    check_folder(root, "data prepare toy", force=force)     # never replace a folder of yours
+    generate(root, ToySpec(seed=seed), force=force, progress=progress)
+    if force or not (root / "coco" / PREPARED["toy_coco"]).exists():
+        prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)
+    return root

@@ -8,7 +8,7 @@
     <root>/ImageSets/SegmentationAug/train_aug.txt
 
 Masks are for evaluation only: ``VOCDataset`` gives images and image-level labels; the ground
-truth folder of a split is given by ``gt_dir`` and read by ``cpfcte.metrics``.
+truth folder of a split is given by ``gt_dir`` and read by ``cpfcte.method.metrics``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpfcte.errors import CpfcteError
-from cpfcte.io import read_image
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import read_image
 
 SPLIT_FOLDERS = ("ImageSets/Segmentation", "ImageSets/SegmentationAug")
 GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
@@ -48,7 +48,7 @@ def split_file(root: Path, split: str) -> Path:
 
 def read_split(root: str | Path, split: str) -> list[str]:
     path = split_file(Path(root), split)
-    from cpfcte.io import read_ids
+    from cpfcte.machinery.io import read_ids
 
     ids = read_ids(path)
     if not ids:
@@ -135,7 +135,7 @@ class VOCDataset:
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) as the image displays, from its header, without decoding."""
-        from cpfcte.io import image_size
+        from cpfcte.machinery.io import image_size
 
         return image_size(self.image_path(index))
 

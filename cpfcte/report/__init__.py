@@ -5,7 +5,7 @@
     tables.py      Tables 1-5, the paper's value beside this run's
     figures.py     Figs. 4-7 (Figs. 6 and 7 through ``cpfcte.plots``)
 
-Everything is read through the catalog (``cpfcte.catalog``), from exactly the runs each
+Everything is read through the catalog (``cpfcte.batch.catalog``), from exactly the runs each
 table's or figure's group reads; the report never imports the batch runner. Each artifact is
 named as its group in ``notebooks/batches.yaml``.
 """
@@ -24,7 +24,7 @@ ARTIFACTS = {"table1": table1, "table2": table2, "table3": table3, "table4": tab
 def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[str, dict[str, Path]]:
     """Write the named tables and figures (a list, a comma-separated string, "all" or None for
     all) that this profile's runs can make; returns {name: {format: path}}."""
-    from cpfcte.errors import CpfcteError
+    from cpfcte.machinery.errors import CpfcteError
 
     if names is None or names == "all":
         names = list(ARTIFACTS)
@@ -33,8 +33,8 @@ def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[st
     unknown = [n for n in names if n not in ARTIFACTS]
     if unknown:
         raise CpfcteError(f"unknown table or figure {unknown[0]!r} (known: {', '.join(ARTIFACTS)})")
-    from cpfcte.io import clean_partial
-    from cpfcte.paths import output_dir
+    from cpfcte.machinery.io import clean_partial
+    from cpfcte.machinery.paths import output_dir
 
     for kind in ("tables", "figures"):     # a write of these artifacts cut short by a kill
         clean_partial(output_dir(kind), [f"{n}.{ext}" for n in names for ext in

@@ -11,8 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpfcte.errors import CpfcteError
-from cpfcte.paths import output_dir, project_root
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.paths import output_dir, project_root
 
 NUMBER = re.compile(r"[-+−]?\d+(?:\.\d+)?")
 TABLES = ("table1", "table2", "table3", "table4", "table5")
@@ -129,7 +129,7 @@ def check(profile: str = "toy") -> tuple[bool, list[str]]:
     head = ("reproduced: every table equals the committed one, cell by cell" if ok else
             "NOT reproduced: see the cells below" if any_reference else
             f"no committed tables for profile {profile} to compare with")
-    from cpfcte.numerics import native_reason
+    from cpfcte.machinery.numerics import native_reason
 
     reason = native_reason()
     if reason and any_reference and not ok:     # not a failure of reproduction on this machine

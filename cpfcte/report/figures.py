@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpfcte import catalog, paper_values, plots
-from cpfcte.paths import output_dir
+from cpfcte import plots
+from cpfcte.batch import catalog
+from cpfcte.machinery.paths import output_dir
+from cpfcte.report import paper_values
 from cpfcte.report.results import group, group_measures, per_class_iou
 from cpfcte.report.tables import paper_scale, suffix
 
@@ -105,7 +107,7 @@ def fig6(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path] |
     """Fig. 6: image, ground truth, BPM, CRF pseudo label and DeepLabv2 output for the first
     val images."""
     from cpfcte.data import open_split
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.runfolder import RunFolder
 
     spec = group("fig6")
     pseudo_run, deeplab_run = catalog.group_reads(spec, profile)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import subprocess
 
-from cpfcte import catalog
-from cpfcte.paths import project_root
+from cpfcte.batch import catalog
+from cpfcte.machinery.paths import project_root
 
 
 def git_commit() -> str:
@@ -23,9 +23,9 @@ def git_commit() -> str:
 
 def dataset_fingerprint(profile: str) -> str:
     """A short hash of the content of the profile's dataset (``cpfcte.data.fingerprint``)."""
-    from cpfcte.config import load_config
     from cpfcte.data import dataset_root, fingerprint
-    from cpfcte.errors import CpfcteError
+    from cpfcte.machinery.config import load_config
+    from cpfcte.machinery.errors import CpfcteError
 
     try:
         return fingerprint(dataset_root(load_config(profile)))
@@ -60,7 +60,7 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
              f"runs: {', '.join(f'runs/{profile}/{r}' for r in runs)}"]
     if level:
         notes.insert(0, f"level: {level}")
-    from cpfcte.config import base_profile
+    from cpfcte.machinery.config import base_profile
 
     if any("random init" in s for s in inits) and base_profile(profile) != "toy":
         notes.insert(0, "RANDOM INIT: these runs start from random weights (the paper-scale "
@@ -70,8 +70,8 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
 
 def _init_stamps(run_dir) -> set[str]:
     """Where the run's networks started from (``Config.init_stamp``), from its config.json."""
-    from cpfcte.errors import CpfcteError
-    from cpfcte.runfolder import RunFolder
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.machinery.runfolder import RunFolder
 
     try:
         return {RunFolder(run_dir).config().init_stamp()}

@@ -1,6 +1,6 @@
 """Results as the tables and figures need them: a run's metrics over its seeds, one value per
 cell (mean ± std), or why there is none. Everything is read through the catalog
-(``cpfcte.catalog``), from the runs each group reads (``group_reads``)."""
+(``cpfcte.batch.catalog``), from the runs each group reads (``group_reads``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from cpfcte import catalog
+from cpfcte.batch import catalog
 
 
 def fmt(value: float | None) -> str:

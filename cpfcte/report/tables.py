@@ -1,6 +1,6 @@
 """The paper's tables (1-5) from the run folders, as Markdown, CSV and LaTeX (booktabs).
 
-Every table puts the paper's value (``cpfcte.paper_values``) beside this run's and their
+Every table puts the paper's value (``cpfcte.report.paper_values``) beside this run's and their
 difference, says which profile and level made it, its provenance and our interpretation notes
 (``docs/interpretation.md``). A cell for a run that failed or never ran says so; no number is
 ever invented. Toy-profile numbers come from a synthetic dataset and a tiny ViT and are not
@@ -13,15 +13,29 @@ import csv
 import io
 from pathlib import Path
 
-from cpfcte import catalog, notes, paper_values
-from cpfcte.config import DEEPLAB_TEST_LEVELS
-from cpfcte.errors import CpfcteError
-from cpfcte.io import write_text
-from cpfcte.paths import output_dir, project_root
+from cpfcte.batch import catalog
+from cpfcte.machinery import notes
+from cpfcte.machinery.config import DEEPLAB_TEST_LEVELS
+from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.io import write_text
+from cpfcte.machinery.paths import output_dir, project_root
+from cpfcte.report import paper_values
 from cpfcte.report.provenance import provenance
-from cpfcte.report.results import (BPM_NORM_LABELS, Measure, Paired, bpm_by_norm, bpm_miou,
-                                   collect, crf_miou, deeplab_level, fmt, group, group_measures,
-                                   pseudo_miou, seed_runs)
+from cpfcte.report.results import (
+    BPM_NORM_LABELS,
+    Measure,
+    Paired,
+    bpm_by_norm,
+    bpm_miou,
+    collect,
+    crf_miou,
+    deeplab_level,
+    fmt,
+    group,
+    group_measures,
+    pseudo_miou,
+    seed_runs,
+)
 
 TOY_NOTE = ("toy profile: a synthetic dataset and tiny networks on a CPU; its numbers are not "
             "comparable to the paper's, so no difference to the paper's values is shown.")
@@ -34,7 +48,7 @@ PAIRED_NOTE = ("Δ this run: the mean over seeds of the difference to the refere
 def paper_scale(profile: str) -> bool:
     """A profile whose numbers may be set beside the paper's: the paper's datasets (voc, coco,
     and profiles of yours on them); not the toy, not a dataset of your own."""
-    from cpfcte.config import base_profile, load_config
+    from cpfcte.machinery.config import base_profile, load_config
 
     try:
         dataset = load_config(profile).dataset
@@ -44,7 +58,7 @@ def paper_scale(profile: str) -> bool:
 
 
 def not_comparable_note(profile: str) -> str:
-    from cpfcte.config import load_config
+    from cpfcte.machinery.config import load_config
 
     try:
         dataset = load_config(profile).dataset

@@ -1,0 +1,184 @@
+"""The patch-score explorer: what a stage-1 model looks at, image by image and class by class.
+
+For one image of a split and one class: the per-class patch probabilities Z over the image
+(Eq. 7, at the inference size), the top-k patches the pooling picks for the image score
+(Eq. 8), the BPM (Eq. 10) and its dense-CRF refinement, for one run and, side by side, a second
+(for example without the CF-BiLSTM). A background-bias slider adds a constant to the background
+probability before the argmax, and the mIoU it would give over the whole split is computed from
+the pseudo-label run's saved patch probabilities: how sensitive the pseudo labels are to it.
+``explorer(...)`` builds the widgets (ipywidgets); the functions below it are what they call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cpfcte.machinery.errors import CpfcteError
+
+
+def biased_argmax(probs: np.ndarray, classes: np.ndarray, bias: float) -> np.ndarray:
+    """Labels of (K, H, W) probabilities over ``classes`` (background first, index 0) with
+    ``bias`` added to the background before the argmax."""
+    scores = probs.copy()
+    if len(classes) and classes[0] == 0:
+        scores[0] += bias
+    return classes[scores.argmax(axis=0)].astype(np.uint8)
+
+
+@torch.no_grad()
+def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
+    """Everything the explorer shows of image ``index``: the image, its label classes, the patch
+    probabilities (C, h, w) at the inference size, the pooled image scores, the top-k patch
+    indices per class, the BPM and (with ``crf``) the CRF mask."""
+    from cpfcte.data.transforms import aligned, resized_input
+    from cpfcte.method.bpm import bpm_from_probs, crf_start, patch_probs
+    from cpfcte.method.crf import crf_labels
+    from cpfcte.method.topk_pooling import pool
+    from cpfcte.stages.pseudo_labels import infer_size_for
+
+    size = infer_size_for(cfg, model.patch_size[0])
+    img = voc.image(index)
+    image = np.asarray(img, dtype=np.uint8)
+    x = resized_input(img, size, cfg.resize)[None].to(next(model.parameters()).device)
+    grid = patch_probs(model, x)[0]                                           # (C, h, w)
+    flat = grid.flatten(1).T                                                  # (s, C)
+    k = min(cfg.k, flat.shape[0]) if cfg.pooling == "topk" else 1
+    labels = torch.from_numpy(voc.labels(index)).to(grid.device)
+    h, w = image.shape[:2]
+    view = {"image": image, "labels": voc.labels(index), "grid": grid.cpu().numpy(),
+            "pooled": pool(flat[None], cfg.pooling, cfg.k)[0].cpu().numpy(),
+            "topk": flat.topk(k, dim=0).indices.T.cpu().numpy(),              # (C, k)
+            "bpm": bpm_from_probs(grid, labels, (h, w), norm=cfg.bpm_norm,
+                                  align_corners=aligned(cfg)), "id": voc.ids[index]}
+    if crf:
+        probs, present = crf_start(grid, labels, (h, w), norm=cfg.bpm_norm,
+                                   align_corners=aligned(cfg))
+        view["crf"] = crf_labels(image, probs, present, cfg.crf)
+    return view
+
+
+def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
+    """The BPM mIoU over the pseudo-label run's split with ``bias`` added to the background
+    probability before the argmax, None without masks. It reads the run's saved patch
+    probabilities, stored as float16 for the CRF, so at bias 0 it matches the run's BPM mIoU up
+    to the pixels whose top two classes tie within that rounding (0.04 points on the test's
+    barely trained model)."""
+
+    from cpfcte.data import open_split
+    from cpfcte.machinery.io import read_label_png
+    from cpfcte.machinery.runfolder import RunFolder
+    from cpfcte.method.crf import load_grid_probs, upsampled_probs
+    from cpfcte.method.metrics import ConfusionMatrix
+
+    folder = RunFolder(pseudo_run)
+    cfg = folder.config()
+    voc = open_split(cfg, cfg.pseudo_split)
+    gt = voc.gt_dir_or_none()
+    probs_dirs = sorted(folder.path.glob(f"probs_{voc.split}_*"))
+    if gt is None or not probs_dirs:
+        return None
+    cm = ConfusionMatrix(len(voc.classes))
+    for i, image_id in enumerate(voc.ids):
+        grid, classes = load_grid_probs(probs_dirs[0] / f"{image_id}.npz")
+        w, h = voc.image_size(i)
+        probs = upsampled_probs(grid, (h, w), cfg.resize == "pcm")  # the image's classes
+        cm.update(biased_argmax(probs, classes, bias), read_label_png(gt / f"{image_id}.png"),
+                  image_id, gt_name=str(gt / f"{image_id}.png"))
+    return cm.miou()
+
+
+def figure(views: dict[str, dict], cls: int, classes: tuple[str, ...]):
+    """One row per run: the class's patch probabilities over the image with its top-k patches
+    outlined, the BPM, the CRF mask."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from cpfcte.machinery.io import colorize
+
+    fig, axes = plt.subplots(len(views), 3, figsize=(9, 3 * len(views)), squeeze=False)
+    for row, (name, v) in zip(axes, views.items()):
+        h, w = v["image"].shape[:2]
+        gh, gw = v["grid"].shape[1:]
+        row[0].imshow(v["image"])
+        row[0].imshow(v["grid"][cls], cmap="magma", alpha=0.55, vmin=0, vmax=1,
+                      extent=(0, w, h, 0), interpolation="nearest")
+        for p in v["topk"][cls]:
+            r, c = divmod(int(p), gw)
+            row[0].add_patch(Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
+                                       edgecolor="cyan", lw=1.5))
+        row[0].set_title(f"{name}: Z[{classes[cls]}], top-k (score {v['pooled'][cls]:.2f})",
+                         fontsize=8)
+        row[1].imshow(colorize(v["bpm"]))
+        row[1].set_title("BPM", fontsize=8)
+        row[2].imshow(colorize(v.get("crf", v["bpm"])))
+        row[2].set_title("BPM + CRF" if "crf" in v else "BPM (no CRF)", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def explorer(runs: dict[str, str | Path], pseudo_run: str | Path | None = None,
+             n_images: int = 30):
+    """The widgets: image and class pickers, a background-bias slider with the split's mIoU
+    at that bias, and the figure for every run in ``runs`` ({label: training run folder}).
+    Returns the widget box; ``box.update()`` redraws (what a change of any picker does)."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from cpfcte.data import open_split
+    from cpfcte.stages.train import load_trained
+
+    if not runs:
+        raise CpfcteError("explorer: give at least one training run")
+    models = {name: load_trained(path) for name, path in runs.items()}
+    cfg = next(iter(models.values()))[1]
+    voc = open_split(cfg, cfg.pseudo_split)
+    image = W.Dropdown(options=[(voc.ids[i], i) for i in range(min(n_images, len(voc)))],
+                       description="image")
+    cls = W.Dropdown(description="class")
+    bias = W.FloatSlider(value=0.0, min=-0.5, max=0.5, step=0.05, description="bg bias",
+                         continuous_update=False)
+    score = W.HTML()
+    out = W.Output()
+    cache: dict = {}
+
+    def classes_of_image(*_):
+        present = np.flatnonzero(voc.labels(image.value))
+        options = [(voc.classes[c], int(c)) for c in present if c > 0] or [(voc.classes[0], 0)]
+        cls.options = options
+        cls.value = options[0][1]                      # the first of the image's classes
+
+    def update(*_):
+        key = image.value
+        if key not in cache:
+            cache.clear()
+            cache[key] = {name: patch_view(m, c, voc, key) for name, (m, c) in models.items()}
+        with out:
+            out.clear_output(wait=True)
+            fig = figure(cache[key], cls.value or 0, voc.classes)
+            display(fig)
+            plt.close(fig)
+
+    def update_bias(*_):
+        if pseudo_run is None:
+            score.value = "no pseudo-label run given: no split mIoU"
+            return
+        m = bias_miou(pseudo_run, bias.value)
+        score.value = ("split has no masks" if m is None else
+                       f"BPM mIoU over {voc.split} at background bias {bias.value:+.2f}: "
+                       f"<b>{100 * m:.1f}%</b>")
+
+    image.observe(lambda ch: (classes_of_image(), update()), names="value")
+    cls.observe(update, names="value")
+    bias.observe(update_bias, names="value")
+    classes_of_image()
+    update()
+    update_bias()
+    box = W.VBox([W.HBox([image, cls]), W.HBox([bias, score]), out])
+    box.update, box.update_bias = update, update_bias
+    return box
