@@ -502,3 +502,31 @@ def test_runs_share_a_warm_kernel_with_a_cleared_namespace(tmp_path):
     for pid in {s[0] for s in seen.values()}:                 # none outlives the batch
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/status").read_text().count("zombie")
+
+
+def test_batch_kernels_talk_over_ipc_and_print_no_tcp_warning(tmp_path):
+    """The batch's kernels (warm or papermill's own) use IPC sockets in a private folder: no
+    "Kernel is running over TCP without encryption" per kernel, and the folder goes with the
+    kernel."""
+    import subprocess
+    import sys
+
+    code = (
+        "import glob, tempfile\n"
+        "from pathlib import Path\n"
+        "from cpfcte.batch.runner import WarmKernels\n"
+        "k = WarmKernels(Path('.'))\n"
+        "km, kc = k.acquire()\n"
+        "assert km.transport == 'ipc', km.transport\n"
+        "folder = Path(km.ip).parent\n"
+        "assert folder.is_dir()\n"
+        "r = kc.execute_interactive('1 + 1', timeout=60, output_hook=lambda m: None)\n"
+        "assert r['content']['status'] == 'ok'\n"
+        "k.release(kc)\n"
+        "k.close()\n"
+        "assert not folder.exists(), folder\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert "TCP" not in done.stderr, done.stderr

@@ -22,6 +22,7 @@ Results pass between runs as files in the run folders, never as notebook outputs
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -272,9 +273,7 @@ class WarmKernels:
             self.release(kc)
         if km is not None:
             self.discard()
-        from jupyter_client.manager import KernelManager
-
-        km = KernelManager(kernel_name=self.kernel_name)
+        km = ipc_kernel_manager()(kernel_name=self.kernel_name)
         km.start_kernel(cwd=str(self.cwd))
         with self._guard:
             self._started.append(km)
@@ -326,6 +325,31 @@ class WarmKernels:
                 pass
 
 
+@functools.lru_cache(maxsize=1)
+def ipc_kernel_manager():
+    """The Jupyter kernel manager class of the batch: its kernels talk over IPC sockets in a
+    private temporary folder (removed at shutdown), not over TCP on localhost. No other user of
+    the machine can reach them, and they do not print "Kernel is running over TCP without
+    encryption" at their start (once per kernel, once per cluster job). Their real errors still
+    show."""
+    import tempfile
+
+    from jupyter_client.manager import KernelManager
+
+    class IPCKernelManager(KernelManager):
+        def __init__(self, **kw):
+            kw.setdefault("transport", "ipc")
+            kw.setdefault("ip", str(Path(tempfile.mkdtemp(prefix="cpfcte-kernel-")) / "k"))
+            super().__init__(**kw)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(Path(self.ip).parent, ignore_errors=True)
+
+    return IPCKernelManager
+
+
 def execute_run(run: Run, profile: str, nb_profile: str, run_dir: Path, notebook_dir: Path,
                 stamp: str, log=print, kernels: WarmKernels | None = None) -> dict:
     """Execute one run's notebook with papermill: in a warm kernel of ``kernels`` when given
@@ -344,7 +368,8 @@ def execute_run(run: Run, profile: str, nb_profile: str, run_dir: Path, notebook
     try:
         if kernels is None:
             pm.execute_notebook(str(notebook_dir / run.notebook), str(out_nb), parameters=params,
-                                kernel_name="python3", cwd=str(notebook_dir), progress_bar=False)
+                                kernel_name="python3", cwd=str(notebook_dir), progress_bar=False,
+                                kernel_manager_class=ipc_kernel_manager())
         else:
             km, kc = kernels.acquire()
             try:
