@@ -1,6 +1,7 @@
 """Every picture the notebooks show, drawn once: masks side by side, per-class IoU bars, training
-curves and the dataset overview. The stage notebooks (01-04) and the paper's figures
-(``cpfcte.report.figures``: Figs. 6 and 7 are these pictures) use the same functions.
+curves, the dataset overview and each step of the method on one image (``walk_*``, notebook
+09). The stage notebooks (01-04) and the paper's figures (``cpfcte.report.figures``: Figs. 6
+and 7 are these pictures) use the same functions.
 
 Functions return matplotlib figures made with pyplot (they render inline in Jupyter); save one
 with ``save_figure``, which writes atomically. Label maps are drawn in the VOC palette, 255 (the
@@ -281,6 +282,171 @@ def prediction_overlays(report: dict, n: int = 4):
         kept = (report.get("classes_kept") or {}).get(path.stem)
         ax.set_title(path.stem + (f": {', '.join(kept) or 'background only'}"
                                   if kept is not None else ""), fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ---- the method on one image (notebook 09; ``cpfcte.stages.walkthrough.Walk``) -------------
+
+
+def pca_rgb(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Tokens (s, D) as an (h, w, 3) picture: their first three principal components over the
+    image's patches, each stretched to [0, 1]. Similar tokens get similar colours."""
+    centred = tokens - tokens.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    comps = centred @ vt[:3].T
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = comps.min(axis=0), comps.max(axis=0)
+    rgb = (comps - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return rgb.reshape(*grid, 3)
+
+
+def _grid_axes(n: int, per_row: int = 6, size: float = 2.0):
+    import matplotlib.pyplot as plt
+
+    cols = min(n, per_row)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.3),
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def _shape(a) -> str:
+    return " × ".join(str(d) for d in np.shape(a))
+
+
+def walk_input(w):
+    """The image and the network's input with its patch grid."""
+    fig, (a, b) = _grid_axes(2, size=3.2)
+    a.imshow(w.image)
+    a.set_title(f"{w.name}: {_shape(w.image)}", fontsize=8)
+    b.imshow(w.x)
+    h, wd = w.grid
+    side = w.x.shape[0]
+    for i in range(1, h):
+        b.axhline(i * side / h - 0.5, color="white", lw=0.4, alpha=0.6)
+    for j in range(1, wd):
+        b.axvline(j * side / wd - 0.5, color="white", lw=0.4, alpha=0.6)
+    b.set_title(f"input x: {_shape(w.x)}, {h} × {wd} patches", fontsize=8)
+    for ax in (a, b):
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def walk_tokens(w, *names: str):
+    """Token arrays of the walk (``patch_tokens``, ``f_in``, ``f_out``) as PCA pictures
+    (``pca_rgb``), each titled with its shape."""
+    titles = {"patch_tokens": "P", "f_in": "F_in", "f_out": "F_out"}
+    names = names or tuple(n for n in titles if getattr(w, n) is not None)
+    fig, axes = _grid_axes(len(names), size=2.8)
+    for ax, name in zip(axes, names):
+        tokens = getattr(w, name)
+        ax.imshow(pca_rgb(tokens, w.grid), interpolation="nearest")
+        ax.set_title(f"{titles.get(name, name)}: {_shape(tokens)} (PCA → RGB)", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def walk_assignment(w):
+    """The class-token assignment A (Eq. 2, note 1): each patch's strongest token and its
+    weight, and the mean weight of each token over the image."""
+    import matplotlib.pyplot as plt
+
+    if w.assignment is None:
+        raise ValueError(f"{w.name}: this run has no soft class-token assignment "
+                         f"(class_tokens={w.settings.get('class_tokens')})")
+    a = w.assignment
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.0), gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    axes[0].imshow(a.argmax(axis=1).reshape(w.grid), cmap="tab20", vmin=0, vmax=19,
+                   interpolation="nearest")
+    axes[0].set_title("strongest token per patch", fontsize=8)
+    im = axes[1].imshow(a.max(axis=1).reshape(w.grid), cmap="viridis", vmin=0,
+                        vmax=max(float(a.max()), 2 / a.shape[1]), interpolation="nearest")
+    axes[1].set_title(f"its weight (uniform: 1/{a.shape[1]} = {1 / a.shape[1]:.2f})",
+                      fontsize=8)
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    for ax in axes[:2]:
+        ax.axis("off")
+    axes[2].bar(np.arange(a.shape[1]), a.mean(axis=0), color=[
+        plt.get_cmap("tab20")(i % 20) for i in range(a.shape[1])])
+    axes[2].set_xticks(np.arange(a.shape[1]), [f"t{i}" for i in range(a.shape[1])],
+                       fontsize=7, rotation=90)
+    axes[2].set_title(f"A: {_shape(a)}, mean weight per token", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def walk_z(w):
+    """Z per class (Eq. 7) on the patch grid; the image's classes titled in bold."""
+    c = len(w.classes)
+    fig, axes = _grid_axes(c, per_row=7, size=1.6)
+    present = set(w.present())
+    for i, ax in enumerate(axes):
+        ax.imshow(w.z[:, i].reshape(w.grid), cmap="magma", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(w.classes[i], fontsize=7, fontweight="bold" if i in present else "normal")
+        ax.axis("off")
+    fig.suptitle(f"Z: {_shape(w.z)}, one map per class (bold: the image's labels)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def walk_topk(w):
+    """For each of the image's classes, its Z over the image with the k patches the pooling
+    averages (Eq. 8) outlined."""
+    from matplotlib.patches import Rectangle
+
+    shown = w.present()
+    fig, axes = _grid_axes(len(shown), per_row=4, size=2.6)
+    gh, gw = w.grid
+    h, wd = w.image.shape[:2]
+    for ax, c in zip(axes, shown):
+        ax.imshow(w.image)
+        ax.imshow(w.z[:, c].reshape(w.grid), cmap="magma", alpha=0.55, vmin=0, vmax=1,
+                  extent=(0, wd, h, 0), interpolation="nearest")
+        for idx in w.topk[c]:
+            r, col = divmod(int(idx), gw)
+            ax.add_patch(Rectangle((col * wd / gw, r * h / gh), wd / gw, h / gh, fill=False,
+                                   edgecolor="cyan", lw=1.2))
+        ax.set_title(f"{w.classes[c]}: top-{w.k}, p = {w.p[c]:.2f}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def walk_scores(w, threshold: float | None = None):
+    """p (Eq. 8), one bar per class; the image's classes coloured; the threshold a photo's
+    classes are kept at, when given."""
+    import matplotlib.pyplot as plt
+
+    present = set(w.present())
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(w.classes)), 2.6))
+    ax.bar(np.arange(len(w.classes)), w.p,
+           color=["#d62728" if i in present else "#9e9e9e" for i in range(len(w.classes))])
+    if threshold is not None:
+        ax.axhline(threshold, color="black", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(w.classes)), w.classes, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"p: {_shape(w.p)} (red: {w.labels_from})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def walk_masks(w):
+    """The image, the BPM (Eq. 10) and the BPM refined by the dense CRF, in the VOC palette."""
+    panels = [(f"{w.name}", w.image), (f"BPM: {_shape(w.bpm)}", colorize(w.bpm))]
+    if w.crf is not None:
+        panels.append((f"BPM + CRF: {_shape(w.crf)}", colorize(w.crf)))
+    fig, axes = _grid_axes(len(panels), size=3.0)
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
     return fig

@@ -135,9 +135,10 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
     assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
     assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 |" in md
     assert "Δ (this − paper)" not in md                 # a toy number is never subtracted
-    assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in md
+    notes = paths["notes"].read_text()
+    assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in notes
     assert "all background | this run | none |  | 6.1 |" in md
-    assert "not comparable" in md and "profile toy" in md
+    assert "not comparable" in notes and "profile toy" in md
     rows = paths["csv"].read_text().splitlines()
     assert rows[0].startswith("Method,Pub.,Backbone") and len(rows) == 13
     _metrics("pseudo_full_s1", 0.5323, crf={"miou": 0.6071, "params_text": "..."})
@@ -178,20 +179,24 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
     _deeplab_metrics("deeplab_full", 0.5571)
     md = table2("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 69.5 | 55.7 |" in md            # the paper's: + CRF
+    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 69.5 | 55.7 |" in md   # + CRF
     assert "| CPF-CTE: DeepLabv2, single scale | this run | ViT-B/16 | — | 45.7 |" in md
     assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 50.7 |" in md
     assert md.index("single scale | this") < md.index("multi-scale + flip | this") < md.index(
-        "| CPF-CTE | Ours")
+        "| CPF-CTE (DeepLabv2 + CRF) | Ours")
     assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
-    assert "1,364,452 parameters" in md and "test-time CRF: Gaussian (sxy 1" in md
+    notes = (tmp_path / "table2.notes.md").read_text()                  # the details' home
+    assert "1,364,452 parameters" in notes and "test-time CRF: Gaussian (sxy 1" in notes
+    assert "1,364,452" not in md and "Interpretation notes" in notes
+    assert "table2.notes.md" in md and "\n12. " in notes and "\n12. " not in md
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | not run (runs/toy/deeplab_coco) |" in md
+    assert ("| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 45.4 | not run "
+            "(runs/toy/deeplab_coco) |") in md
     _deeplab_metrics("deeplab_coco", 0.4012)
     _metrics("pseudo_coco", 0.3, crf={"miou": 0.4444, "params_text": "..."})
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
     assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
+    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
     assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 35.1 |" in md
     md = table3("voc", out_dir=tmp_path)["md"].read_text()
     assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
@@ -308,8 +313,11 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     assert "Δ (this − paper)" not in md
     assert "failed: see runs/toy/pseudo_lstm/03_pseudo_labels.ipynb" in md
     assert "level: pseudo-label" in md and "seeds [0, 1, 2]" in md
-    assert "hardware x86_64 2 cores, no GPU" in md and "code " in md and "dataset " in md
-    assert "config dpseudo_base" in md and "run time" in md
+    assert "code " in md and "dataset " in md and "numerics —" in md    # none recorded
+    assert len([line for line in md.splitlines() if line.startswith("- ")]) == 2
+    notes = paths["notes"].read_text()                      # the full provenance
+    assert "hardware x86_64 2 cores, no GPU" in notes and "config dpseudo_base" in notes
+    assert "run time 7.0 min" in notes and "95 % confidence interval" in notes
     tex = paths["tex"].read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"\checkmark" in tex
     md5 = table5("toy", out_dir=tmp_path)["md"].read_text()

@@ -1,9 +1,10 @@
 """JupyterLab in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven
 by selenium) opens a notebook in a JupyterLab served on 127.0.0.1, runs all cells at the toy
 defaults, and checks that no cell errs, that the tqdm progress bar rendered as a widget and
-that the figures rendered inline; a screenshot is saved. Notebooks: 02_train (training) and
+that the figures rendered inline; a screenshot is saved. Notebooks: 02_train (training),
 08_explore (predictions and the patch-score explorer: its image and class pickers and the
-background-bias slider must render as live widgets).
+background-bias slider must render as live widgets) and 09_method_walkthrough (one image through
+the method: a picture for each of its eight steps).
 
 The test needs ``chromium`` and ``chromedriver`` on the PATH (``apt-get install chromium
 chromium-driver``, which ``.ci/run`` does); without them it is skipped with that reason, and
@@ -67,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["02_train.ipynb", "08_explore.ipynb"])
+@pytest.fixture(params=["02_train.ipynb", "08_explore.ipynb", "09_method_walkthrough.ipynb"])
 def lab(request, tmp_path):
     """A JupyterLab on 127.0.0.1 over a copy of the notebooks (autosave never touches the
     project's), with its own settings, runtime and run folders."""
@@ -155,4 +156,6 @@ def test_notebook_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
     if notebook.startswith("08"):                    # the explorer's live widgets
         assert state["sliders"] >= 1 and state["dropdowns"] >= 2, f"explorer not rendered: {state}"
         assert state["images"] >= 2, "the explorer's figure did not render"
+    if notebook.startswith("09"):                    # input, P, A, F, Z, top-k, p, masks
+        assert state["images"] >= 8, f"the walk-through's pictures did not all render: {state}"
     assert shot.stat().st_size > 10_000

@@ -11,9 +11,8 @@ import torch
 from cpfcte.machinery.config import CRFConfig
 from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.io import read_label_png
-from cpfcte.method import crf
-from cpfcte.stages import crf_pool
 from cpfcte.method.crf import bilinear_resize, dense_crf, save_grid_probs
+from cpfcte.stages import crf_pool
 from cpfcte.stages.crf_pool import CRFJob, crf_stage
 
 

@@ -147,3 +147,88 @@ def test_class_evidence_needs_masks(tmp_path):
     voc.gt_dir_or_none = lambda: None
     with pytest.raises(CpfcteError, match="no ground-truth masks"):
         ClassEvidence(voc, "topk", 2)
+
+
+# ---- the method on one image (cpfcte.stages.walkthrough, notebook 09) ---------------------
+
+
+def test_the_walk_shows_the_tensors_the_pseudo_label_stage_makes(trained):
+    import torch
+
+    from cpfcte.data import open_split
+    from cpfcte.stages.explore import patch_view
+    from cpfcte.stages.train import load_trained
+    from cpfcte.stages.walkthrough import walk
+
+    w = walk(trained / "t", index=1)
+    model, cfg = load_trained(trained / "t")
+    v = patch_view(model, cfg, open_split(cfg, cfg.pseudo_split), 1)
+    c, (h, gw), e = len(w.classes), w.grid, model.backbone.embed_dim
+    s = h * gw
+    assert (h, gw) == (6, 6) and w.x.shape == (48, 48, 3) and w.x.dtype == np.uint8
+    assert w.patch_tokens.shape == (s, e) and w.f_in.shape == w.f_out.shape == (s, e + 8)
+    assert w.assignment.shape == (s, c) and np.allclose(w.assignment.sum(1), 1, atol=1e-5)
+    tokens = model.class_tokens.tokens.detach().numpy()          # Eq. 2: F_in = [P, A·T]
+    assert np.allclose(w.f_in[:, :e], w.patch_tokens)
+    assert np.allclose(w.f_in[:, e:], w.assignment @ tokens, atol=1e-5)
+    assert w.z.shape == (s, c) and np.allclose(w.z.sum(1), 1, atol=1e-5)
+    assert np.allclose(w.z.T.reshape(c, h, gw), v["grid"], atol=1e-6)   # the stage's own Z
+    assert np.allclose(w.p, v["pooled"], atol=1e-6) and (w.topk == v["topk"]).all()
+    kth = np.sort(w.z, axis=0)[::-1][: w.k].mean(0)                      # Eq. 8 by hand
+    assert np.allclose(w.p, kth, atol=1e-6)
+    assert (w.bpm == v["bpm"]).all() and (w.crf == v["crf"]).all()
+    assert w.labels_from == "image-level labels" and (w.labels == v["labels"]).all()
+    assert "| Z, patch class probabilities | Eq. 7 | 36 × " in w.shapes()
+    assert torch.is_grad_enabled()                           # the no_grad ends with the walk
+
+
+def test_a_photo_of_yours_walks_with_the_classes_p_keeps(trained, tmp_path):
+    from PIL import Image
+
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.stages.walkthrough import walk
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "mine.jpg"
+    Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(photo)
+    w = walk(trained / "t", photo=photo, threshold=0.3)
+    assert w.image.shape == (37, 53, 3) and w.bpm.shape == w.crf.shape == (37, 53)
+    kept = {0} | {int(i) for i in np.flatnonzero(w.p > 0.3)}       # background always
+    assert set(w.present()) == kept and set(np.unique(w.bpm)) <= kept
+    assert w.labels_from == "p > 0.3" and w.name == "mine.jpg"
+    with pytest.raises(CpfcteError, match="threshold 1.5"):
+        walk(trained / "t", photo=photo, threshold=1.5)
+    with pytest.raises(CpfcteError, match="index 999"):
+        walk(trained / "t", index=999)
+    with pytest.raises(CpfcteError, match="nothing.jpg"):
+        walk(trained / "t", photo=tmp_path / "nothing.jpg")
+
+
+def test_every_step_of_the_walk_draws(trained):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpfcte import plots
+    from cpfcte.stages.walkthrough import walk
+
+    w = walk(trained / "t", index=0, crf=False)
+    for fig in (plots.walk_input(w), plots.walk_tokens(w), plots.walk_assignment(w),
+                plots.walk_z(w), plots.walk_topk(w), plots.walk_scores(w, 0.5),
+                plots.walk_masks(w)):
+        assert fig.axes
+        plt.close(fig)
+    assert len(plots.walk_tokens(w).axes) == 3 and len(plots.walk_masks(w).axes) == 2
+    plt.close("all")
+
+
+def test_pca_rgb_by_hand():
+    from cpfcte.plots import pca_rgb
+
+    tokens = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [6.0, 0.0]])    # one direction
+    rgb = pca_rgb(tokens, (2, 2))
+    assert rgb.shape == (2, 2, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    first = rgb[..., 0].ravel()
+    assert np.allclose(first, [0, 1 / 3, 2 / 3, 1]) or np.allclose(first, [1, 2 / 3, 1 / 3, 0])
+    assert np.allclose(rgb[..., 1:], 0)                      # no variance left: flat

@@ -28,7 +28,7 @@ def test_requirements_and_environment_yml_agree():
 
 def test_notebooks_are_stored_clean_with_a_tagged_parameters_cell():
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
-    assert [p.name[:2] for p in notebooks] == ["00", "01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [p.name[:2] for p in notebooks] == [f"{i:02d}" for i in range(10)]
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         assert nb.metadata["kernelspec"]["name"] == "python3", path

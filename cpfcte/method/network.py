@@ -70,15 +70,23 @@ class CPFCTE(nn.Module):
         prefix = int(getattr(self.backbone, "num_prefix_tokens", 0))
         return tokens[:, prefix:], (hh // ph, ww // pw)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | tuple[int, int]]:
+    def forward(self, x: torch.Tensor, *, intermediates: bool = False
+                ) -> dict[str, torch.Tensor | tuple[int, int]]:
+        """``{"logits", "z", "grid"}``; with ``intermediates`` also P (``"p"``), F_in
+        (``"f_in"``, after the class tokens and the optional projection) and F_out
+        (``"f_out"``, after the CF-BiLSTM; F_in again without it), each (B, s, ·)."""
         p, grid = self.patch_tokens(x)
         f = self.class_tokens(p) if self.class_tokens is not None else p
         if self.token_proj is not None:
             f = self.token_proj(f)
+        f_in = f
         if self.cf_bilstm is not None:
             f = self.cf_bilstm(self.drop_context(f), grid)
         logits = self.classifier(self.drop_classifier(f))
-        return {"logits": logits, "z": logits.float().softmax(dim=-1), "grid": grid}
+        out = {"logits": logits, "z": logits.float().softmax(dim=-1), "grid": grid}
+        if intermediates:
+            out.update(p=p, f_in=f_in, f_out=f)
+        return out
 
 
 def _patch_size(backbone: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Tables and figures from the run folders: ``tables/*.{md,csv,tex}``, ``figures/*.{png,pdf}``.
+"""Tables and figures from the run folders: ``tables/*.{md,csv,tex}``, each table's notes and
+full provenance (``tables/*.notes.md``), ``figures/*.{png,pdf}``.
 
     results.py     a run's metrics over its seeds, one cell per value (mean ± std)
     provenance.py  code, profile, dataset, configs, seeds, hardware, run time of a table
@@ -38,7 +39,7 @@ def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[st
 
     for kind in ("tables", "figures"):     # a write of these artifacts cut short by a kill
         clean_partial(output_dir(kind), [f"{n}.{ext}" for n in names for ext in
-                                         ("md", "csv", "tex", "png", "pdf")])
+                                         ("md", "csv", "tex", "notes.md", "png", "pdf")])
     out = {}
     for name in names:
         paths = ARTIFACTS[name](profile)
@@ -60,6 +61,16 @@ def show(outputs: dict[str, dict[str, Path]], names: str | list[str] | None = No
     for name in wanted:
         if name.strip() not in outputs:
             print(f"{name.strip()}: its runs have not been made yet")
+
+
+def show_notes(outputs: dict[str, dict[str, Path]]) -> None:
+    """Display each written table's notes file: how it is scored, its full provenance and the
+    interpretation notes."""
+    from IPython.display import Markdown, display
+
+    for paths in outputs.values():
+        if "notes" in paths:
+            display(Markdown(paths["notes"].read_text()))
 
 
 def write_all(profile: str = "toy") -> dict[str, dict[str, Path]]:

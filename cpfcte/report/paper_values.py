@@ -16,6 +16,11 @@ TABLE1 = (
     ("CPF-CTE", "Ours", "ViT-B/16", 70.8),
 )
 
+# The paper's own row of Tables 2 and 3 is "CPF-CTE": its final output, DeepLabv2 with the
+# test-time dense CRF (Sec. 4.2). Our label says so; the rows of this run's other test-time
+# levels sit above it.
+FINAL = "CPF-CTE (DeepLabv2 + CRF)"
+
 # Table 2: DeepLabv2 on VOC 2012 val.
 TABLE2 = (
     ("RRM", "AAAI20", "ResNet50", 66.3),
@@ -25,7 +30,7 @@ TABLE2 = (
     ("TSCD", "AAAI23", "MiT-B1", 67.3),
     ("PGSD", "TCSVT24", "ViT-B/16", 68.7),
     ("CGM", "PR24", "ViT-B/16", 67.8),
-    ("CPF-CTE", "Ours", "ViT-B/16", 69.5),
+    (FINAL, "Ours", "ViT-B/16", 69.5),
 )
 
 # Table 3: MS COCO 2014 val.
@@ -39,7 +44,7 @@ TABLE3 = (
     ("PGSD", "TCSVT24", "ViT-B/16", 43.5),
     ("CGM", "PR24", "ViT-B/16", 40.1),
     ("CPF-CTE (pseudo-label)", "Ours", "ViT-B/16", 41.3),
-    ("CPF-CTE", "Ours", "ViT-B/16", 45.4),
+    (FINAL, "Ours", "ViT-B/16", 45.4),
 )
 
 # Table 4: ablation of the components (VOC val, after DeepLabv2).
@@ -58,4 +63,4 @@ FIG5_PAPER_PATCHES = 60
 
 # Fig. 4 sweeps k of top-k pooling; the paper's choice k = 4 is its final model (Table 2).
 FIG4_PAPER_K = 4
-FIG4_PAPER_MIOU = dict((m, v) for m, _, _, v in TABLE2)["CPF-CTE"]
+FIG4_PAPER_MIOU = dict((m, v) for m, _, _, v in TABLE2)[FINAL]

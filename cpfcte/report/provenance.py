@@ -4,7 +4,9 @@ digests, seeds, hardware and run time of the runs it reads (from their ``run.jso
 
 from __future__ import annotations
 
+import re
 import subprocess
+from dataclasses import dataclass
 
 from cpfcte.batch import catalog
 from cpfcte.machinery.paths import project_root
@@ -33,8 +35,21 @@ def dataset_fingerprint(profile: str) -> str:
         return "—"
 
 
-def provenance(profile: str, runs: list[str], level: str | None = None) -> list[str]:
-    """Notes naming where a table's numbers come from."""
+@dataclass(frozen=True)
+class Provenance:
+    """Where a table's numbers come from: ``line``, the one line the table prints (commit,
+    profile, dataset fingerprint, seeds, numerics); ``full``, everything, for its notes file;
+    ``warning``, a line the table must print too (random weights on a paper-scale profile)."""
+
+    line: str
+    full: list[str]
+    warning: str | None
+
+
+def provenance(profile: str, runs: list[str]) -> Provenance:
+    """The provenance of the runs a table reads."""
+    from cpfcte.machinery.config import base_profile
+
     digests, seeds, seconds, hardware, nb_profiles = set(), set(), 0.0, set(), set()
     inits = set()
     for name in runs:
@@ -51,21 +66,34 @@ def provenance(profile: str, runs: list[str], level: str | None = None) -> list[
             hardware.add(m["numerics"])
         elif status.get("hardware"):
             hardware.add(status["hardware"])
-    notes = [f"provenance: code {git_commit()}; profile {profile}"
-             + (f" (runs with {', '.join(sorted(nb_profiles))})" if nb_profiles - {profile} else "")
-             + f"; dataset {', '.join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))}"
-             + f"; config {', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; "
-             f"hardware {', '.join(sorted(hardware)) or '—'}; "
-             f"weights {'; '.join(sorted(inits)) or '—'}; run time {seconds / 60:.1f} min; "
-             f"runs: {', '.join(f'runs/{profile}/{r}' for r in runs)}"]
-    if level:
-        notes.insert(0, f"level: {level}")
-    from cpfcte.machinery.config import base_profile
-
+    ran_with = (f" (runs with {', '.join(sorted(nb_profiles))})"
+                if nb_profiles - {profile} else "")
+    dataset = ", ".join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))
+    code = git_commit()
+    full = (f"provenance: code {code}; profile {profile}{ran_with}; dataset {dataset}; config "
+            f"{', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; hardware "
+            f"{', '.join(sorted(hardware)) or '—'}; weights {'; '.join(sorted(inits)) or '—'}; "
+            f"run time {seconds / 60:.1f} min; runs: "
+            f"{', '.join(f'runs/{profile}/{r}' for r in runs)}")
+    line = (f"provenance: code {code}; profile {profile}{ran_with}; dataset {dataset}; seeds "
+            f"{sorted(seeds)}; numerics {numerics_modes(hardware)}")
+    warning = None
     if any("random init" in s for s in inits) and base_profile(profile) != "toy":
-        notes.insert(0, "RANDOM INIT: these runs start from random weights (the paper-scale "
-                        "smoke, random_init_ok); their numbers are not results")
-    return notes
+        warning = ("RANDOM INIT: these runs start from random weights (the paper-scale smoke, "
+                   "random_init_ok); their numbers are not results")
+    return Provenance(line, [full], warning)
+
+
+def numerics_modes(hardware: set[str]) -> str:
+    """'pinned' or 'native' (``cpfcte.machinery.numerics.describe``), with the thread counts,
+    from the runs' hardware lines; '—' when none says."""
+    modes = set()
+    for text in hardware:
+        mode = re.search(r"numerics (\w+)", text)
+        threads = re.search(r"(\d+) thread\(s\)", text)
+        if mode:
+            modes.add(mode[1] + (f", {threads[1]} thread(s)" if threads else ""))
+    return "; ".join(sorted(modes)) or "—"
 
 
 def _init_stamps(run_dir) -> set[str]:

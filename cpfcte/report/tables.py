@@ -83,18 +83,24 @@ def _tex_escape(text: str) -> str:
     return text
 
 
-def write_table(name: str, profile: str, header: list[str], rows: list[list[str]],
-                title: str, table_notes: list[str], out_dir: Path | None = None) -> dict[str, Path]:
-    """Write a table as Markdown, CSV and LaTeX (booktabs), each with the notes."""
+def write_table(name: str, profile: str, header: list[str], rows: list[list[str]], title: str,
+                level: str, details: list[str], runs: list[str],
+                out_dir: Path | None = None) -> dict[str, Path]:
+    """Write a table as Markdown, CSV and LaTeX (booktabs) with its level and one provenance
+    line, and its notes file (``<table>.notes.md``): the details of how it is scored, the full
+    provenance of ``runs`` and the interpretation notes."""
     out_dir = out_dir or output_dir("tables")
     stem = f"{name}{suffix(profile)}"
-    table_notes = list(table_notes) + [notes.table_line()]
+    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv",
+             "tex": out_dir / f"{stem}.tex", "notes": out_dir / f"{stem}.notes.md"}
+    prov = provenance(profile, runs)
+    lines = [f"level: {level}", f"{prov.line}; all notes: {paths['notes'].name}"]
+    if prov.warning:
+        lines.insert(0, prov.warning)
     md = [f"# {title}", "", "| " + " | ".join(header) + " |",
           "|" + "|".join("---" for _ in header) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += [""] + [f"- {n}" for n in table_notes]
-    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv",
-             "tex": out_dir / f"{stem}.tex"}
+    md += [""] + [f"- {n}" for n in lines]
     write_text(paths["md"], "\n".join(md) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -107,9 +113,21 @@ def write_table(name: str, profile: str, header: list[str], rows: list[list[str]
            " & ".join(_tex_escape(h) for h in header) + r" \\", r"\midrule"]
     tex += [" & ".join(_tex_escape(c) for c in r) + r" \\" for r in rows]
     tex += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-    tex += [f"% {_tex_escape(n)}" for n in table_notes]
+    tex += [f"% {_tex_escape(n)}" for n in lines]
     write_text(paths["tex"], "\n".join(tex) + "\n")
+    write_text(paths["notes"], notes_file_text(title, stem, [f"level: {level}"] + details
+                                               + ([prov.warning] if prov.warning else [])
+                                               + prov.full))
     return paths
+
+
+def notes_file_text(title: str, stem: str, lines: list[str]) -> str:
+    """A table's notes file: its own notes, then every interpretation note's summary."""
+    out = [f"# {title}: notes", "", f"How `{stem}.md` is scored and where its numbers come "
+           "from.", ""] + [f"- {n}" for n in lines]
+    out += ["", f"## Interpretation notes ({notes.NOTES_PATH})", ""]
+    out += [f"{n.number}. {n.short}" for n in notes.all_notes()]
+    return "\n".join(out) + "\n"
 
 
 def _delta(paper: float | None, ours: Measure | None) -> str:
@@ -118,8 +136,10 @@ def _delta(paper: float | None, ours: Measure | None) -> str:
     return f"{ours.mean - paper:+.1f}"
 
 
-def comparison_table(name: str, title: str, profile: str, paper_rows, ours: dict[str, Measure | str],
-                     table_notes: list[str], extra_rows=(), out_dir: Path | None = None) -> dict[str, Path]:
+def comparison_table(name: str, title: str, profile: str, paper_rows,
+                     ours: dict[str, Measure | str], level: str, details: list[str],
+                     runs: list[str], extra_rows=(), out_dir: Path | None = None
+                     ) -> dict[str, Path]:
     """A paper table (method, publication, backbone, mIoU) with this run's value beside the
     rows named in ``ours`` and, on a paper-scale profile, the difference; ``extra_rows`` are
     references of this run."""
@@ -134,8 +154,8 @@ def comparison_table(name: str, title: str, profile: str, paper_rows, ours: dict
                     + ([_delta(value, measure)] if delta else []))
     rows += [list(r) + [""] * (len(header) - len(r)) for r in extra_rows]
     if not delta:
-        table_notes = table_notes + [not_comparable_note(profile)]
-    return write_table(name, profile, header, rows, title, table_notes, out_dir)
+        details = details + [not_comparable_note(profile)]
+    return write_table(name, profile, header, rows, title, level, details, runs, out_dir)
 
 
 def _relative(path: str) -> str:
@@ -143,6 +163,9 @@ def _relative(path: str) -> str:
         return str(Path(path).resolve().relative_to(project_root()))
     except ValueError:
         return str(path)
+
+
+NO_RUNS = "no run of this table has been made for this profile"
 
 
 def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -174,31 +197,31 @@ def table1(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
         ref = collect(profile, run, lambda m, k=kind: (m.get("baselines") or {}).get(k))
         if ref.values:
             extra.append([f"reference: {label}", "this run", "none", "", ref.text])
-    table_notes = []
+    level, details = NO_RUNS, []
     if first:
-        table_notes.append(f"level: pseudo-label (BPM, then dense CRF); the paper's rows and "
-                           f"ours beside them: split {first['split']} ({first['images']} "
-                           f"images); inference {first['infer_size']}×{first['infer_size']} "
-                           f"({first['patches_per_side']} patches per side)")
+        level = (f"pseudo-label (BPM, then dense CRF); the paper's rows and ours beside them: "
+                 f"split {first['split']} ({first['images']} images); inference "
+                 f"{first['infer_size']}×{first['infer_size']} ({first['patches_per_side']} "
+                 "patches per side)")
         if main_norm:
-            table_notes.append(f"the CPF-CTE rows' BPM: {BPM_NORM_LABELS[main_norm]} (note 7); "
-                               "'Eq. 10 as printed' masks the absent classes and takes the "
-                               "argmax, 'ViT-PCM normalisation' also divides each class map by "
-                               "its maximum over the image and renormalises over the classes; "
-                               "the CRF starts from the BPM's own maps")
+            details.append(f"the CPF-CTE rows' BPM: {BPM_NORM_LABELS[main_norm]} (note 7); "
+                           "'Eq. 10 as printed' masks the absent classes and takes the argmax, "
+                           "'ViT-PCM normalisation' also divides each class map by its maximum "
+                           "over the image and renormalises over the classes; the CRF starts "
+                           "from the BPM's own maps")
         if first.get("crf"):
-            table_notes.append(f"CRF (pydensecrf): {first['crf']['params_text']}; unary = -log "
-                               "of the BPM's maps over the image's classes")
-    table_notes += provenance(profile, bpm.runs + ([aug_run] if aug else []))
+            details.append(f"CRF (pydensecrf): {first['crf']['params_text']}; unary = -log of "
+                           "the BPM's maps over the image's classes")
     return comparison_table("table1", "Table 1: pseudo-label quality (mIoU)", profile,
                             paper_values.TABLE1, {"CPF-CTE w/o CRF": bpm, "CPF-CTE": crf},
-                            table_notes, extra, out_dir)
+                            level, details, bpm.runs + ([aug_run] if aug else []), extra,
+                            out_dir)
 
 
 def _deeplab_rows(paper_rows, profile: str, run: str, prefix: str = "CPF-CTE"):
-    """The paper's rows with, before its final CPF-CTE row (DeepLabv2 + CRF: the paper's
-    output, Sec. 4.2), one row per earlier test-time level of this run, and this run's values
-    by row label: ``(rows, ours)``."""
+    """The paper's rows with, before its final row (``paper_values.FINAL``, DeepLabv2 + CRF:
+    the paper's output, Sec. 4.2), one row per earlier test-time level of this run, and this
+    run's values by row label: ``(rows, ours)``."""
     rows, ours = [], {}
     applicable = bool(seed_runs(profile, run))
     first, _ = catalog.run_metrics(profile, run) if applicable else (None, "")
@@ -206,7 +229,7 @@ def _deeplab_rows(paper_rows, profile: str, run: str, prefix: str = "CPF-CTE"):
              if "label" in v}
     names = {**DEEPLAB_TEST_LEVELS, **names}           # the run's own labels (test_views)
     for method, pub, backbone, value in paper_rows:
-        if method == prefix:
+        if method == paper_values.FINAL:
             for level in ("single_scale", "multi_scale"):
                 label = f"{prefix}: DeepLabv2, {names[level]}"
                 rows.append((label, "this run", backbone, None))
@@ -220,22 +243,21 @@ def _deeplab_rows(paper_rows, profile: str, run: str, prefix: str = "CPF-CTE"):
     return tuple(rows), ours
 
 
-def _deeplab_notes(profile: str, run: str) -> list[str]:
+def _deeplab_notes(profile: str, run: str) -> tuple[str, list[str]]:
+    """(level, details) of a DeepLabv2 table."""
     m, _ = catalog.run_metrics(profile, run)
-    table_notes = []
-    if m:
-        msc_max = m.get("test_views") == "msc_max"
-        views = ("the MSC max over scales 1, 0.75, 0.5 (kazuto1011's test)" if msc_max else
-                 f"test scales {m['test_scales']}{' + flip' if m['flip'] else ''}")
-        table_notes += [f"level: {m['level']} on the CPF-CTE row, the paper's final output "
-                        f"(Sec. 4.2); the rows above it score the same network's single-scale "
-                        f"and multi-scale predictions; split {m['split']} "
-                        f"({m['images']} images)",
-                        f"DeepLabv2: {m['backbone']}, {m['parameters']:,} parameters, "
-                        f"{m['iterations']} iterations; {views}"
-                        + (f"; test-time CRF: {m['crf_params']}" if m.get("crf_params") else ""),
-                        f"trained on the pseudo labels of {_relative(m['pseudo_dir'])}"]
-    return table_notes + provenance(profile, [run])
+    if not m:
+        return NO_RUNS, []
+    msc_max = m.get("test_views") == "msc_max"
+    views = ("the MSC max over scales 1, 0.75, 0.5 (kazuto1011's test)" if msc_max else
+             f"test scales {m['test_scales']}{' + flip' if m['flip'] else ''}")
+    level = (f"{m['level']} on the {paper_values.FINAL} row, the paper's final output (Sec. "
+             f"4.2); the rows above it score the same network's single-scale and multi-scale "
+             f"predictions; split {m['split']} ({m['images']} images)")
+    return level, [f"DeepLabv2: {m['backbone']}, {m['parameters']:,} parameters, "
+                   f"{m['iterations']} iterations; {views}"
+                   + (f"; test-time CRF: {m['crf_params']}" if m.get("crf_params") else ""),
+                   f"trained on the pseudo labels of {_relative(m['pseudo_dir'])}"]
 
 
 def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -244,18 +266,20 @@ def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
     run, coco_init = catalog.group_reads(group("table2"), profile)
     rows, ours = _deeplab_rows(paper_values.TABLE2, profile, run)
     if not seed_runs(profile, run):
-        ours = {"CPF-CTE": "no VOC run exists for this profile: make one with "
-                           "`make paper PROFILE=voc`"}
+        ours = {paper_values.FINAL: "no VOC run exists for this profile: make one with "
+                                    "`make paper PROFILE=voc`"}
     label = "CPF-CTE: DeepLabv2 from kazuto1011's COCO-pretrained init, multi-scale + CRF"
+    runs = [run]
     if seed_runs(profile, coco_init):
         cell = collect(profile, coco_init, deeplab_level("crf")).text
+        runs.append(coco_init)
     else:
         cell = ("voc profile only: it needs kazuto1011's COCO-pretrained DeepLabv2 "
                 "(deeplabv1_resnet101-coco.pth; note 16)")
     extra = [[label, "this run", "ResNet-101 (Caffe)", "", cell]]
+    level, details = _deeplab_notes(profile, run)
     return comparison_table("table2", "Table 2: semantic segmentation (mIoU), VOC 2012 val",
-                            profile, rows, ours, _deeplab_notes(profile, run), extra,
-                            out_dir=out_dir)
+                            profile, rows, ours, level, details, runs, extra, out_dir=out_dir)
 
 
 def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -267,28 +291,31 @@ def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
     ours["CPF-CTE (pseudo-label)"] = (collect(profile, pseudo_run, pseudo_miou) if applicable
                                       else hint)
     if not applicable:
-        ours["CPF-CTE"] = hint
-    table_notes = _deeplab_notes(profile, deeplab_run)
+        ours[paper_values.FINAL] = hint
+    level, details = _deeplab_notes(profile, deeplab_run)
     pm, _ = catalog.run_metrics(profile, pseudo_run)
     if pm:
-        table_notes.insert(1, f"CPF-CTE (pseudo-label): BPM + CRF pseudo labels scored on the "
-                              f"{pm['split']} split ({pm['images']} images); the paper does not "
-                              "say on which split its 41.3 is measured (note 17)")
+        details.insert(0, f"CPF-CTE (pseudo-label): BPM + CRF pseudo labels scored on the "
+                          f"{pm['split']} split ({pm['images']} images); the paper does not "
+                          "say on which split its 41.3 is measured (note 17)")
     if profile == "toy":
-        table_notes.insert(0, "toy: the toy scenes written as a COCO instances file (polygons, "
-                              "RLE, crowd regions) and converted by the COCO path (profile "
-                              "toy_coco)")
+        details.insert(0, "toy: the toy scenes written as a COCO instances file (polygons, "
+                          "RLE, crowd regions) and converted by the COCO path (profile "
+                          "toy_coco)")
     return comparison_table("table3", "Table 3: semantic segmentation (mIoU), MS COCO 2014 val",
-                            profile, rows, ours, table_notes, out_dir=out_dir)
+                            profile, rows, ours, level, details, [deeplab_run],
+                            out_dir=out_dir)
 
 
-def _level_note(level: str) -> str:
+def _level_note(level: str) -> tuple[str, list[str]]:
+    """(level, details) of an ablation table."""
     if level == "pseudo-label":
-        return ("level: pseudo-label (BPM + CRF on the pseudo-label split); the paper scores "
-                "this ablation after DeepLabv2 on VOC val: on the toy profile 3 seeds × every "
-                "configuration × DeepLabv2 would not fit the time budget, so the toy ablation "
-                "stops at the pseudo labels (note 17)")
-    return "level: segmentation (DeepLabv2 + CRF on val), as in the paper"
+        return ("pseudo-label (BPM + CRF on the pseudo-label split); the paper's values are "
+                "after DeepLabv2 on VOC val (note 17)",
+                ["the paper scores this ablation after DeepLabv2 on VOC val: on the toy profile "
+                 "3 seeds × every configuration × DeepLabv2 would not fit the time budget, so "
+                 "the toy ablation stops at the pseudo labels (note 17)"])
+    return "segmentation (DeepLabv2 + CRF on val), as in the paper", []
 
 
 def _matched(group_name: str, labels: list[str], measures: dict[str, Measure]) -> list[Measure]:
@@ -301,12 +328,14 @@ def _matched(group_name: str, labels: list[str], measures: dict[str, Measure]) -
     return [measures[label] for label in labels]
 
 
-def _ablation_notes(level: str, profile: str, measures: dict[str, Measure]) -> list[str]:
-    table_notes = [_level_note(level), PAIRED_NOTE] + provenance(
-        profile, [r for m in measures.values() for r in m.runs])
+def _ablation_table(name: str, title: str, header, rows, level: str, profile: str,
+                    measures: dict[str, Measure], out_dir: Path | None) -> dict[str, Path]:
+    level, details = _level_note(level)
+    details.append(PAIRED_NOTE)
     if not paper_scale(profile):
-        table_notes.append(not_comparable_note(profile))
-    return table_notes
+        details.append(not_comparable_note(profile))
+    runs = [r for m in measures.values() for r in m.runs]
+    return write_table(name, profile, header, rows, title, level, details, runs, out_dir)
 
 
 def _ablation_rows(group_name: str, paper_rows, reference: str, profile: str,
@@ -347,9 +376,8 @@ def table4(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
                        "✓" if parts[label][1] != "none" else ""])
     header = _ablation_header(["Original framework", "Class tokens",
                                "Context enhancement (CF-BiLSTM)"], "baseline", profile)
-    return write_table("table4", profile, header, rows,
-                       "Table 4: ablation of class tokens and context enhancement (mIoU)",
-                       _ablation_notes(level, profile, measures), out_dir)
+    return _ablation_table("table4", "Table 4: ablation of class tokens and context "
+                           "enhancement (mIoU)", header, rows, level, profile, measures, out_dir)
 
 
 def table5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -360,5 +388,5 @@ def table5(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
         "table5", paper_values.TABLE5, "topk", profile,
         lambda label: ["✓" if m == label else "" for m in modes])
     header = _ablation_header(["Average pooling", "Max pooling", "Top-K"], "topk", profile)
-    return write_table("table5", profile, header, rows, "Table 5: pooling strategies (mIoU)",
-                       _ablation_notes(level, profile, measures), out_dir)
+    return _ablation_table("table5", "Table 5: pooling strategies (mIoU)", header, rows, level,
+                           profile, measures, out_dir)
