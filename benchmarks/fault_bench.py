@@ -21,7 +21,7 @@ training and prediction, the batch runner, report writing), on the toy profile a
    / ``EACCES-write:N``): the error must name the folder, every output already written must be
    readable, no temporary file is left, and a rerun completes identical to the reference.
 
-Everything is drawn from ``--seed``; the table (README, "Faults") is printed and written as JSON.
+Everything is drawn from ``--seed``; the table (docs/engineering.md, "Faults") is printed and written as JSON.
 The reduced form runs in the tests (``tests/test_faults.py``).
 """
 

@@ -1,5 +1,5 @@
 """Faults: refused writes, kills during a write, worker pools that follow their stage, and the
-reduced form of ``benchmarks/fault_bench.py`` (every stage's full form: README, "Faults")."""
+reduced form of ``benchmarks/fault_bench.py`` (every stage's full form: docs/engineering.md, "Faults")."""
 
 import importlib.util
 import json

@@ -182,3 +182,64 @@ def test_gpu_check_takes_python3_when_the_venv_python_is_a_dangling_link(tmp_pat
     out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", f"PY={dangling}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60).stdout
     assert out.splitlines()[0].startswith("python3 -c") and str(dangling) not in out
+
+
+# ---- the docs name what exists ------------------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def resolve(dotted: str) -> bool:
+    """Whether ``cpfcte.a.b.Name`` names a module, or an attribute of the longest module
+    prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_resolve_tells_a_name_from_a_stale_one():
+    assert resolve("cpfcte.method.bpm.bpm_grid") and resolve("cpfcte.stages")
+    assert not resolve("cpfcte.explore.class_evidence")        # a module that moved
+    assert not resolve("cpfcte.method.network.SequenceDropout")  # a class that moved
+
+
+def test_every_module_file_notebook_and_page_the_docs_name_exists():
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        stale += [f"{doc.name}: {m}" for m in re.findall(r"\bcpfcte(?:\.\w+)+", text)
+                  if not resolve(m)]
+        stale += [f"{doc.name}: {m}" for m in re.findall(r"\b(?:cpfcte|benchmarks|tests|notebooks)"
+                                                        r"/[\w/.-]+\.(?:py|ipynb|yaml|sh)\b",
+                                                        text) if not (ROOT / m).exists()]
+        stale += [f"{doc.name}: {m}" for m in re.findall(r"\]\(([\w./-]+\.md)\)", text)
+                  if not (doc.parent / m).exists()]
+    assert not stale, "\n".join(stale)
+
+
+def test_the_readme_is_a_front_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## The idea", "## Paper → code", "## Quick start", "## Results",
+                        "## Notebooks", "## Documentation"]
+    assert "@article{" in text and "doi.org/10.32604/cmes.2025.074467" in text
+    assert "![Fig. 6" in text and (ROOT / "figures" / "fig6.png").exists()
+    assert text.lower().count("toy ≠ paper") == 1
+    for nb in NOTEBOOKS:                                   # every notebook, in the table
+        assert f"(notebooks/{nb.name})" in text, nb.name
+    for page in (ROOT / "docs").glob("*.md"):              # every page, in the index
+        assert f"(docs/{page.name})" in text, page.name
+    for command in ("make paper", "make test", "make lab"):
+        assert command in text

@@ -15,12 +15,12 @@ PREPARE_HINT = {
     "toy": "run `cpfcte data prepare toy` (or notebook 01) to generate it",
     "toy_coco": "run `cpfcte data prepare toy` (it writes the COCO twin and converts it)",
     "voc": "download and prepare PASCAL VOC 2012 + SBD (`cpfcte data download voc --to data`, "
-           "`cpfcte data download sbd --to data`, `cpfcte data prepare voc`; README, Real data) "
+           "`cpfcte data download sbd --to data`, `cpfcte data prepare voc`; docs/data.md) "
            "or set data_root=/path/to/VOCdevkit/VOC2012",
     "folder": "prepare your folder with `cpfcte data prepare folder --images DIR --labels "
-              "labels.csv --out DIR` and point data_root at DIR (README, Your own data)",
+              "labels.csv --out DIR` and point data_root at DIR (docs/data.md, Your own data)",
     "coco": "download and prepare MS COCO 2014 (`cpfcte data download coco --to data/coco2014`, "
-            "`cpfcte data prepare coco`; README, Real data) or set data_root=/path/to/coco2014",
+            "`cpfcte data prepare coco`; docs/data.md) or set data_root=/path/to/coco2014",
 }
 
 

@@ -5,7 +5,7 @@ optimizer's state added; a batch that would not fit in the device's memory is re
 the figure, instead of failing with an out-of-memory error after minutes of set-up. The
 capacity is the device's *free* memory at that moment plus what this process already holds:
 two runs sharing a GPU then cannot both pass on the total (run one batch job per GPU,
-``JOBS=1``). On a CPU nothing is probed (the peak cannot be reset there; the README gives
+``JOBS=1``). On a CPU nothing is probed (the peak cannot be reset there; docs/scaling.md gives
 measured CPU figures)."""
 
 from __future__ import annotations

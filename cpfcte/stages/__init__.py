@@ -10,5 +10,6 @@
     deeplab_predict   stage 3: its test-time levels, scored (Tables 2, 3)
     predict           any folder of images, with a stage-1 or DeepLabv2 run
     explore           the patch-score explorer (notebook 08)
+    walkthrough       one image through the method, step by step (notebook 09)
     export            the VOC test-server archive
 """

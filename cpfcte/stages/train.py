@@ -340,7 +340,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
 def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:
     """Run ``train`` in ``nproc`` processes through torchrun (one GPU each where there are
     several; gloo on CPUs) and return rank 0's summary. Multi-node: call torchrun yourself with
-    its rendezvous options on ``python -m cpfcte train --from-config ...`` (README)."""
+    its rendezvous options on ``python -m cpfcte train --from-config ...`` (docs/scaling.md)."""
     import subprocess
     import sys
 
