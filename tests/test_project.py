@@ -144,9 +144,10 @@ def test_interpretation_notes_have_one_home_that_everything_cites():
         assert "DESIGN note" not in text, path            # a file users do not have
         cited |= {int(n) for n in re.findall(r"\bnotes? (\d+)\b", text)}
     assert cited and cited <= set(numbers)                # every citation has its note
-    line = notes.table_line()                             # what every table prints
-    assert line.startswith("interpretation (docs/interpretation.md): class tokens: soft")
-    assert "(note 17)" in line
+    from cpfcte.report.tables import notes_file_text  # what every table's notes list
+
+    listed = notes_file_text("T", "t", []).split("## Interpretation notes")[1]
+    assert "\n1. class tokens: soft" in listed and f"\n17. {notes.note(17).short}" in listed
     overview = nbformat.read(ROOT / "notebooks" / "00_overview.ipynb", as_version=4)
     assert any("notes.markdown()" in c.source for c in overview.cells)
     for path in NOTEBOOKS:                                # rendered, never copied

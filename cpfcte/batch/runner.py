@@ -41,8 +41,8 @@ from cpfcte.machinery.paths import runs_dir
 
 
 def code_version() -> str:
-    """Hash of the library's sources, profiles and interpretation notes (the tables print
-    them): a change of code re-runs what it touches."""
+    """Hash of the library's sources, profiles and interpretation notes (the tables' notes files
+    list them): a change of code re-runs what it touches."""
     from cpfcte.machinery.notes import notes_file
 
     h = hashlib.sha256()

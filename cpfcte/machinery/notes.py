@@ -1,7 +1,8 @@
 """Our interpretation notes, read from their one home: ``docs/interpretation.md``.
 
-The code cites a note as "note N", the tables print each note's one-line summary with its
-number, and notebook 00 renders the whole file, so all three use the same numbers and words.
+The code cites a note as "note N", each table's notes file lists every note's one-line summary
+with its number, and notebook 00 renders the whole file, so all three use the same numbers and
+words.
 """
 
 from __future__ import annotations
@@ -71,12 +72,6 @@ def note(number: int) -> Note:
         if n.number == number:
             return n
     raise CpfcteError(f"no interpretation note {number} in {notes_file()}")
-
-
-def table_line() -> str:
-    """The notes as the tables print them: one summary per note, with its number."""
-    return (f"interpretation ({NOTES_PATH}): "
-            + "; ".join(f"{n.short} (note {n.number})" for n in all_notes()))
 
 
 def markdown() -> str:

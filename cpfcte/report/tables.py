@@ -1,9 +1,10 @@
 """The paper's tables (1-5) from the run folders, as Markdown, CSV and LaTeX (booktabs).
 
-Every table puts the paper's value (``cpfcte.report.paper_values``) beside this run's and their
-difference, says which profile and level made it, its provenance and our interpretation notes
-(``docs/interpretation.md``). A cell for a run that failed or never ran says so; no number is
-ever invented. Toy-profile numbers come from a synthetic dataset and a tiny ViT and are not
+Every table puts the paper's value (``cpfcte.report.paper_values``) beside this run's and, on a
+paper-scale profile, their difference. Under it are its level and one provenance line; its notes
+file (``tables/<table>.notes.md``) holds the details, the full provenance and our interpretation
+notes (``docs/interpretation.md``). A cell for a run that failed or never ran says so; no number
+is ever invented. Toy-profile numbers come from a synthetic dataset and a tiny ViT and are not
 comparable to the paper's.
 """
 
