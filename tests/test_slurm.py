@@ -3,7 +3,7 @@ every run with sbatch (through submitit), one job is killed with scancel, the ba
 failed with its log, and the resubmission runs only what is missing. `.ci/run` starts a one-node
 SLURM for this (`.ci/slurm/start`: slurm-wlm and munge from Debian); elsewhere the test is
 skipped with the reason, and under CI=true it fails with it (conftest.skip_or_fail). The check
-is patient (sinfo retried for a minute) and names the daemon that does not answer, with the
+is patient (sinfo retried for five minutes) and names the daemon that does not answer, with the
 last lines of its log."""
 
 import json
@@ -32,18 +32,43 @@ def _daemons() -> str:
     return "; ".join(parts)
 
 
-def _slurm_up(attempts: int = 6, wait: float = 10.0) -> str | None:
+def _controller_port() -> str:
+    """Whether slurmctld's port (SlurmctldHost, SlurmctldPort or 6817, from SLURM_CONF)
+    accepts a TCP connection: tells a controller that does not answer from one that is not
+    reachable."""
+    import re
+    import socket
+    from pathlib import Path
+
+    conf = Path(os.environ.get("SLURM_CONF", "/tmp/cpfcte-slurm/slurm.conf"))
+    text = conf.read_text() if conf.is_file() else ""
+    host = (re.search(r"^SlurmctldHost=([^\s(]+)", text, re.M) or [None, "localhost"])[1]
+    port = int((re.search(r"^SlurmctldPort=(\d+)", text, re.M) or [None, 6817])[1])
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return f"{host}:{port} accepts connections"
+    except OSError as e:
+        return f"{host}:{port} refuses a connection ({e})"
+
+
+def _slurm_up(attempts: int = 10, wait: float = 10.0) -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "SLURM is not installed (sudo .ci/slurm/start installs and starts a one-node one)"
     last = ""
     for attempt in range(attempts):               # a controller that is still starting answers
         try:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+            out = subprocess.run(["sinfo", "-vv", "-h", "-o", "%t"], capture_output=True, text=True,
                                  timeout=20)
             if out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc")):
                 return None
             last = (f"sinfo exit {out.returncode}, states {out.stdout.split()}: "
                     f"{out.stderr.strip()[:200]}")
+        except subprocess.TimeoutExpired as e:          # what sinfo said before it hung
+            raw = e.stderr or b""
+            said = (raw.decode(errors="replace") if isinstance(raw, bytes) else raw)
+            said = said.strip().splitlines()[-3:]
+            last = (f"sinfo hung for {e.timeout:.0f} s ({' | '.join(said) or 'silent'}); "
+                    f"{_controller_port()}")
         except (OSError, subprocess.SubprocessError) as e:
             last = f"sinfo failed ({e})"
         if attempt + 1 < attempts:
