@@ -538,3 +538,18 @@ def test_batch_kernels_talk_over_ipc_and_print_no_tcp_warning(tmp_path):
                           timeout=180, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert "TCP" not in done.stderr, done.stderr
+
+
+def test_random_weights_on_a_paper_scale_profile_are_said_in_the_table_itself(tmp_path,
+                                                                              monkeypatch):
+    from cpfcte.report import provenance, table1
+
+    write_json(runs_dir() / "voc" / "pseudo_full" / "metrics.json",
+               {"miou": 0.3, "crf": {"miou": 0.4, "params_text": "..."}, "iou": [0.3],
+                "split": "train", "images": 4, "infer_size": 960, "patches_per_side": 60})
+    monkeypatch.setattr(provenance, "_init_stamps", lambda run_dir: {"stage 1: random init"})
+    md = table1("voc", out_dir=tmp_path)["md"].read_text()
+    assert "\n- RANDOM INIT: these runs start from random weights" in md    # not only in notes
+    assert "random init" in (tmp_path / "table1.voc.notes.md").read_text()
+    monkeypatch.setattr(provenance, "_init_stamps", lambda run_dir: {"stage 1: timm"})
+    assert "RANDOM INIT" not in table1("voc", out_dir=tmp_path)["md"].read_text()

@@ -239,7 +239,7 @@ def check_tables(stages: Stages, profile: str) -> dict:
             _check(len(parts) >= 5 and parts[4] not in ("", "—") and "not run" not in parts[4],
                    f"{name}.{profile}.md: row {parts[0]!r} has no value from the smoke's runs")
             cells[f"{name}: {parts[0]}"] = parts[4]
-        _check("random init" in md, f"{name}.{profile}.md does not say 'random init'")
+        _check("RANDOM INIT" in md, f"{name}.{profile}.md does not warn 'RANDOM INIT'")
     return cells
 
 
