@@ -52,6 +52,10 @@ def _controller_port() -> str:
 
 
 def _slurm_up(attempts: int = 10, wait: float = 10.0) -> str | None:
+    conf = os.environ.get("SLURM_CONF")
+    if conf is not None and not os.path.isfile(conf):    # sinfo would retry it for a minute
+        return (f"SLURM_CONF={conf!r} is not a file; export the one line that .ci/slurm/start "
+                f"prints")
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "SLURM is not installed (sudo .ci/slurm/start installs and starts a one-node one)"
     last = ""
@@ -77,8 +81,8 @@ def _slurm_up(attempts: int = 10, wait: float = 10.0) -> str | None:
             f"{_daemons()}; start one with .ci/slurm/start and export SLURM_CONF")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _slurm():
+@pytest.fixture(scope="module")
+def slurm():
     from conftest import skip_or_fail
 
     skip_or_fail(_slurm_up())
@@ -90,7 +94,7 @@ def _squeue() -> list[tuple[str, str, str]]:
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]
 
 
-def test_toy_table1_through_slurm_survives_a_cancelled_job(tmp_path):
+def test_toy_table1_through_slurm_survives_a_cancelled_job(slurm, tmp_path):
     env = {**os.environ, "CPFCTE_RUNS": str(tmp_path / "runs"),
            "CPFCTE_OUT": str(tmp_path / "out"), "MPLBACKEND": "Agg"}
     cluster = tmp_path / "cluster.yaml"
@@ -130,3 +134,11 @@ def test_toy_table1_through_slurm_survives_a_cancelled_job(tmp_path):
     table = (tmp_path / "out" / "tables" / "table1.md").read_text()
     assert "(n=3)" in table
     print(f"SLURM test: {time.time() - t0:.0f} s, cancelled job {victim}")
+
+
+def test_a_slurm_conf_that_is_not_a_file_is_named_at_once(monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", "Reading package lists...\n/tmp/cpfcte-slurm/slurm.conf")
+    t0 = time.time()
+    reason = _slurm_up(attempts=1)
+    assert reason is not None and "is not a file" in reason and "Reading package" in reason
+    assert time.time() - t0 < 5                                   # no sinfo waited on
