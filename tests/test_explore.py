@@ -156,13 +156,30 @@ def test_the_walk_shows_the_tensors_the_pseudo_label_stage_makes(trained):
     import torch
 
     from cpfcte.data import open_split
-    from cpfcte.stages.explore import patch_view
+    from cpfcte.data.transforms import aligned, resized_input
+    from cpfcte.method.bpm import bpm_from_probs, crf_start, patch_probs
+    from cpfcte.method.crf import crf_labels
+    from cpfcte.method.topk_pooling import pool
+    from cpfcte.stages.pseudo_labels import infer_size_for
     from cpfcte.stages.train import load_trained
     from cpfcte.stages.walkthrough import walk
 
     w = walk(trained / "t", index=1)
     model, cfg = load_trained(trained / "t")
-    v = patch_view(model, cfg, open_split(cfg, cfg.pseudo_split), 1)
+    voc = open_split(cfg, cfg.pseudo_split)       # the pseudo-label stage's calls, one by one
+    assert cfg.pooling == "topk"
+    image = np.asarray(voc.image(1), dtype=np.uint8)
+    x = resized_input(voc.image(1), infer_size_for(cfg, model.patch_size[0]), cfg.resize)
+    with torch.no_grad():
+        grid = patch_probs(model, x[None])[0]                                 # (C, h, w)
+    labels = torch.from_numpy(voc.labels(1))
+    start = crf_start(grid, labels, image.shape[:2], norm=cfg.bpm_norm, align_corners=aligned(cfg))
+    flat = grid.flatten(1).T                                                  # (s, C)
+    v = {"grid": grid.numpy(), "pooled": pool(flat[None], cfg.pooling, cfg.k)[0].numpy(),
+         "topk": flat.topk(cfg.k, dim=0).indices.T.numpy(), "labels": voc.labels(1),
+         "bpm": bpm_from_probs(grid, labels, image.shape[:2], norm=cfg.bpm_norm,
+                               align_corners=aligned(cfg)),
+         "crf": crf_labels(image, *start, cfg.crf)}
     c, (h, gw), e = len(w.classes), w.grid, model.backbone.embed_dim
     s = h * gw
     assert (h, gw) == (6, 6) and w.x.shape == (48, 48, 3) and w.x.dtype == np.uint8

@@ -17,13 +17,19 @@ from cpfcte.machinery.errors import CpfcteError
 
 
 @torch.no_grad()
-def patch_probs(model, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
-    """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32. On CUDA the network runs under
-    bf16 autocast with ``amp`` (the softmax, and everything after it, in float32; note 13)."""
+def inference_outputs(model, images: torch.Tensor, amp: bool = True, **forward) -> dict:
+    """The network's outputs on images (B, 3, S, S) as inference makes them: on CUDA under bf16
+    autocast with ``amp`` (the softmax, and everything after it, in float32; note 13).
+    ``forward`` goes to the model (``intermediates=True``: the walk-through)."""
     cuda = images.device.type == "cuda"
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16,
                         enabled=amp and cuda):
-        out = model(images)
+        return model(images, **forward)
+
+
+def patch_probs(model, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """Images (B, 3, S, S) → Z as maps (B, C, h, w), float32 (``inference_outputs``)."""
+    out = inference_outputs(model, images, amp)
     z, (h, w) = out["z"], out["grid"]
     return z.float().transpose(1, 2).reshape(z.shape[0], z.shape[2], h, w)
 

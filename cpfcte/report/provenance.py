@@ -42,7 +42,7 @@ class Provenance:
     ``warning``, a line the table must print too (random weights on a paper-scale profile)."""
 
     line: str
-    full: list[str]
+    full: str
     warning: str | None
 
 
@@ -69,19 +69,17 @@ def provenance(profile: str, runs: list[str]) -> Provenance:
     ran_with = (f" (runs with {', '.join(sorted(nb_profiles))})"
                 if nb_profiles - {profile} else "")
     dataset = ", ".join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))
-    code = git_commit()
-    full = (f"provenance: code {code}; profile {profile}{ran_with}; dataset {dataset}; config "
-            f"{', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; hardware "
-            f"{', '.join(sorted(hardware)) or '—'}; weights {'; '.join(sorted(inits)) or '—'}; "
-            f"run time {seconds / 60:.1f} min; runs: "
+    head = f"provenance: code {git_commit()}; profile {profile}{ran_with}; dataset {dataset}"
+    full = (f"{head}; config {', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; "
+            f"hardware {', '.join(sorted(hardware)) or '—'}; weights "
+            f"{'; '.join(sorted(inits)) or '—'}; run time {seconds / 60:.1f} min; runs: "
             f"{', '.join(f'runs/{profile}/{r}' for r in runs)}")
-    line = (f"provenance: code {code}; profile {profile}{ran_with}; dataset {dataset}; seeds "
-            f"{sorted(seeds)}; numerics {numerics_modes(hardware)}")
+    line = f"{head}; seeds {sorted(seeds)}; numerics {numerics_modes(hardware)}"
     warning = None
     if any("random init" in s for s in inits) and base_profile(profile) != "toy":
         warning = ("RANDOM INIT: these runs start from random weights (the paper-scale smoke, "
                    "random_init_ok); their numbers are not results")
-    return Provenance(line, [full], warning)
+    return Provenance(line, full, warning)
 
 
 def numerics_modes(hardware: set[str]) -> str:

@@ -118,7 +118,7 @@ def write_table(name: str, profile: str, header: list[str], rows: list[list[str]
     write_text(paths["tex"], "\n".join(tex) + "\n")
     write_text(paths["notes"], notes_file_text(title, stem, [f"level: {level}"] + details
                                                + ([prov.warning] if prov.warning else [])
-                                               + prov.full))
+                                               + [prov.full]))
     return paths
 
 

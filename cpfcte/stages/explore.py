@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cpfcte.machinery.errors import CpfcteError
 
@@ -28,35 +27,19 @@ def biased_argmax(probs: np.ndarray, classes: np.ndarray, bias: float) -> np.nda
     return classes[scores.argmax(axis=0)].astype(np.uint8)
 
 
-@torch.no_grad()
 def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     """Everything the explorer shows of image ``index``: the image, its label classes, the patch
     probabilities (C, h, w) at the inference size, the pooled image scores, the top-k patch
-    indices per class, the BPM and (with ``crf``) the CRF mask."""
-    from cpfcte.data.transforms import aligned, resized_input
-    from cpfcte.method.bpm import bpm_from_probs, crf_start, patch_probs
-    from cpfcte.method.crf import crf_labels
-    from cpfcte.method.topk_pooling import pool
-    from cpfcte.stages.pseudo_labels import infer_size_for
+    indices per class, the BPM and (with ``crf``) the CRF mask; from the walk-through's one
+    pass (``cpfcte.stages.walkthrough.walk_image``)."""
+    from cpfcte.stages.walkthrough import walk_image
 
-    size = infer_size_for(cfg, model.patch_size[0])
-    img = voc.image(index)
-    image = np.asarray(img, dtype=np.uint8)
-    x = resized_input(img, size, cfg.resize)[None].to(next(model.parameters()).device)
-    grid = patch_probs(model, x)[0]                                           # (C, h, w)
-    flat = grid.flatten(1).T                                                  # (s, C)
-    k = min(cfg.k, flat.shape[0]) if cfg.pooling == "topk" else 1
-    labels = torch.from_numpy(voc.labels(index)).to(grid.device)
-    h, w = image.shape[:2]
-    view = {"image": image, "labels": voc.labels(index), "grid": grid.cpu().numpy(),
-            "pooled": pool(flat[None], cfg.pooling, cfg.k)[0].cpu().numpy(),
-            "topk": flat.topk(k, dim=0).indices.T.cpu().numpy(),              # (C, k)
-            "bpm": bpm_from_probs(grid, labels, (h, w), norm=cfg.bpm_norm,
-                                  align_corners=aligned(cfg)), "id": voc.ids[index]}
+    w = walk_image(model, cfg, voc.image(index), voc.labels(index), voc.ids[index], crf=crf)
+    view = {"image": w.image, "labels": voc.labels(index),
+            "grid": w.z.T.reshape(len(w.classes), *w.grid), "pooled": w.p, "topk": w.topk,
+            "bpm": w.bpm, "id": w.name}
     if crf:
-        probs, present = crf_start(grid, labels, (h, w), norm=cfg.bpm_norm,
-                                   align_corners=aligned(cfg))
-        view["crf"] = crf_labels(image, probs, present, cfg.crf)
+        view["crf"] = w.crf
     return view
 
 

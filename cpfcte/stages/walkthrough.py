@@ -82,33 +82,42 @@ def walk(run: str | Path, *, split: str | None = None, index: int = 0,
          photo: str | Path | None = None, threshold: float = 0.5, crf: bool = True) -> Walk:
     """Image ``index`` of ``split`` (default: the pseudo-label split) or ``photo`` (a file of
     yours) through the trained stage-1 run ``run``."""
-    from cpfcte.data import classes_of, open_split
-    from cpfcte.data.transforms import aligned, resized_input
+    from cpfcte.data import open_split
     from cpfcte.machinery.io import read_image
-    from cpfcte.method.bpm import bpm_from_probs, crf_start
-    from cpfcte.method.crf import crf_labels
-    from cpfcte.method.topk_pooling import pool, pooled_patches
-    from cpfcte.stages.predict import image_classes
-    from cpfcte.stages.pseudo_labels import infer_size_for
     from cpfcte.stages.train import load_trained
 
     if not 0 < threshold < 1:
         raise CpfcteError(f"threshold {threshold}: must be in (0, 1)")
     model, cfg = load_trained(run)
     if photo is not None:
-        rgb, labels, name = read_image(photo), None, Path(photo).name
-    else:
-        data = open_split(cfg, split or cfg.pseudo_split)
-        if not 0 <= index < len(data):
-            raise CpfcteError(f"index {index}: split {data.split!r} has {len(data)} images "
-                              f"(0 to {len(data) - 1})")
-        rgb, labels, name = data.image(index), data.labels(index), data.ids[index]
+        return walk_image(model, cfg, read_image(photo), None, Path(photo).name,
+                          threshold=threshold, crf=crf)
+    data = open_split(cfg, split or cfg.pseudo_split)
+    if not 0 <= index < len(data):
+        raise CpfcteError(f"index {index}: split {data.split!r} has {len(data)} images "
+                          f"(0 to {len(data) - 1})")
+    return walk_image(model, cfg, data.image(index), data.labels(index), data.ids[index],
+                      crf=crf)
+
+
+@torch.no_grad()
+def walk_image(model, cfg, rgb, labels: np.ndarray | None, name: str, *,
+               threshold: float = 0.5, crf: bool = True) -> Walk:
+    """One image (PIL or (H, W, 3) uint8) through ``model``: the BPM masked by ``labels`` (C,)
+    or, without them, by the classes whose p exceeds ``threshold``. The explorer (notebook
+    08) shows the same walk."""
+    from cpfcte.data import classes_of
+    from cpfcte.data.transforms import aligned, resized_input
+    from cpfcte.method.bpm import bpm_from_probs, crf_start, inference_outputs
+    from cpfcte.method.crf import crf_labels
+    from cpfcte.method.topk_pooling import pool, pooled_patches
+    from cpfcte.stages.predict import image_classes
+    from cpfcte.stages.pseudo_labels import infer_size_for
+
     size = infer_size_for(cfg, model.patch_size[0])
     device = next(model.parameters()).device
     x = resized_input(rgb, size, cfg.resize)[None].to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                        enabled=device.type == "cuda"):       # as bpm.patch_probs
-        out = model(x, intermediates=True)
+    out = inference_outputs(model, x, intermediates=True)
     (h, w), z = out["grid"], out["z"][0].float()                      # z: (s, C)
     p = pool(z[None], cfg.pooling, cfg.k)[0]
     k = pooled_patches(cfg.pooling, cfg.k, z.shape[0])
