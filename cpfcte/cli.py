@@ -22,6 +22,7 @@ folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N] [--check]
                  [--executor local|slurm] [--cluster cluster.yaml] [--status]
     cpfcte report --profile toy
+    cpfcte numerics [--check | --diff FILE | --write]
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def _known_profile(profile: str) -> None:
 def _paper(args: argparse.Namespace) -> None:
     from cpfcte.batch.runner import run_batch, stage_times
     from cpfcte.machinery.numerics import warn_native
-    from cpfcte.report import write_all
+    from cpfcte.report import artifacts_for, write
 
     _known_profile(args.profile)
     warn_native()                              # once, at the start: digits may differ here
@@ -297,7 +298,7 @@ def _paper(args: argparse.Namespace) -> None:
 
         print_plan(args.profile, results)
         return
-    outputs = write_all(args.profile)
+    outputs = write(args.profile, artifacts_for(args.only, args.profile))
     failed = {k: v for k, v in results.items() if v.get("status") not in ("done", "not applicable")}
     print("\nwritten: " + ", ".join(str(p) for d in outputs.values() for p in d.values()))
     times = stage_times(results)
@@ -316,8 +317,45 @@ def _report(args: argparse.Namespace) -> None:
 
     _known_profile(args.profile)
     _headless_plots()
-    for name, paths in write_all(args.profile).items():
+    written = write_all(args.profile)
+    for name, paths in written.items():
         print(name, " ".join(str(p) for p in paths.values()))
+    if not written:
+        print(f"nothing written: runs/{args.profile} holds no run that a table or figure "
+              "reads; the tables in tables/ stay as they are (make paper makes the runs)")
+
+
+def _numerics(args: argparse.Namespace) -> None:
+    from cpfcte.machinery.io import write_json
+    from cpfcte.stages import fingerprint as fp
+
+    mine = fp.fingerprint(progress=sys.stderr.isatty())
+    if args.write:
+        write_json(fp.REFERENCE, mine)
+        print(f"wrote {fp.REFERENCE} ({len(mine['ops'])} operations, {mine['meta']['cpu']})")
+        return
+    if not (args.check or args.diff):
+        print(json.dumps(mine, indent=1))
+        return
+    if args.diff:
+        path = Path(args.diff)
+        try:
+            other = json.loads(path.read_text())
+            other["ops"], other["meta"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CpfcteError(f"{path}: not a fingerprint file of cpfcte numerics ({e}); make "
+                              "one with: cpfcte numerics > FILE") from None
+        label = f"file {path}"
+    else:
+        other, label = fp.reference(), "committed reference"
+    same, lines = fp.report(mine, other, label)
+    print("\n".join(lines))
+    if not same:
+        print("\nThis machine's CPU code paths give other bits than the reference, so its toy "
+              "tables will differ from the committed ones. Tell us the processor (above) and "
+              "the operations that differ; CPFCTE_NUMERICS=native runs anyway, and paper "
+              "--check then reports the differences as expected.", file=sys.stderr)
+        sys.exit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,6 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write tables/ and figures/ from the run folders")
     rp.add_argument("--profile", default="toy")
     rp.set_defaults(func=_report)
+
+    nu = sub.add_parser("numerics", help="the numerics fingerprint: does this machine give the "
+                                         "committed bits? (docs/reproducing.md)")
+    how = nu.add_mutually_exclusive_group()
+    how.add_argument("--check", action="store_true",
+                     help="compare with the committed reference; exit 1 naming each operation "
+                          "that differs")
+    how.add_argument("--diff", metavar="FILE", help="compare with another machine's fingerprint")
+    how.add_argument("--write", action="store_true",
+                     help="rewrite the committed reference (after a change to the model or "
+                          "the pinned requirements; on a pinned x86 machine)")
+    nu.set_defaults(func=_numerics)
 
     pr = sub.add_parser("predict", help="label PNGs (VOC palette) and overlays for any folder "
                                         "of images, with a stage-1 or DeepLabv2 run")

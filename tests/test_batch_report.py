@@ -416,28 +416,34 @@ def test_the_check_names_each_cell_that_differs_from_the_committed_table():
 
     committed = ("Method,Pub.,Backbone,mIoU paper (%),mIoU this run (%)\n"
                  "A,X,ViT,60.0,51.2 ± 1.0 (n=3)\nB,Y,ViT,61.0,55.0\n")
-    assert compare("t", committed, committed) == (4, [])
+    same = compare("t", committed, committed)
+    assert (same.compared, same.equal, same.differ, same.missing) == (4, 4, [], [])
     here = committed.replace("51.2 ± 1.0", "51.5 ± 0.9")
-    cells, diffs = compare("t", committed, here)
-    assert cells == 4 and len(diffs) == 1
-    assert str(diffs[0]) == ("t, row 'A X ViT', column 'mIoU this run (%)': committed "
-                             "'51.2 ± 1.0 (n=3)', this machine '51.5 ± 0.9 (n=3)' (Δ +0.3)")
-    _, diffs = compare("t", committed, committed.replace("B,Y", "C,Y"))
-    assert {d.committed for d in diffs} == {"(no such row)", "(row)"}
+    result = compare("t", committed, here)
+    assert result.compared == 4 and result.equal == 3 and len(result.differ) == 1
+    assert str(result.differ[0]) == ("t, row 'A X ViT', column 'mIoU this run (%)': committed "
+                                     "'51.2 ± 1.0 (n=3)', this machine '51.5 ± 0.9 (n=3)' "
+                                     "(Δ +0.3)")
+    result = compare("t", committed, committed.replace("B,Y", "C,Y"))
+    assert {d.committed for d in result.differ} == {"(no such row)", "(row)"}
     ablation = ("Original framework,Class tokens,CF-BiLSTM,mIoU paper (%),mIoU this run (%)\n"
                 "✓,✓,,67.1,78.3\n✓,,✓,67.8,71.5\n")
-    _, diffs = compare("t", ablation, ablation.replace("71.5", "72.0"))
-    assert [d.row for d in diffs] == ["Original framework + CF-BiLSTM"]   # not the ✓ ✓ row
+    result = compare("t", ablation, ablation.replace("71.5", "72.0"))
+    assert [d.row for d in result.differ] == ["Original framework + CF-BiLSTM"]  # not ✓ ✓
+    # a cell whose run is not here (a partial batch) is not compared, and is counted apart
+    partial = compare("t", ablation, ablation.replace("71.5", "not run (runs/toy/x)"))
+    assert (partial.compared, partial.equal, len(partial.differ), len(partial.missing)) == \
+        (3, 3, 0, 1)
 
 
-def test_check_against_git_head(tmp_path, monkeypatch):
+def _committed_repo(tmp_path, monkeypatch, text):
     import subprocess
 
     from cpfcte.report import check as chk
 
     repo = tmp_path / "repo"
     (repo / "tables").mkdir(parents=True)
-    (repo / "tables" / "table1.csv").write_text("Method,mIoU this run\nA,50.0\n")
+    (repo / "tables" / "table1.csv").write_text(text)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=n", "add", "."], cwd=repo,
                    check=True)
@@ -445,12 +451,35 @@ def test_check_against_git_head(tmp_path, monkeypatch):
                    cwd=repo, check=True)
     monkeypatch.setattr(chk, "project_root", lambda: repo)
     monkeypatch.setenv("CPFCTE_OUT", str(repo))
+    return repo
+
+
+def test_check_against_git_head(tmp_path, monkeypatch):
+    from cpfcte.report import check as chk
+    from cpfcte.report import record_written
+
+    repo = _committed_repo(tmp_path, monkeypatch, "Method,mIoU this run\nA,50.0\nB,40.0\n")
+    table = repo / "tables" / "table1.csv"
+    # a fresh clone: the committed table, no run here: nothing compared, never "reproduced"
     ok, lines = chk.check("toy")
-    assert ok and lines[1] == "table1: all 1 cells as committed"
+    assert not ok and lines[0].startswith("nothing to compare")
+    assert "table1: not regenerated on this machine" in lines[1]
+    record_written("table1", "toy", {"csv": table})          # as the report does
+    ok, lines = chk.check("toy")
+    assert ok and lines[0].startswith("reproduced where compared, partly: 1 of 5 tables")
+    assert lines[1] == "table1: 2 cells compared, 2 equal, 0 differ"
     assert "table2: no committed reference" in lines[2]
-    (repo / "tables" / "table1.csv").write_text("Method,mIoU this run\nA,50.4\n")
+    table.write_text("Method,mIoU this run\nA,50.4\nB,not run (runs/toy/b)\n")
+    ok, lines = chk.check("toy")                              # edited after the report: not ours
+    assert not ok and lines[0].startswith("nothing to compare")
+    record_written("table1", "toy", {"csv": table})
     ok, lines = chk.check("toy")
-    assert not ok and lines[0].startswith("NOT reproduced") and "(Δ +0.4)" in lines[2]
+    assert not ok and lines[0].startswith("NOT reproduced: 1 of 5 tables regenerated here; "
+                                          "1 cells compared, 0 equal, 1 differ, 1 not "
+                                          "compared")
+    assert lines[1] == "table1: 1 cells compared, 0 equal, 1 differ, 1 not compared (their " \
+                       "runs are not here)"
+    assert "(Δ +0.4)" in lines[2] and lines[3].startswith("  not run here:")
     monkeypatch.setattr(chk, "project_root", lambda: tmp_path)      # no git clone
     with pytest.raises(CpfcteError, match="not a git clone"):
         chk.check("toy")

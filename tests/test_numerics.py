@@ -72,6 +72,67 @@ def test_the_provenance_line_names_cpu_paths_threads_and_versions():
     from cpfcte.machinery.numerics import describe
 
     line = describe()
-    for part in ("numerics pinned", "ATen AVX2", "MKL CBWR AVX2,STRICT", "numpy ≤ X86_V3",
-                 "oneDNN", "torch 2.", "MKL 20"):
+    from cpfcte.machinery.numerics import cpu_vendor
+
+    for part in ("numerics pinned", "ATen AVX2", "MKL CBWR COMPATIBLE", "numpy ≤ X86_V3",
+                 "oneDNN", "torch 2.", "MKL 20", f"({cpu_vendor()})"):
         assert part in line, (part, line)
+
+
+def _numerics_cli(*args, env=None):
+    base = {k: v for k, v in os.environ.items() if k not in OTHER_MACHINE and k != "MKL_CBWR"}
+    return subprocess.run([sys.executable, "-m", "cpfcte", "numerics", *args],
+                          capture_output=True, text=True, env={**base, **(env or {})},
+                          timeout=300)
+
+
+def test_this_machine_gives_the_committed_numerics_fingerprint():
+    """Every operation the toy runs, at its shapes, and one training step of the toy network
+    give the committed bits (cpfcte.stages.fingerprint). A processor whose code paths differ
+    fails here, naming the operations: its toy tables would differ from the committed ones."""
+    done = _numerics_cli("--check")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "all 39 operations give the committed reference's bits" in done.stdout
+
+
+def test_the_fingerprint_sees_another_mkl_branch():
+    """The control: MKL's AVX2 branch (Intel's; on AMD, MKL's own dispatch) gives other bits
+    for the GEMM-backed operations, and the check names them and fails."""
+    done = _numerics_cli("--check", env={"CPFCTE_FINGERPRINT_MKL_CBWR": "AVX2,STRICT"})
+    assert done.returncode == 1
+    assert "DIFFERS vit qkv linear 2080x96->288" in done.stdout
+    assert "DIFFERS toy stage 1: state digest after two training steps" in done.stdout
+    assert "same    torch generators" in done.stdout
+
+
+def test_a_fingerprint_file_round_trips_through_diff(tmp_path):
+    mine = _numerics_cli()
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    (tmp_path / "mine.json").write_text(mine.stdout)
+    assert _numerics_cli("--diff", str(tmp_path / "mine.json")).returncode == 0
+    (tmp_path / "bad.json").write_text("{}")
+    bad = _numerics_cli("--diff", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "not a fingerprint file" in bad.stderr
+
+
+def test_a_pinned_stage_refuses_mkl_on_another_branch():
+    """MKL read MKL_CBWR before cpfcte pinned it (torch used first): the stage refuses."""
+    code = ("import torch\ntorch.mm(torch.ones(8, 8), torch.ones(8, 8))\n"
+            "import cpfcte\nfrom cpfcte.machinery.errors import CpfcteError\n"
+            "from cpfcte.machinery.config import load_config\n"
+            "from cpfcte.machinery.numerics import apply\n"
+            "try:\n    apply(load_config('toy'))\nexcept CpfcteError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    env.update({"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "MKL runs its" in out.stdout and "branch" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_misspelt_numerics_mode_is_refused_by_name(tiny_cfg, monkeypatch):
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.machinery.numerics import apply
+
+    monkeypatch.setenv("CPFCTE_NUMERICS", "bogus")
+    with pytest.raises(CpfcteError, match="CPFCTE_NUMERICS='bogus': must be one of pinned, native"):
+        apply(tiny_cfg())

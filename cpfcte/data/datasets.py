@@ -84,6 +84,8 @@ def fingerprint(root: str | Path) -> str:
     import hashlib
     import json
 
+    from cpfcte.machinery.io import sha256_file
+
     root = Path(root)
     cache_path = root / FINGERPRINT_CACHE
     try:
@@ -101,7 +103,7 @@ def fingerprint(root: str | Path) -> str:
         key = f"{stat.st_size}:{stat.st_mtime_ns}"
         digest = cache.get(rel, {}).get(key)
         if digest is None:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
         fresh[rel] = {key: digest}
         total.update(f"{rel}\0{digest}\n".encode())
     if fresh != cache:

@@ -10,6 +10,7 @@
     finite       non-finite losses stop a run
     faults       fault injection for the fault benchmark
     numerics     pinned CPU code paths, seeds, provenance line
+    precision    float32 where the method asks for it (no autocast, no TF32)
     capacity     will the batch fit on the GPU
     progress     progress bars
     distributed  torchrun plumbing (device, process group, barriers)

@@ -41,6 +41,7 @@ AUGMENT_MODES = ("pcm", "hflip", "none")
 RESIZE_MODES = ("pcm", "pil")
 BPM_NORMS = ("pcm", "none")
 CF_BILSTM_MODES = ("none", "hv", "raster")
+LSTM_INITS = ("keras", "torch")
 POOLING_MODES = ("gap", "gmp", "topk")
 DATASETS = ("toy", "toy_coco", "voc", "coco", "folder")
 
@@ -209,9 +210,13 @@ class Config:
     random_init_ok: bool = False       # only the toy profile may train a randomly initialised ViT
     class_tokens: str = "soft"         # none | soft | mean (note 1)
     token_dim: int = 256               # H, the class-token width (note 11)
+    token_init_std: float = 1.0        # the tokens start from N(0, std²): the patch features'
+                                       # scale; 0.02 (ViT's) leaves the assignment uniform (note 23)
     project_tokens: bool = False       # project Concat(p, t) back to e (note 2); Eq. 6/7 keep e+H
     cf_bilstm: str = "hv"              # none | hv | raster (note 3)
     lstm_hidden: int = 192             # d, hidden size per direction (note 3)
+    lstm_init: str = "keras"           # keras (ViT-PCM's: glorot, orthogonal, forget bias 1) |
+                                       # torch (torch's defaults) (note 3)
     dropout: float = 0.2               # before the CF-BiLSTM and before the classifier (note 21)
     lstm_dropout: float = 0.2          # on the BiLSTMs' inputs, one mask per sequence (note 21)
     classifier_init_std: float = 0.05  # the patch classifier starts from N(0, std²) (note 4)
@@ -229,6 +234,9 @@ class Config:
     unfreeze_blocks: int | None = 5    # after it, train only the ViT's last N blocks and its
                                        # final norm (ViT-PCM); None: every block and embedding
     weight_decay: float = 0.0
+    adam_eps: float = 1e-7             # Keras's Adam epsilon (ViT-PCM); torch's default is 1e-8
+    optimizer_per_phase: bool = True   # a fresh Adam when the phase changes, as ViT-PCM compiles
+                                       # one after unfreeze() (main.py); false: one Adam throughout
     augment: str = "pcm"               # pcm (ViT-PCM's flips, transpose, colour) | hflip | none
     resize: str = "pcm"                # pcm (bilinear, corners aligned, float) | pil (note 12)
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
@@ -237,6 +245,8 @@ class Config:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     skip_nonfinite: bool = False       # skip (and count) steps whose loss is not finite, instead
                                        # of stopping the run (stage 1 and DeepLabv2)
+    diagnostic_images: int = 64        # training images the mechanisms are measured on after
+                                       # every epoch (cpfcte.method.diagnostics); 0: none
     threads: int = 0                   # CPU threads of a run (0: every core); fixed, the split
                                        # of reductions (and so the bits) does not depend on the
                                        # machine (cpfcte.machinery.numerics)
@@ -264,6 +274,12 @@ class Config:
         choice("augment", AUGMENT_MODES)
         choice("resize", RESIZE_MODES)
         choice("bpm_norm", BPM_NORMS)
+        choice("lstm_init", LSTM_INITS)
+        if not self.token_init_std > 0 or not self.adam_eps > 0:
+            raise CpfcteError("parameters token_init_std and adam_eps must be > 0")
+        if self.diagnostic_images < 0:
+            raise CpfcteError(f"parameter diagnostic_images={self.diagnostic_images!r} must be "
+                              "≥ 0 (0: no per-epoch measurement of the mechanisms)")
         for name in ("dropout", "lstm_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise CpfcteError(f"parameter {name}={getattr(self, name)!r} must be in [0, 1)")
@@ -345,7 +361,7 @@ FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "threads",
                           "skip_nonfinite",
                           "infer_size", "infer_scale", "infer_batch", "bpm_norm",
-                          "infer_workers"})
+                          "infer_workers", "diagnostic_images"})
 DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")
 
 

@@ -122,6 +122,17 @@ def append_line(path: str | Path, line: str) -> None:
         raise write_error(path, e) from None
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

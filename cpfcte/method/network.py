@@ -10,6 +10,9 @@ C = classes with background):
             ──PatchClassifier──► Z (B, s, C)                Eq. 7, softmax over classes
     Z ──cpfcte.method.topk_pooling──► p (B, C)              Eq. 8
     p ──cpfcte.method.mce_loss──► L                         Eq. 9
+
+The ViT runs under the caller's autocast (bf16 on CUDA); the head (class tokens, CF-BiLSTM with
+W_c, classifier, softmax) always in float32 (note 13).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from cpfcte.machinery.errors import CpfcteError
+from cpfcte.machinery.precision import strict_float32
 from cpfcte.method.cf_bilstm import CFBiLSTM
 from cpfcte.method.class_tokens import ClassTokens
 from cpfcte.method.patch_classifier import PatchClassifier
@@ -31,22 +35,24 @@ class CPFCTE(nn.Module):
     the patch grid (h, w)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, class_tokens: str = "soft",
-                 token_dim: int = 256, project_tokens: bool = False, cf_bilstm: str = "hv",
-                 lstm_hidden: int = 192, dropout: float = 0.0, lstm_dropout: float = 0.0,
-                 classifier_init_std: float = 0.05, mean=(0.5, 0.5, 0.5),
-                 std=(0.5, 0.5, 0.5)):
+                 token_dim: int = 256, token_init_std: float = 1.0,
+                 project_tokens: bool = False, cf_bilstm: str = "hv",
+                 lstm_hidden: int = 192, lstm_init: str = "keras", dropout: float = 0.0,
+                 lstm_dropout: float = 0.0, classifier_init_std: float = 0.05,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         embed_dim = int(backbone.embed_dim)
         self.patch_size = _patch_size(backbone)
-        self.class_tokens = (ClassTokens(num_classes, embed_dim, token_dim, class_tokens)
+        self.class_tokens = (ClassTokens(num_classes, embed_dim, token_dim, class_tokens,
+                                         token_init_std)
                              if class_tokens != "none" else None)
         dim = embed_dim + (token_dim if self.class_tokens is not None else 0)
         self.token_proj = nn.Linear(dim, embed_dim) if project_tokens and self.class_tokens else None
         if self.token_proj is not None:
             dim = embed_dim
-        self.cf_bilstm = (CFBiLSTM(dim, lstm_hidden, cf_bilstm, lstm_dropout)
+        self.cf_bilstm = (CFBiLSTM(dim, lstm_hidden, cf_bilstm, lstm_dropout, lstm_init)
                           if cf_bilstm != "none" else None)
         # ViT-PCM's dropouts: before its HV-BiLSTM and before its patch classifier (note 21)
         self.drop_context = nn.Dropout(dropout) if self.cf_bilstm is not None else None
@@ -76,16 +82,38 @@ class CPFCTE(nn.Module):
         (``"f_in"``, after the class tokens and the optional projection) and F_out
         (``"f_out"``, after the CF-BiLSTM; F_in again without it), each (B, s, ·)."""
         p, grid = self.patch_tokens(x)
-        f = self.class_tokens(p) if self.class_tokens is not None else p
-        if self.token_proj is not None:
-            f = self.token_proj(f)
-        f_in = f
+        with strict_float32(p.device.type):               # the head in float32 (note 13)
+            p = p.float()
+            f_in = self.f_in(p)
+            out = self.head(f_in, grid, intermediates)
+        if intermediates:
+            out["p"] = p
+        return out
+
+    def f_in(self, p: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """P (B, s, e) → F_in: each patch's class token concatenated (Eq. 2; ``tokens``
+        (B, s, H) in place of the ones the class tokens give: the diagnostics' swap) and the
+        optional projection back to e (note 2); P itself without class tokens."""
+        if self.class_tokens is None:
+            f = p
+        elif tokens is None:
+            f = self.class_tokens(p)
+        else:
+            f = torch.cat([p, tokens.to(p.dtype)], dim=-1)
+        return self.token_proj(f) if self.token_proj is not None else f
+
+    def head(self, f_in: torch.Tensor, grid: tuple[int, int], intermediates: bool = False
+             ) -> dict[str, torch.Tensor | tuple[int, int]]:
+        """F_in (B, s, ·) → the CF-BiLSTM (Eq. 3-6) → the classifier (Eq. 7):
+        ``{"logits", "z", "grid"}`` (and ``"f_in"``, ``"f_out"`` with ``intermediates``). The
+        class-token diagnostics (``cpfcte.method.diagnostics``) run it on an altered F_in."""
+        f = f_in
         if self.cf_bilstm is not None:
             f = self.cf_bilstm(self.drop_context(f), grid)
         logits = self.classifier(self.drop_classifier(f))
         out = {"logits": logits, "z": logits.float().softmax(dim=-1), "grid": grid}
         if intermediates:
-            out.update(p=p, f_in=f_in, f_out=f)
+            out.update(f_in=f_in, f_out=f)
         return out
 
 
@@ -169,8 +197,9 @@ def build_model(cfg, num_classes: int) -> CPFCTE:
     backbone = build_backbone(cfg)
     pcfg = getattr(backbone, "pretrained_cfg", {}) or {}
     return CPFCTE(backbone, num_classes, class_tokens=cfg.class_tokens, token_dim=cfg.token_dim,
-                  project_tokens=cfg.project_tokens, cf_bilstm=cfg.cf_bilstm,
-                  lstm_hidden=cfg.lstm_hidden, dropout=cfg.dropout,
+                  token_init_std=cfg.token_init_std, project_tokens=cfg.project_tokens,
+                  cf_bilstm=cfg.cf_bilstm, lstm_hidden=cfg.lstm_hidden,
+                  lstm_init=cfg.lstm_init, dropout=cfg.dropout,
                   lstm_dropout=cfg.lstm_dropout, classifier_init_std=cfg.classifier_init_std,
                   mean=tuple(pcfg.get("mean", (0.5,) * 3)),
                   std=tuple(pcfg.get("std", (0.5,) * 3)))

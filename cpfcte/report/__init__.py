@@ -42,25 +42,91 @@ def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[st
                                          ("md", "csv", "tex", "notes.md", "png", "pdf")])
     out = {}
     for name in names:
+        if not has_runs(name, profile):     # never replace a table with an emptier one
+            continue
         paths = ARTIFACTS[name](profile)
         if paths:
+            record_written(name, profile, paths)
             out[name] = paths
     return out
 
 
-def show(outputs: dict[str, dict[str, Path]], names: str | list[str] | None = None) -> None:
-    """Display written tables (Markdown) and figures (PNG) in a notebook; name the ones whose
-    runs have not been made."""
+def artifacts_for(only: list[str] | None, profile: str) -> list[str]:
+    """The tables and figures a batch limited to ``only`` (groups or run names; None: all)
+    makes: the groups named, and those that read a run named."""
+    from cpfcte.batch import catalog
+
+    if not only:
+        return list(ARTIFACTS)
+    import re
+
+    groups = catalog.load_batch().groups
+    runs = {re.sub(r"_s\d+$", "", o) for o in only if o not in ARTIFACTS}   # a seed's base
+    return [name for name in ARTIFACTS if name in only or
+            runs & set(catalog.group_reads(groups[name], profile))]
+
+
+def has_runs(name: str, profile: str) -> bool:
+    """Whether any run that the table or figure ``name`` reads has results for ``profile``
+    (its metrics.json). Without one, the report leaves the file as it is: the committed
+    table stays, never replaced by one of empty cells."""
+    from cpfcte.batch import catalog
+
+    group = catalog.load_batch().groups[name]
+    for base in catalog.group_reads(group, profile):
+        for run in catalog.seed_runs(profile, base) or [base]:
+            if catalog.run_metrics(profile, run)[0] is not None:
+                return True
+    return False
+
+
+def written_record(name: str, profile: str) -> Path:
+    """Where the report notes what it wrote of ``name`` for ``profile`` (the files and their
+    sha256): ``runs/<profile>/.report/<name>.json``. ``paper --check`` compares only the tables
+    a report of this machine wrote from its runs."""
+    from cpfcte.machinery.paths import runs_dir
+
+    return runs_dir() / profile / ".report" / f"{name}.json"
+
+
+def record_written(name: str, profile: str, paths: dict[str, Path]) -> None:
+    from cpfcte.machinery.io import sha256_file, write_json
+
+    record = written_record(name, profile)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json(record, {"name": name, "profile": profile,
+                        "files": {kind: {"path": str(Path(p).resolve()),
+                                         "sha256": sha256_file(p)}
+                                  for kind, p in paths.items()}})
+
+
+def show(outputs: dict[str, dict[str, Path]], names: str | list[str] | None = None,
+         profile: str = "toy") -> None:
+    """Display written tables (Markdown) and figures (PNG) in a notebook. A table or figure
+    whose runs are not here is shown as it stands in tables/ or figures/ (the committed one, on
+    a fresh clone), and said to be so; one that does not exist is named."""
     from IPython.display import Image, Markdown, display
 
-    for paths in outputs.values():
+    from cpfcte.machinery.paths import output_dir
+    from cpfcte.report.tables import suffix
+
+    wanted = list(ARTIFACTS) if names in (None, "all") else [
+        n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+    for name in wanted:
+        paths = outputs.get(name)
+        if paths is None:
+            md = output_dir("tables") / f"{name}{suffix(profile)}.md"
+            png = output_dir("figures") / f"{name}{suffix(profile)}.png"
+            found = md if md.is_file() else png if png.is_file() else None
+            if found is None:
+                print(f"{name}: its runs have not been made yet (make paper makes them)")
+                continue
+            display(Markdown(f"*{name}: the {found.parent.name}/{found.name} in the project "
+                             f"(the committed one on a fresh clone), not regenerated here: its "
+                             f"runs are not in runs/{profile} (make paper makes them)*"))
+            paths = {"md": found} if found is md else {"png": found}
         display(Markdown(paths["md"].read_text()) if "md" in paths
                 else Image(filename=str(paths["png"])))
-    wanted = list(ARTIFACTS) if names in (None, "all") else (
-        names.split(",") if isinstance(names, str) else names)
-    for name in wanted:
-        if name.strip() not in outputs:
-            print(f"{name.strip()}: its runs have not been made yet")
 
 
 def show_notes(outputs: dict[str, dict[str, Path]]) -> None:

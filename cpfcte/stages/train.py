@@ -1,8 +1,9 @@
 """Stage 1: train CPF-CTE on image-level labels (Sec. 4.2; notes 6, 12, 13).
 
 Adam with the paper's two-stage learning rate (``lr_warmup`` for ``warmup_epochs`` epochs, then
-``lr``), the backbone optionally frozen during the first stage, bf16 autocast on CUDA, the MCE
-loss in float32. The run folder follows ``cpfcte.machinery.runfolder``: a checkpoint is written atomically
+``lr``; a fresh Adam at the change, as ViT-PCM), the backbone optionally frozen during the first
+stage, bf16 autocast on CUDA for the ViT, the head and the MCE loss in float32. After every epoch
+the class tokens' mechanism is measured (``cpfcte.method.diagnostics``; note 23) and logged. The run folder follows ``cpfcte.machinery.runfolder``: a checkpoint is written atomically
 after every epoch; calling ``train`` again on the same run folder resumes from it (or returns at
 once when training is complete), and the result equals that of an uninterrupted run: the data
 order and the flips of epoch ``e`` depend only on (seed, e).
@@ -29,6 +30,8 @@ from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.finite import FiniteGuard, NonFiniteError
 from cpfcte.machinery.io import read_json, write_json
 from cpfcte.machinery.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder, releases_locks
+from cpfcte.method.diagnostics import class_token_diagnostics
+from cpfcte.method.diagnostics import describe as describe_mechanisms
 from cpfcte.method.mce_loss import mce_loss
 from cpfcte.method.metrics import label_map
 from cpfcte.method.network import CPFCTE, build_model
@@ -114,6 +117,25 @@ class EpochShard(torch.utils.data.Sampler):
 def make_model(cfg: Config) -> CPFCTE:
     numerics.set_seed(cfg.seed)
     return build_model(cfg, len(classes_of(cfg)))
+
+
+def optimiser_for(model: CPFCTE, cfg: Config, lr: float) -> torch.optim.Adam:
+    """Adam over every parameter (a frozen one has no gradient and is not stepped), with Keras's
+    epsilon (``adam_eps``, 1e-7: ViT-PCM's ``Adam(learning_rate=...)``; note 6)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+
+
+def diagnostic_batch(data: "ClassificationData", n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the mechanisms are measured on after every epoch: ``n`` spread evenly over
+    the training split, resized as in training and not augmented (n, 3, S, S), and their image
+    labels (n, C)."""
+    from cpfcte.data.transforms import resized_input
+
+    idx = np.unique(np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int))
+    x = torch.stack([resized_input(data.voc.image(int(i)), data.size, data.resize)
+                     for i in idx])
+    return x, torch.from_numpy(data.labels[idx])
 
 
 PHASES = ("warm-up", "main")
@@ -225,8 +247,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                               cfg.seed, cfg.resize)
 
     model = make_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_warmup,
-                                 weight_decay=cfg.weight_decay)
+    optimizer = optimiser_for(model, cfg, cfg.lr_warmup)
+    optimizer_phase = None                            # the phase the optimizer's state is of
     start_epoch, history = 0, []
     state = folder.load_checkpoint(cfg.digest())
     if state is not None:
@@ -237,7 +259,10 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
+        optimizer_phase = history[-1]["phase"] if history else None
         logger.info("resumed from %s at epoch %d", folder.path / CHECKPOINT, start_epoch)
+    diag_x, diag_y = (diagnostic_batch(data, cfg.diagnostic_images)
+                      if cfg.diagnostic_images and rank == 0 else (None, None))
     end_epoch = cfg.epochs if max_epochs is None else min(cfg.epochs, start_epoch + max_epochs)
     use_amp = cfg.amp and device.type == "cuda"
     per_rank = cfg.batch_size // world
@@ -270,6 +295,12 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         warm = epoch < cfg.warmup_epochs
         phase = PHASES[0] if warm else PHASES[1]
         frozen = bool(warm and cfg.freeze_backbone_warmup)
+        if cfg.optimizer_per_phase and optimizer_phase not in (None, phase):
+            # a fresh Adam at the phase change, as ViT-PCM compiles one after unfreeze()
+            optimizer = optimiser_for(model, cfg, cfg.lr)
+            logger.info("epoch %d: phase %s, a fresh Adam (optimizer_per_phase)", epoch + 1,
+                        phase)
+        optimizer_phase = phase
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_warmup if warm else cfg.lr
         set_phase(model, cfg, phase)
@@ -311,6 +342,11 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                   "seconds": round(time.time() - t0, 3)}
         if guard.skipped:
             record["skipped_nonfinite"], guard.skipped = guard.skipped, 0
+        if diag_x is not None:                         # what the mechanisms do (note 23)
+            record["mechanisms"] = class_token_diagnostics(
+                model, diag_x.to(device), diag_y.to(device), pooling=cfg.pooling, k=cfg.k,
+                norm=cfg.bpm_norm, batch=per_rank)
+            logger.info("epoch %d: %s", epoch + 1, describe_mechanisms(record["mechanisms"]))
         history.append(record)
         if rank == 0:
             folder.save_checkpoint({"model": model.state_dict(),
@@ -328,6 +364,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                "complete": len(history) >= cfg.epochs, "history": history,
                "digest": cfg.digest(), "device": str(device), "processes": world,
                "trainable_parameters": trainable,
+               "mechanisms": next((r["mechanisms"] for r in reversed(history)
+                                   if "mechanisms" in r), None),
                "numerics": numerics.describe(device)}
     if world > 1:
         (folder.path / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
