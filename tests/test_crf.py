@@ -89,7 +89,10 @@ def test_the_crf_defaults_are_vit_pcms():
     )
 
     expected = {"gaussian_sxy": 1.0, "gaussian_compat": 3.0, "bilateral_sxy": 67.0,
-                "bilateral_srgb": 3.0, "bilateral_compat": 4.0, "iterations": 10}
+                "bilateral_srgb": 3.0, "bilateral_compat": 4.0, "iterations": 10,
+                # pydensecrf's unary_from_softmax (clip 1e-5) over all classes, as both
+                # references call it; ViT-PCM's CRF path upsamples with half-pixel centres
+                "unary_clip": 1e-5, "classes": "all", "upsample": "half_pixel"}
     assert CRFConfig().parameters() == expected == REFERENCE_TEST_CRF.parameters()
     for profile in ("toy", "voc", "coco"):
         assert load_config(profile).crf.parameters() == expected, profile
@@ -109,7 +112,7 @@ def make_jobs(tmp_path, n, size=(48, 64)):
         grid /= grid.sum(0, keepdims=True)
         save_grid_probs(tmp_path / f"{i:03d}.npz", grid, np.array([1, 0, 1]))
         jobs.append(CRFJob(str(tmp_path / "out" / f"{i:03d}.png"), str(tmp_path / f"{i:03d}.jpg"),
-                           str(tmp_path / f"{i:03d}.npz")))
+                           str(tmp_path / f"{i:03d}.npz"), num_classes=3))
     return jobs
 
 
@@ -128,7 +131,7 @@ def test_stage_writes_only_image_classes_and_resumes(tmp_path):
 
 
 def test_stage_refuses_a_ground_truth_output(tmp_path):
-    jobs = [CRFJob(str(tmp_path / "SegmentationClass" / "x.png"), j.image, j.probs)
+    jobs = [CRFJob(str(tmp_path / "SegmentationClass" / "x.png"), j.image, j.probs, None, 3)
             for j in make_jobs(tmp_path, 1)]
     with pytest.raises(CpfcteError, match="ground-truth folder"):
         crf_stage(jobs, CRFConfig(workers=1), progress=False)
@@ -169,7 +172,7 @@ def test_killed_stage_leaves_no_partial_file_and_resumes(tmp_path):
     import json
 
     proc = subprocess.Popen([sys.executable, "-c", code,
-                             json.dumps([(j.out, j.image, j.probs) for j in jobs])])
+                             json.dumps([(j.out, j.image, j.probs, None, 3) for j in jobs])])
     out = tmp_path / "out"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("*.png"))) < 3:
@@ -211,3 +214,58 @@ def test_a_stream_of_in_memory_jobs_is_consumed_lazily_with_few_in_flight(tmp_pa
         assert (a == b).all() and set(np.unique(a)) <= {0, 3}  # labels mapped through classes
     again = crf_stage(stream(tmp_path / "pool", []), CRFConfig(workers=2), progress=False)
     assert again["skipped"] == 12 and again["written"] == 0
+
+
+def test_the_unary_is_pydensecrfs_unary_from_softmax():
+    """-log max(p, clip): with the reference's clip an absent class costs 11.5, not infinity;
+    the CRF over the same maps gives what pydensecrf's own unary_from_softmax gives."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    from cpfcte.machinery.config import CRFConfig
+    from cpfcte.method.crf import dense_crf
+
+    rng = np.random.default_rng(1)
+    probs = rng.random((3, 20, 30)).astype(np.float32)
+    probs[2] = 0.0                                       # an absent class: probability 0
+    probs /= probs.sum(0, keepdims=True)
+    image = (rng.random((20, 30, 3)) * 255).astype(np.uint8)
+    params = CRFConfig()
+    d = dcrf.DenseCRF2D(30, 20, 3)
+    unary = np.ascontiguousarray(unary_from_softmax(probs))
+    assert np.isclose(unary[2].max(), -np.log(1e-5)) and np.isclose(-np.log(1e-5), 11.5129, atol=1e-4)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                           rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+    reference = np.asarray(d.inference(params.iterations), dtype=np.float32).reshape(3, 20, 30)
+    assert np.array_equal(dense_crf(image, probs, params), reference)
+
+
+def test_the_crf_input_over_all_classes_or_the_images():
+    """crf.classes=all: every class, the absent ones at 0, in class order; image: only the
+    image's; crf.upsample: half-pixel centres (ViT-PCM's CRF path) or aligned corners."""
+    from cpfcte.machinery.config import CRFConfig
+    from cpfcte.method.crf import bilinear_resize, crf_input
+
+    grid = np.stack([np.full((2, 2), 0.75), np.array([[0.0, 0.5], [0.25, 0.5]])])
+    grid[0] = 1 - grid[1]
+    present = np.array([0, 3])
+    probs, classes = crf_input(grid, present, (4, 6), CRFConfig(), 5)
+    assert probs.shape == (5, 4, 6) and list(classes) == [0, 1, 2, 3, 4]
+    assert not probs[[1, 2, 4]].any() and np.allclose(probs.sum(0), 1)
+    assert np.allclose(probs[3], bilinear_resize(grid[1:], (4, 6), align_corners=False)[0])
+    only, which = crf_input(grid, present, (4, 6), CRFConfig(classes="image",
+                                                             upsample="corners"), 5)
+    assert only.shape == (2, 4, 6) and list(which) == [0, 3]
+    assert np.allclose(only[1], bilinear_resize(grid[1:], (4, 6), align_corners=True)[0])
+    assert only[1, 0, 5] == 0.5 and probs[3, 0, 5] == 0.5 and probs[3, 0, 2] != only[1, 0, 2]
+
+
+@pytest.mark.parametrize("field,value", [("classes", "some"), ("upsample", "cubic"),
+                                         ("unary_clip", 0)])
+def test_bad_crf_switches_are_refused_by_name(field, value):
+    from cpfcte.machinery.config import load_config
+
+    with pytest.raises(CpfcteError, match=f"crf.{field}"):
+        load_config("toy", {f"crf.{field}": value})

@@ -173,7 +173,7 @@ def test_the_walk_shows_the_tensors_the_pseudo_label_stage_makes(trained):
     with torch.no_grad():
         grid = patch_probs(model, x[None])[0]                                 # (C, h, w)
     labels = torch.from_numpy(voc.labels(1))
-    start = crf_start(grid, labels, image.shape[:2], norm=cfg.bpm_norm, align_corners=aligned(cfg))
+    start = crf_start(grid, labels, image.shape[:2], norm=cfg.bpm_norm, params=cfg.crf)
     flat = grid.flatten(1).T                                                  # (s, C)
     v = {"grid": grid.numpy(), "pooled": pool(flat[None], cfg.pooling, cfg.k)[0].numpy(),
          "topk": flat.topk(cfg.k, dim=0).indices.T.numpy(), "labels": voc.labels(1),

@@ -65,10 +65,22 @@ class CRFConfig:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
     iterations: int = 10
+    # the unary -log max(p, unary_clip): pydensecrf's unary_from_softmax (clip 1e-5), which
+    # ViT-PCM's and kazuto1011's DenseCRF (crf.py) call
+    unary_clip: float = 1e-5
+    # over which classes: all (the references: every class, an absent one at probability 0,
+    # so at the finite cost -log 1e-5 = 11.5) or image (only the image's classes: an absent one
+    # can never appear; about twice as fast)
+    classes: str = "all"
+    # how the pseudo labels' patch grid is upsampled for the CRF: half_pixel (ViT-PCM's CRF
+    # path: scikit-image's resize, order 1, in main.py test --crf) or corners (as the BPM)
+    upsample: str = "half_pixel"
     workers: int = 0                   # processes for the CRF; 0 = every core
 
     PARAMETERS = ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
-                  "bilateral_compat", "iterations")
+                  "bilateral_compat", "iterations", "unary_clip", "classes", "upsample")
+    CLASSES = ("all", "image")
+    UPSAMPLES = ("half_pixel", "corners")
 
     def parameters(self) -> dict[str, float]:
         """The CRF's parameters (what its result depends on; not ``workers``)."""
@@ -77,14 +89,23 @@ class CRFConfig:
     def describe(self) -> str:
         return (f"Gaussian (sxy {self.gaussian_sxy:g}, compat {self.gaussian_compat:g}), "
                 f"bilateral (sxy {self.bilateral_sxy:g}, srgb {self.bilateral_srgb:g}, compat "
-                f"{self.bilateral_compat:g}), {self.iterations} iterations")
+                f"{self.bilateral_compat:g}), {self.iterations} iterations; unary clipped at "
+                f"{self.unary_clip:g}, over {self.classes} classes"
+                + ("; the patch grid upsampled with "
+                   f"{'half-pixel centres' if self.upsample == 'half_pixel' else 'aligned corners'}"))
 
     def validate(self) -> None:
-        for name in self.PARAMETERS[:5]:
+        for name in self.PARAMETERS[:5]:                 # the kernels' widths and weights
             if float(getattr(self, name)) <= 0:
                 raise CpfcteError(f"parameter crf.{name}={getattr(self, name)!r} must be > 0")
         if self.iterations < 1:
             raise CpfcteError(f"parameter crf.iterations={self.iterations!r} must be ≥ 1")
+        if not 0 < float(self.unary_clip) < 1:
+            raise CpfcteError(f"parameter crf.unary_clip={self.unary_clip!r} must be in (0, 1)")
+        for name, options in (("classes", self.CLASSES), ("upsample", self.UPSAMPLES)):
+            if getattr(self, name) not in options:
+                raise CpfcteError(f"parameter crf.{name}={getattr(self, name)!r} is not one of "
+                                  f"{list(options)}")
         if self.workers < 0:
             raise CpfcteError(f"parameter crf.workers={self.workers!r} must be ≥ 0")
 

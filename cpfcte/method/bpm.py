@@ -5,7 +5,7 @@ and the same maps upsampled as the dense CRF's start (``crf_start``).
 
     Z (C, h, w) ──mask absent classes──► ──normalise (pcm)──► maps (C, h, w)
          ──bilinear to H×W──► argmax ──► BPM (H, W)                        Eq. 10
-    maps ──upsampled over the image's classes──► the CRF's probabilities (K, H, W)
+    maps ──upsampled (cfg.crf.upsample), over cfg.crf.classes──► the CRF's probabilities
 """
 
 from __future__ import annotations
@@ -69,15 +69,15 @@ def bpm_from_probs(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, i
 
 
 def crf_start(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], *,
-              norm: str = "pcm", align_corners: bool = True) -> tuple[np.ndarray, np.ndarray]:
+              norm: str = "pcm", params=None) -> tuple[np.ndarray, np.ndarray]:
     """Where the CRF starts for one image, as the pseudo-label stage's CRF does: the BPM's grid
-    maps (``bpm_grid``) of the image's classes, upsampled to ``size`` and renormalised over
-    them (``cpfcte.method.crf.upsampled_probs``), and those classes: ``(probs K×H×W, classes)``."""
-    from cpfcte.method.crf import upsampled_probs
+    maps (``bpm_grid``) of the image's classes, upsampled to ``size`` and renormalised, over
+    the classes ``params`` (a ``CRFConfig``) says (``cpfcte.method.crf.crf_input``):
+    ``(probs K×H×W, classes)``."""
+    from cpfcte.machinery.config import CRFConfig
+    from cpfcte.method.crf import crf_input
 
     present = torch.nonzero(labels > 0).flatten()
     maps = bpm_grid(probs[None], labels[None].to(probs.device), norm)[0][present]
-    return (upsampled_probs(maps.cpu().numpy(), size, align_corners),
-            present.cpu().numpy())
-
-
+    return crf_input(maps.cpu().numpy(), present.cpu().numpy(), size, params or CRFConfig(),
+                     probs.shape[0])

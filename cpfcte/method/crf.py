@@ -42,7 +42,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFConfig = CRFConfi
         raise CpfcteError("dense_crf: probabilities must be ≥ 0 and sum to 1 over classes at "
                           f"every pixel (sums range {sums.min():.4f}..{sums.max():.4f})")
     c, h, w = probs.shape
-    unary = -np.log(np.clip(probs.astype(np.float32), 1e-8, 1.0)).reshape(c, -1)
+    unary = -np.log(np.clip(probs.astype(np.float32), np.float32(params.unary_clip),
+                            1.0)).reshape(c, -1)
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.array(unary, dtype=np.float32, order="C"))
     d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
@@ -111,3 +112,22 @@ def upsampled_probs(grid: np.ndarray, size: tuple[int, int],
     """Bilinear upsampling of (K, h, w) to (K, H, W) (as for the BPM), renormalised over K."""
     up = np.clip(bilinear_resize(grid.astype(np.float32), size, align_corners), 0, None)
     return up / np.clip(up.sum(axis=0, keepdims=True), 1e-8, None)
+
+
+def crf_input(grid: np.ndarray, present, size: tuple[int, int], params: CRFConfig,
+              num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the CRF starts from, for the BPM's patch-grid maps ``grid`` (K, h, w) of the image's
+    classes ``present``: the maps upsampled to ``size`` as ``params.upsample`` says (ViT-PCM's
+    CRF path: half-pixel centres) and renormalised over them; with ``params.classes == "all"``
+    (the references) every one of the ``num_classes`` classes, the absent ones at probability 0.
+    Returns ``(probs K'×H×W, the class of each map)``."""
+    present = np.asarray(present, dtype=np.int64)
+    probs = upsampled_probs(grid, size, params.upsample == "corners")
+    if params.classes == "image":
+        return probs, present
+    if len(present) and num_classes <= present.max():
+        raise CpfcteError(f"a CRF over all classes needs the number of classes (got "
+                          f"{num_classes}, but the image has class {present.max()})")
+    full = np.zeros((num_classes, *probs.shape[1:]), dtype=np.float32)
+    full[present] = probs
+    return full, np.arange(num_classes)

@@ -3,10 +3,10 @@ DeepLabv2's test-time CRF (note 15).
 
 ``crf_stage`` refines a stream of ``CRFJob``s, one image each: either the patch-grid
 probabilities saved by the pseudo-label stage (only the classes of the image label), upsampled
-bilinearly to the image size and renormalised, or probabilities already at the image size
-(DeepLabv2's multi-scale prediction). The CRF (``cpfcte.method.crf``) runs over those classes
-only (about twice as fast as over all 21) and the argmax is written as a palette PNG,
-atomically. The stage runs in a process pool over all cores with a bounded number of jobs in
+bilinearly to the image size and renormalised (``cpfcte.method.crf.crf_input``), or
+probabilities already at the image size (DeepLabv2's multi-scale prediction). The CRF
+(``cpfcte.method.crf``) runs over every class (``crf.classes=all``, the references) or the
+image's only, and the argmax is written as a palette PNG, atomically. The stage runs in a process pool over all cores with a bounded number of jobs in
 flight, skips images already written (a killed run resumes), and survives a crashing worker:
 the images that failed are reported, the rest are written.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from cpfcte.machinery.config import CRFConfig
 from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.io import clean_partial, pid_alive
-from cpfcte.method.crf import crf_labels, load_grid_probs, upsampled_probs
+from cpfcte.method.crf import crf_input, crf_labels, load_grid_probs
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,13 @@ class CRFJob:
     ``.npz`` of patch-grid probabilities written by ``save_grid_probs`` (upsampled to the image
     size in the worker), or K×H×W probabilities at the image size, each pixel summing to 1,
     with ``classes`` the label of each of the K maps. ``out``: the PNG to write.
-    ``align_corners``: how the patch grid is upsampled (``bilinear_resize``)."""
+    ``num_classes``: the dataset's, for a CRF over all classes (``crf.classes=all``)."""
 
     out: str
     image: str | np.ndarray = field(repr=False)
     probs: str | np.ndarray = field(repr=False)
     classes: np.ndarray | None = field(default=None, repr=False)
-    align_corners: bool = False
+    num_classes: int = 0
 
     @property
     def name(self) -> str:
@@ -56,12 +56,13 @@ def crf_image(job: CRFJob, params: dict) -> str:
         img = job.image
     else:
         img = np.asarray(read_image(job.image), dtype=np.uint8)
+    crf = CRFConfig(**params)
     if isinstance(job.probs, np.ndarray):
         probs, classes = job.probs, np.asarray(job.classes)
     else:
-        grid, classes = load_grid_probs(Path(job.probs))
-        probs = upsampled_probs(grid, img.shape[:2], job.align_corners)
-    save_label_png(job.out, crf_labels(img, probs, classes, CRFConfig(**params)))
+        grid, present = load_grid_probs(Path(job.probs))
+        probs, classes = crf_input(grid, present, img.shape[:2], crf, job.num_classes)
+    save_label_png(job.out, crf_labels(img, probs, classes, crf))
     return job.name
 
 

@@ -76,9 +76,12 @@ def _predict_probs(model, image, scales, flip, single, views):
     return total / n, one
 
 
-def crf_classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The classes the test-time CRF runs over (probability ≥ 1e-3 somewhere in the image) and
-    their probabilities renormalised over them: ``(probs, classes)``."""
+def crf_classes(probs: np.ndarray, params) -> tuple[np.ndarray, np.ndarray]:
+    """The maps the test-time CRF runs over and their classes, ``(probs, classes)``: every
+    class (``crf.classes=all``, kazuto1011's), or those whose probability reaches 1e-3
+    somewhere in the image, renormalised over them (``image``)."""
+    if params.classes == "all":
+        return probs, np.arange(len(probs))
     keep = np.flatnonzero(probs.reshape(len(probs), -1).max(1) >= 1e-3)
     sub = probs[keep]
     return sub / sub.sum(0, keepdims=True), keep
@@ -92,8 +95,9 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
                   progress: bool = True) -> dict:
     """Write single-scale argmax predictions to ``out_dir/pred_ss``, multi-scale + flip ones to
     ``out_dir/pred`` and, with ``cfg.deeplab.crf``, CRF-refined ones (``cfg.test_crf()``) to
-    ``out_dir/pred_crf``: the CRF runs over the classes whose probability reaches 1e-3
-    somewhere in the image, in the pseudo labels' crash-tolerant pool (``crf_stage``; a failed
+    ``out_dir/pred_crf``: the CRF runs over every class (the reference's; with
+    ``crf.classes=image`` over the classes whose probability reaches 1e-3 somewhere in the
+    image), in the pseudo labels' crash-tolerant pool (``crf_stage``; a failed
     image is an error naming it, the others are written). Images already written are
     skipped."""
     from cpfcte.machinery.guard import refuse_ground_truth
@@ -101,7 +105,7 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
     from cpfcte.machinery.progress import progress_bar
     from cpfcte.stages.crf_pool import CRFJob, crf_stage, raise_on_failures
 
-    use_crf = cfg.deeplab.crf
+    use_crf, crf_params = cfg.deeplab.crf, cfg.test_crf()
     single, plain, refined = (out_dir / LEVEL_DIRS[k] for k in LEVEL_DIRS)
     for d in (single, plain, refined):
         refuse_ground_truth(d, "prediction folder")
@@ -128,12 +132,12 @@ def predict_split(model: DeepLabV2, voc, out_dir: Path, cfg: Config,
                                one.argmax(0).cpu().numpy().astype(np.uint8))
                 save_label_png(plain / f"{image_id}.png", probs.argmax(0).astype(np.uint8))
             if need_crf:
-                sub, keep = crf_classes(probs)
-                yield CRFJob(str(refined / f"{image_id}.png"), image, sub, keep)
+                yield CRFJob(str(refined / f"{image_id}.png"), image,
+                             *crf_classes(probs, crf_params))
 
     t0 = time.time()
     if use_crf:
-        raise_on_failures(crf_stage(predictions(), cfg.test_crf(), progress=False), refined)
+        raise_on_failures(crf_stage(predictions(), crf_params, progress=False), refined)
     else:
         for _ in predictions():
             pass

@@ -132,7 +132,7 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
                 from cpfcte.method.crf import crf_labels
 
                 probs, present = crf_start(grid, keep, (h, w), norm=cfg.bpm_norm,
-                                           align_corners=aligned(cfg))
+                                           params=crf_params)
                 labels = crf_labels(image, probs, present, crf_params)
             if scores:
                 (out / "scores").mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
                 from cpfcte.method.crf import crf_labels
                 from cpfcte.stages.deeplab_predict import crf_classes
 
-                labels = crf_labels(image, *crf_classes(probs), crf_params)
+                labels = crf_labels(image, *crf_classes(probs, crf_params), crf_params)
         save_label_png(out / "labels" / f"{path.stem}.png", labels, palette=True)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "overlays" / f"{path.stem}.jpg") as tmp:

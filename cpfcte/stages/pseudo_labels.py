@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cpfcte.data.transforms import aligned, resized_input
+from cpfcte.data.transforms import resized_input
 from cpfcte.data.voc import VOCDataset
 from cpfcte.machinery import numerics
 from cpfcte.machinery.config import BPM_NORMS, Config, derive
@@ -231,7 +231,7 @@ def crf_refine(voc: VOCDataset, probs_dir: Path, out_dir: Path, gt: Path | None,
     from cpfcte.stages.crf_pool import CRFJob, crf_stage
 
     jobs = [CRFJob(str(out_dir / f"{image_id}.png"), str(voc.image_path(i)),
-                   str(probs_dir / f"{image_id}.npz"), align_corners=aligned(cfg))
+                   str(probs_dir / f"{image_id}.npz"), num_classes=len(voc.classes))
             for i, image_id in enumerate(voc.ids)]
     run = crf_stage(jobs, cfg.crf, progress=progress)
     raise_on_failures(run, out_dir)

@@ -130,7 +130,7 @@ def walk_image(model, cfg, rgb, labels: np.ndarray | None, name: str, *,
     refined = None
     if crf:
         probs, present = crf_start(grid, multi_hot, size_hw, norm=cfg.bpm_norm,
-                                   align_corners=aligned(cfg))
+                                   params=cfg.crf)
         refined = crf_labels(image, probs, present, cfg.crf)
     ct = model.class_tokens
     assignment = ct.assignment(out["p"]).float()[0] if ct is not None and ct.mode == "soft" else None
