@@ -6,7 +6,7 @@
 # The first target run creates .venv and installs the pinned requirements (about 2 minutes).
 
 PROFILE ?= toy
-JOBS    ?= 2
+JOBS    ?=            # runs at once; empty: one per core as memory allows (the toy), 1 on a GPU
 EXECUTOR ?= local
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -30,7 +30,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 paper: $(STAMP)
-	$(PY) -m cpfcte paper --profile $(PROFILE) --jobs $(JOBS) --executor $(EXECUTOR)
+	$(PY) -m cpfcte paper --profile $(PROFILE) $(if $(strip $(JOBS)),--jobs $(JOBS)) --executor $(EXECUTOR)
 
 report: $(STAMP)
 	$(PY) -m cpfcte report --profile $(PROFILE)

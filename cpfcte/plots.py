@@ -182,6 +182,58 @@ def training_curves(run_dir: str | Path):
     return fig
 
 
+def mechanism_curves(run_dir: str | Path):
+    """What the class tokens did in a stage-1 run, epoch by epoch (note 23;
+    ``cpfcte.method.diagnostics``): the soft assignment's mean largest weight and entropy, the
+    share of BPM labels the mean-token swap changes, and the rms of the two halves of F_in,
+    each beside the line that separates alive tokens from a learned constant. None for a run
+    without measurements (``diagnostic_images=0``)."""
+    import matplotlib.pyplot as plt
+
+    from cpfcte.machinery.runfolder import RunFolder
+    from cpfcte.method.diagnostics import ALIVE_MAX_WEIGHT, ALIVE_SWAP
+
+    history = [h for h in RunFolder(run_dir).summary()["history"] if "mechanisms" in h]
+    if not history:
+        return None
+    epochs = [h["epoch"] for h in history]
+    m = [h["mechanisms"] for h in history]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
+    if "max_weight" in m[0]:
+        uniform = m[0]["uniform_weight"]
+        axes[0].plot(epochs, [d["max_weight"] for d in m], marker=".", label="mean largest weight")
+        axes[0].axhline(uniform, color="gray", ls=":", label=f"uniform (1/C = {uniform:.3f})")
+        axes[0].axhline(ALIVE_MAX_WEIGHT * uniform, color="C3", ls="--",
+                        label=f"alive above {ALIVE_MAX_WEIGHT:g}/C")
+        axes[1].plot(epochs, [d["entropy"] for d in m], marker=".", color="C1",
+                     label="entropy / ln C")
+        axes[1].axhline(1.0, color="gray", ls=":", label="uniform")
+    else:
+        for ax in axes[:2]:
+            ax.text(0.5, 0.5, f"no soft assignment\n(class_tokens={m[0]['class_tokens']})",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    axes[0].set_title("class-token assignment", fontsize=9)
+    axes[1].set_title("its entropy (1: uniform)", fontsize=9)
+    if "swap_changed" in m[0]:
+        axes[2].plot(epochs, [100 * d["swap_changed"] for d in m], marker=".", color="C2",
+                     label="BPM labels changed")
+        axes[2].axhline(100 * ALIVE_SWAP, color="C3", ls="--",
+                        label=f"alive above {100 * ALIVE_SWAP:g} %")
+        axes[3].plot(epochs, [d["token_rms"] for d in m], marker=".", color="C4",
+                     label="token half of F_in")
+    axes[2].set_title("mean-token swap (%)", fontsize=9)
+    axes[3].plot(epochs, [d["patch_rms"] for d in m], marker=".", color="C5",
+                 label="patch half of F_in")
+    axes[3].set_title("rms", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def learning_curves(runs: dict[str, str | Path]):
     """Stage-1 learning curves of several runs side by side (e.g. every seed of a
     configuration): MCE loss and the mAP of the image-level scores per epoch."""

@@ -291,8 +291,14 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     from cpfcte.report import table4, table5
 
     def pseudo(run, crf, seed=0):
+        train = runs_dir() / "toy" / f"train_of_{run}"
+        alive = run.startswith("pseudo_full") and seed != 1          # seed 1's tokens idle
+        write_json(train / "summary.json", {"mechanisms": {
+            "alive": alive, "max_weight": 0.8 if alive else 0.094, "uniform_weight": 1 / 11,
+            "swap_changed": 0.02 if alive else 0.0, "label_map": 0.5}})
         write_json(runs_dir() / "toy" / run / "metrics.json",
-                   {"miou": crf - 0.05, "crf": {"miou": crf}, "iou": [crf], "config_digest": "d" + run})
+                   {"miou": crf - 0.05, "crf": {"miou": crf}, "iou": [crf],
+                    "config_digest": "d" + run, "train_run": str(train)})
         write_json(runs_dir() / "toy" / run / "run.json",
                    {"status": "done", "seconds": 60, "hardware": "x86_64 2 cores, no GPU",
                     "params": {"seed": seed, "profile": "toy"}, "notebook": "03_pseudo_labels.ipynb"})
@@ -305,11 +311,12 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
                {"status": "failed", "notebook": "03_pseudo_labels.ipynb"})
     paths = table4("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
-    assert "| ✓ |  |  | 65.2 | reference | 62.0 ± 2.0 (n=3) | reference |" in md
+    assert "| ✓ |  |  | 65.2 | reference | 62.0 ± 2.0 (n=3) | reference | no tokens |" in md
     # paired by seed: differences 10, 11, 10 → mean 10.33, t(0.975, 2) = 4.303, half-width
     # 4.303 · 0.577 / √3 = 1.43: [8.9, 11.8], which excludes zero (*)
-    assert "| ✓ | ✓ | ✓ | 69.5 | +4.3 | 72.3 ± 2.1 (n=3) | +10.3 [+8.9, +11.8] * (n=3) |" in md
-    assert "| ✓ | ✓ |  | 67.1 | +1.9 | 66.0 | +6.0 (n=1, no interval) |" in md
+    assert ("| ✓ | ✓ | ✓ | 69.5 | +4.3 | 72.3 ± 2.1 (n=3) | +10.3 [+8.9, +11.8] * (n=3) | "
+            "2 of 3 seeds |") in md
+    assert "| ✓ | ✓ |  | 67.1 | +1.9 | 66.0 | +6.0 (n=1, no interval) | 0 of 1 seeds |" in md
     assert "Δ (this − paper)" not in md
     assert "failed: see runs/toy/pseudo_lstm/03_pseudo_labels.ipynb" in md
     assert "level: pseudo-label" in md and "seeds [0, 1, 2]" in md
@@ -317,11 +324,23 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     assert len([line for line in md.splitlines() if line.startswith("- ")]) == 2
     notes = paths["notes"].read_text()                      # the full provenance
     assert "hardware x86_64 2 cores, no GPU" in notes and "config dpseudo_base" in notes
+    assert ("CPF-CTE: seed 0: alive (largest weight 0.80 (uniform 0.09), swap changes 2.0 % of "
+            "BPM labels; label mAP 0.50); seed 1: NOT alive") in notes
     assert "run time 7.0 min" in notes and "95 % confidence interval" in notes
     tex = paths["tex"].read_text()
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"\checkmark" in tex
     md5 = table5("toy", out_dir=tmp_path)["md"].read_text()
     assert "| ✓ |  |  | 67.7 | -1.8 | not run (runs/toy/pseudo_gap) |  |" in md5
+    from cpfcte.report.results import mechanism_table       # notebook 05's table of note 23
+
+    write_json(runs_dir() / "toy" / "deeplab_x" / "metrics.json",    # reads through pseudo_dir
+               {"miou": 0.7, "pseudo_dir": str(runs_dir() / "toy" / "pseudo_full" / "labels")})
+    mt = mechanism_table("toy", {"CPF-CTE": "pseudo_full", "DeepLab": "deeplab_x",
+                                 "absent": "pseudo_nope"})
+    assert "| CPF-CTE | 0 | alive | 0.800 (0.091) | 2.00 % | 0.500 |" in mt
+    assert "| CPF-CTE | 1 | NOT alive | 0.094 (0.091) | 0.00 % | 0.500 |" in mt
+    assert "| DeepLab | 0 | alive | 0.800 (0.091) |" in mt
+    assert "| absent | 0 | not measured |" in mt and len(mt.splitlines()) == 2 + 3 + 1 + 1
     assert "|  |  | ✓ | 69.5 | reference | 72.3 ± 2.1 (n=3) | reference |" in md5
 
 
@@ -582,3 +601,57 @@ def test_random_weights_on_a_paper_scale_profile_are_said_in_the_table_itself(tm
     assert "random init" in (tmp_path / "table1.voc.notes.md").read_text()
     monkeypatch.setattr(provenance, "_init_stamps", lambda run_dir: {"stage 1: timm"})
     assert "RANDOM INIT" not in table1("voc", out_dir=tmp_path)["md"].read_text()
+
+
+def test_a_report_without_runs_leaves_the_tables_as_they_are(tmp_path, monkeypatch, capsys):
+    """On a fresh clone `cpfcte report` (and notebook 07) finds no run: it writes nothing, so
+    the committed tables and figures stay; with the runs of one table, only that one."""
+    from cpfcte.cli import main
+    from cpfcte.report import has_runs, write
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("CPFCTE_OUT", str(out))
+    (out / "tables").mkdir(parents=True)
+    committed = out / "tables" / "table1.md"
+    committed.write_text("the committed table\n")
+    main(["report", "--profile", "toy"])
+    assert "nothing written" in capsys.readouterr().out
+    assert committed.read_text() == "the committed table\n"
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["table1.md"]
+    assert not has_runs("table1", "toy") and write("toy") == {}
+
+
+def test_paper_only_writes_the_groups_it_ran():
+    from cpfcte.report import ARTIFACTS, artifacts_for
+
+    assert artifacts_for(None, "toy") == list(ARTIFACTS)
+    assert artifacts_for(["table1"], "toy") == ["table1"]
+    assert artifacts_for(["table2", "fig5"], "toy") == ["table2", "fig5"]
+    # a run: the tables and figures that read it (a seed's name reads as its run's)
+    assert set(artifacts_for(["pseudo_gap_s1"], "toy")) == {"table5"}
+    assert {"table1", "table4", "table5", "fig7"} <= set(artifacts_for(["pseudo_full"], "toy"))
+    assert "table2" not in artifacts_for(["pseudo_full"], "toy")
+
+
+def test_the_default_jobs_follow_cores_and_memory(monkeypatch):
+    from cpfcte.batch import runner
+
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert runner.default_jobs("voc") == 1                     # the runs share one GPU
+    assert 1 <= runner.default_jobs("toy") <= 8
+    real_open = open
+
+    def meminfo(gigabytes):
+        def fake_open(path, *a, **k):
+            if path == "/proc/meminfo":
+                import io
+                return io.StringIO(f"MemTotal: 1 kB\nMemAvailable: {gigabytes * 2**20} kB\n")
+            return real_open(path, *a, **k)
+        return fake_open
+
+    monkeypatch.setattr("builtins.open", meminfo(64))
+    assert runner.default_jobs("toy") == 8                     # every core
+    monkeypatch.setattr("builtins.open", meminfo(3))
+    assert runner.default_jobs("toy") == 2                     # 3 GB: two kernels of 1.1 GB
+    monkeypatch.setattr("builtins.open", meminfo(0))
+    assert runner.default_jobs("toy") == 1

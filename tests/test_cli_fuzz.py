@@ -115,6 +115,7 @@ def _base(words: tuple[str, ...], root) -> list[str]:
         ("report",): ["report", "--profile", "tiny"],
         ("predict",): ["predict", "--profile", "tiny", "--run", "t", "--images", images, "--out",
                        str(root / "pred"), "--limit", "1"],
+        ("numerics",): ["numerics", "--diff", str(root / "missing.json")],
         ("export", "voc-test"): ["export", "voc-test", "--pred", str(root / "pred" / "labels"),
                                  "--out", str(root / "x.tar.gz"), "--list",
                                  str(root / "missing.txt")],

@@ -110,6 +110,15 @@ def test_a_fingerprint_file_round_trips_through_diff(tmp_path):
     assert mine.returncode == 0, mine.stderr[-2000:]
     (tmp_path / "mine.json").write_text(mine.stdout)
     assert _numerics_cli("--diff", str(tmp_path / "mine.json")).returncode == 0
+    changed = json.loads(mine.stdout)                  # the model changed, not the machine
+    changed["ops"]["toy stage 1: state digest after two training steps"] = "0" * 12
+    (tmp_path / "model.json").write_text(json.dumps(changed))
+    model = _numerics_cli("--diff", str(tmp_path / "model.json"))
+    assert model.returncode == 1 and "cpfcte numerics --write" in model.stderr
+    changed["ops"]["vit qkv linear 2080x96->288"] = "0" * 12
+    (tmp_path / "machine.json").write_text(json.dumps(changed))
+    machine = _numerics_cli("--diff", str(tmp_path / "machine.json"))
+    assert machine.returncode == 1 and "Tell us the processor" in machine.stderr
     (tmp_path / "bad.json").write_text("{}")
     bad = _numerics_cli("--diff", str(tmp_path / "bad.json"))
     assert bad.returncode == 2 and "not a fingerprint file" in bad.stderr

@@ -44,6 +44,19 @@ def test_mce_loss_by_hand():
     assert mce_loss(p, y).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_mce_loss_is_keras_binary_crossentropy_at_the_extremes():
+    """Keras's binary_crossentropy on probabilities (ViT-PCM's loss): p clipped to
+    [1e-7, 1 - 1e-7], then log(p + 1e-7) and log(1 - p + 1e-7); by hand, in float32."""
+    eps = torch.tensor(1e-7, dtype=torch.float32)
+    p = torch.tensor([[1.0, 0.0]])
+    y = torch.tensor([[0.0, 1.0]])
+    hi = torch.clamp(torch.tensor(1.0), eps, 1 - eps)
+    lo = torch.clamp(torch.tensor(0.0), eps, 1 - eps)
+    expected = -(torch.log(1 - hi + eps) + torch.log(lo + eps)) / 2
+    assert mce_loss(p, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert 15.3 < expected.item() < 15.5          # -log(2e-7) ≈ 15.42: capped, not infinite
+
+
 def test_mce_loss_is_float32_and_finite_at_the_extremes():
     p = torch.tensor([[1.0, 0.0]], dtype=torch.bfloat16, requires_grad=True)
     loss = mce_loss(p, torch.tensor([[0.0, 1.0]]))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -96,6 +97,34 @@ def select(batch: Batch, only: list[str] | None, runs: dict[str, Run] | None = N
                 wanted.add(need)
                 stack.append(need)
     return [name for name in runs if name in wanted]
+
+
+KERNEL_BYTES = 1.1 * 2**30      # one toy kernel's peak memory (benchmarks/memory_bench.py)
+
+
+def default_jobs(profile: str) -> int:
+    """How many runs ``cpfcte paper`` executes at once unless told: on the toy (CPU), one per
+    core the process may use, bounded by the memory available (``KERNEL_BYTES`` a kernel); a
+    paper-scale profile, one (its runs share the GPU). A toy run's digits do not depend on it:
+    each run has its own kernel and the profile's fixed thread count (numerics)."""
+    from cpfcte.machinery.config import base_profile
+
+    if base_profile(profile) != "toy":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    available = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    by_memory = cores if available is None else int(available // KERNEL_BYTES)
+    return max(1, min(cores, by_memory))
 
 
 def run_batch(profile: str = "toy", *, only: list[str] | None = None, dry_run: bool = False,

@@ -4,6 +4,7 @@ cell (mean ± std), or why there is none. Everything is read through the catalog
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -181,3 +182,55 @@ def per_class_iou(profile: str, base: str, level: str) -> tuple[list[float] | No
     if not per_seed:
         return None, classes
     return list(np.nanmean(np.array(per_seed, dtype=float), axis=0)), classes
+
+
+def train_run_of(m: dict) -> Path | None:
+    """The stage-1 run upstream of a run's metrics: a pseudo-label run names it
+    (``train_run``); a DeepLabv2 run names its pseudo labels (``pseudo_dir``), whose run names
+    it."""
+    from cpfcte.machinery.io import read_json
+
+    if m.get("train_run"):
+        return Path(m["train_run"])
+    if m.get("pseudo_dir"):
+        for folder in (Path(m["pseudo_dir"]), *Path(m["pseudo_dir"]).parents):
+            if (folder / "metrics.json").is_file():
+                upstream = read_json(folder / "metrics.json")
+                return Path(upstream["train_run"]) if upstream.get("train_run") else None
+    return None
+
+
+def mechanisms(profile: str, base: str) -> dict[int, dict | None]:
+    """{seed: the class tokens' measurements at the end of the stage-1 run upstream of each
+    seed of ``base`` (``summary.json``'s ``mechanisms``; note 23), or None where not measured}."""
+    from cpfcte.machinery.io import read_json
+
+    out = {}
+    for name in seed_runs(profile, base) or [base]:
+        m, _ = catalog.run_metrics(profile, name)
+        train = train_run_of(m) if m else None
+        summary = train / "summary.json" if train else None
+        out[seed_of(base, name)] = (read_json(summary).get("mechanisms")
+                                    if summary and summary.is_file() else None)
+    return out
+
+
+def mechanism_table(profile: str, rows: dict[str, str]) -> str:
+    """A Markdown table, one line per configuration and seed: whether the class tokens are
+    alive at the end of stage 1 (note 23), their largest assignment weight and swap effect, and
+    the image-label mAP, for the runs ``rows`` (label → base run name)."""
+    lines = ["| configuration | seed | class tokens | largest weight (uniform) | mean-token swap "
+             "changes | image-label mAP |", "|---|---|---|---|---|---|"]
+    for label, base in rows.items():
+        for seed, d in sorted(mechanisms(profile, base).items()):
+            if not d:
+                lines.append(f"| {label} | {seed} | not measured | | | |")
+            elif d.get("class_tokens") == "none":
+                lines.append(f"| {label} | {seed} | none | | | {d['label_map']:.3f} |")
+            else:
+                weight = (f"{d['max_weight']:.3f} ({d['uniform_weight']:.3f})"
+                          if "max_weight" in d else f"— ({d['class_tokens']})")
+                lines.append(f"| {label} | {seed} | {'alive' if d['alive'] else 'NOT alive'} | "
+                             f"{weight} | {100 * d['swap_changed']:.2f} % | "
+                             f"{d['label_map']:.3f} |")
+    return "\n".join(lines) + "\n"

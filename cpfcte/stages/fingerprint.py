@@ -270,6 +270,15 @@ def _model_cases() -> dict[str, Callable[[], str]]:
             "toy stage 1: state digest after two training steps": train_step_digest}
 
 
+MODEL_CASE_PREFIX = "toy "
+
+
+def is_model_case(name: str) -> bool:
+    """A case that builds a toy network from this checkout's code (``_model_cases``), rather
+    than one operation on fixed inputs."""
+    return name.startswith(MODEL_CASE_PREFIX)
+
+
 def fingerprint(progress: bool = False) -> dict:
     """{"meta": the machine and its code paths, "ops": {case: hash}} under the pinned numerics
     (one thread, oneDNN off, deterministic algorithms; ``numerics.apply``)."""
