@@ -27,9 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
+import cpfcte  # noqa: E402,F401,I001  (first: pins the CPU numerics before torch loads)
+import torch  # noqa: E402,I001
 
 TINY_VIT = {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -44,22 +43,32 @@ def voc_config(tiny: bool):
     return load_config("voc", over)
 
 
+IEEE = ("ieee", "allow_tf32=False")          # cuDNN's RNN float32 precision without TF32
+
+
 def check_bilstm_dtype(device: torch.device) -> dict:
+    """Each LSTM of the CF-BiLSTM under autocast: float32 in and out, and, on CUDA, cuDNN's RNN
+    precision while it runs: ``ieee``, not the ``tf32`` torch ≥ 2.9 defaults to (note 13)."""
+    from cpfcte.machinery.precision import rnn_precision
     from cpfcte.method.cf_bilstm import CFBiLSTM
 
     lstm = CFBiLSTM(32, 16, "hv").to(device)
-    seen = []
+    seen, precision = [], []
     for sub in (lstm.lstm_h.forward_lstm, lstm.lstm_h.backward_lstm, lstm.lstm_v.forward_lstm,
                 lstm.lstm_v.backward_lstm):
         sub.register_forward_hook(lambda m, i, o: seen.append([str(i[0].dtype),
                                                                str(o[0].dtype)]))
+        sub.register_forward_pre_hook(lambda m, a: precision.append(rnn_precision()))
     x = torch.randn(2, 24, 16, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         f = torch.nn.Linear(16, 32).to(device)(x)        # bf16 under autocast
         out = lstm(f, (4, 6))
     ok = all(d == ["torch.float32", "torch.float32"] for d in seen)
+    if device.type == "cuda":
+        ok = ok and len(precision) == 4 and all(p in IEEE for p in precision)
     return {"input_under_autocast": str(f.dtype), "lstm_in_out": seen,
-            "output": str(out.dtype), "ok": ok}
+            "rnn_precision": precision if device.type == "cuda" else "n/a (no TF32 on a CPU)",
+            "rnn_precision_outside": rnn_precision(), "output": str(out.dtype), "ok": ok}
 
 
 def check_stage1_step(device: torch.device, tiny: bool) -> dict:

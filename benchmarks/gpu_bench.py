@@ -4,7 +4,10 @@
     python benchmarks/gpu_bench.py                 # on a CUDA machine: the paper's sizes, bf16
     python benchmarks/gpu_bench.py --tiny --device cpu --out /tmp/t.json   # the test's sizes
 
-Measures, in one run (random init: throughput does not depend on the weights):
+Measures, in one run (random init: throughput does not depend on the weights), section by
+section in the order of their value to the plan, and saves the JSON after every section
+(``<out>.partial.json`` until the last one is done, then ``<out>``): a section that fails
+records its error and the next one runs, so a late failure keeps every figure before it:
 - stage 1 train step (forward, MCE loss, backward, Adam step) in img/s for the bare ViT-B/16
   (timm's own classification head, BCE on 20 labels) and for the full CPF-CTE (class tokens,
   CF-BiLSTM, patch classifier, top-k, MCE) at 384, batch 16 and 64, eager and torch.compile
@@ -13,7 +16,11 @@ Measures, in one run (random init: throughput does not depend on the weights):
   ViT-PCM's regime (``regime_*``: only the last 5 ViT blocks train);
 - pseudo-label inference at 960 (batch 8): patch probabilities, image-label masking, bilinear
   upsampling to a 500×375 image and the argmax, in img/s;
-- DeepLabv2 train step (ResNet-101, OS 8, MSC, crop 321, batch 10, SGD) in img/s;
+- DeepLabv2 train step (ResNet-101, OS 8, MSC, crop 321, batch 10, SGD) in img/s, with
+  ``cudnn.benchmark`` on as its training runs;
+- the stage-1 training loader (JPEG decode, resize to 384 and ViT-PCM's augmentation, the
+  profile's workers, on VOC-sized JPEGs written for the purpose) in img/s: the plan takes the
+  slower of the loader and the step;
 - the dense CRF on 500×375 images over every CPU core (img/s, and seconds per image per core);
   a failed image is an error, never a figure;
 - peak device memory of each.
@@ -39,15 +46,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import cpfcte  # noqa: E402,F401  (pins the CPU numerics before torch loads)
+import cpfcte  # noqa: E402,F401,I001  (first: pins the CPU numerics before torch loads)
+import torch  # noqa: E402,I001
+import torch.nn.functional as F  # noqa: E402,I001
 
 PAPER = {"img": 384, "infer": 960, "crop": 321, "dl_batch": 10, "batches": (16, 64),
-         "infer_batch": 8, "crf_images": 32, "image_hw": (375, 500)}
+         "infer_batch": 8, "crf_images": 32, "image_hw": (375, 500), "loader_images": 64,
+         "loader_batches": 24}
 TINY = {"img": 32, "infer": 64, "crop": 33, "dl_batch": 2, "batches": (2,),
-        "infer_batch": 2, "crf_images": 2, "image_hw": (40, 50)}
+        "infer_batch": 2, "crf_images": 2, "image_hw": (40, 50), "loader_images": 4,
+        "loader_batches": 2}
 TINY_VIT = {"patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
@@ -132,16 +140,16 @@ COMPILE_NOTE = ("partly compiled: nn.LSTM breaks the graph, so the CF-BiLSTM run
 
 
 def bench_stage1(cfg, device, amp: bool, sizes: dict, compile_ok: bool, warmup: int,
-                 steps: int) -> dict:
-    """img/s of a training step of the bare ViT (every block trains), of the full CPF-CTE
-    (every block trains: what the plan's figure means) and of the full model in ViT-PCM's
-    regime (``regime``: the last ``unfreeze_blocks`` blocks train)."""
+                 steps: int, kinds=("full", "regime")) -> dict:
+    """img/s of a training step of the full CPF-CTE (every block trains: what the plan's
+    figure means), of the full model in ViT-PCM's regime (``regime``: the last
+    ``unfreeze_blocks`` blocks train) and of the bare ViT (``bare``: every block trains)."""
     import timm
 
     from cpfcte.stages.train import make_model, set_phase
 
     out = {}
-    for kind in ("bare", "full", "regime"):
+    for kind in kinds:
         for compiled in ((False, True) if compile_ok else (False,)):
             for batch in sizes["batches"]:
                 torch.manual_seed(0)
@@ -161,12 +169,16 @@ def bench_stage1(cfg, device, amp: bool, sizes: dict, compile_ok: bool, warmup: 
                     out[key]["note"] = COMPILE_NOTE
                 print(f"stage 1 {key}: {out[key]}", flush=True)
                 del model
-    for key in list(out):
-        if key.startswith("full_"):
-            bare = out.get(key.replace("full_", "bare_"))
-            if bare:
-                out[key]["head_cost"] = round(bare["img_s"] / out[key]["img_s"] - 1, 3)
     return out
+
+
+def head_costs(stage1: dict) -> None:
+    """The CPF-CTE head's cost, full over bare at the same batch and mode, where both ran."""
+    for key in list(stage1):
+        if key.startswith("full_"):
+            bare = stage1.get(key.replace("full_", "bare_"))
+            if bare:
+                stage1[key]["head_cost"] = round(bare["img_s"] / stage1[key]["img_s"] - 1, 3)
 
 
 def bench_inference(cfg, device, sizes: dict, warmup: int, steps: int) -> dict:
@@ -202,6 +214,7 @@ def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps
                      "deeplab.backbone_kwargs": {"channels": [8, 8, 16, 16]}})
     cfg = load_config("voc", over)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = device.type == "cuda"     # as DeepLabv2's training runs
     model = build_deeplab(cfg, 21).to(device).train()
     opt = torch.optim.SGD(param_groups(model, 2.5e-4, 5e-4), lr=2.5e-4, momentum=0.9)
     b, c = sizes["dl_batch"], sizes["crop"]
@@ -216,7 +229,71 @@ def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps
         loss.backward()
         opt.step()
     r = timed(step, b, device, warmup, steps)
+    r["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     print(f"DeepLabv2 train step: {r}", flush=True)
+    return r
+
+
+class _Jpegs:
+    """What ``ClassificationData`` reads of a split (``image``, ``label_matrix``, its length),
+    over ``n`` VOC-sized JPEGs written to a folder, each read ``repeat`` times."""
+
+    def __init__(self, folder: Path, n: int, hw: tuple[int, int], repeat: int):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        h, w = hw
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        self.paths = []
+        for i in range(n):                   # smooth scenes with some texture, as photos
+            base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy))], -1)
+            pixels = 127 + 80 * base + rng.normal(0, 12, (h, w, 3))
+            path = folder / f"{i:04d}.jpg"
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+            self.paths.append(path)
+        self.n, self.repeat = n, repeat
+
+    def __len__(self) -> int:
+        return self.n * self.repeat
+
+    def image(self, index: int):
+        from cpfcte.machinery.io import read_image
+
+        return read_image(self.paths[index % self.n])
+
+    def label_matrix(self):
+        import numpy as np
+
+        return np.ones((len(self), 21), dtype=np.float32)
+
+
+def bench_loader(cfg, sizes: dict, batches: int) -> dict:
+    """img/s of stage 1's training loader as the run builds it (``ClassificationData``: decode,
+    resize, augment; the profile's workers and batch), uncached as on VOC, after its first
+    batch (the workers' start)."""
+    from torch.utils.data import DataLoader
+
+    from cpfcte.stages.train import ClassificationData
+
+    batch = cfg.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        split = _Jpegs(Path(tmp), sizes["loader_images"], sizes["image_hw"],
+                       repeat=max(1, -(-(batches + 1) * batch // sizes["loader_images"])))
+        data = ClassificationData(split, cfg.img_size, cfg.augment, 0, cfg.resize)
+        data.cache = None                          # VOC's 10,582 images are never cached
+        loader = DataLoader(data, batch_size=batch, num_workers=cfg.workers, shuffle=False)
+        it = iter(loader)
+        next(it)                                   # the workers start
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        seconds = time.perf_counter() - t0
+        del it, loader
+    r = {"img_s": round(batches * batch / seconds, 1), "workers": cfg.workers, "batch": batch,
+         "batches": batches, "ms_per_image_per_worker":
+             round(1000 * seconds * max(cfg.workers, 1) / (batches * batch), 2)}
+    print(f"stage-1 loader: {r}", flush=True)
     return r
 
 
@@ -267,6 +344,29 @@ def provenance(device: torch.device) -> dict:
             "weights": "random init"}
 
 
+def plan_keys(result: dict, sizes: dict) -> dict:
+    """The figures the plan reads (``cpfcte.batch.plan``), from the sections that ran."""
+    keys = {}
+    full = result.get("stage1", {}).get(f"full_b{sizes['batches'][0]}_eager")
+    if full:
+        keys["train_img_s"] = full["img_s"]
+    for key, section in (("infer_img_s", "inference"), ("deeplab_img_s", "deeplab"),
+                         ("loader_img_s", "loader")):
+        if "img_s" in result.get(section, {}):
+            keys[key] = result[section]["img_s"]
+    if "s_per_image_core" in result.get("crf", {}):
+        keys.update(crf_s_per_image_core=result["crf"]["s_per_image_core"],
+                    cores=result["crf"]["cores"])
+    return keys
+
+
+def _save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,24 +389,46 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = stage1_config(args.tiny)
     if args.tiny:
         cfg.infer_size = sizes["infer"]
-    result = {"provenance": provenance(device), "sizes": {k: list(v) if isinstance(v, tuple)
-                                                          else v for k, v in sizes.items()}}
-    result["stage1"] = bench_stage1(cfg, device, amp, sizes, compile_ok, warmup, steps)
-    result["inference"] = bench_inference(cfg, device, sizes, warmup, steps)
-    result["deeplab"] = bench_deeplab(device, amp, sizes, args.tiny, warmup, steps)
-    result["crf"] = bench_crf(sizes)
-    b16 = f"full_b{sizes['batches'][0]}_eager"
-    result.update({"source": f"gpu_bench.py on {result['provenance']['device']}",
-                   "train_img_s": result["stage1"][b16]["img_s"],
-                   "infer_img_s": result["inference"]["img_s"],
-                   "deeplab_img_s": result["deeplab"]["img_s"],
-                   "crf_s_per_image_core": result["crf"]["s_per_image_core"],
-                   "cores": result["crf"]["cores"]})
+        cfg.workers = 0
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    partial = out.with_name(out.stem + ".partial.json")
+    result = {"provenance": provenance(device), "sizes": {k: list(v) if isinstance(v, tuple)
+                                                          else v for k, v in sizes.items()},
+              "stage1": {}, "errors": {}}
+    sections = (   # by their value to the plan: a late failure keeps the figures before it
+        ("stage1", lambda: result["stage1"].update(
+            bench_stage1(cfg, device, amp, sizes, compile_ok, warmup, steps))),
+        ("inference", lambda: result.update(
+            inference=bench_inference(cfg, device, sizes, warmup, steps))),
+        ("deeplab", lambda: result.update(
+            deeplab=bench_deeplab(device, amp, sizes, args.tiny, warmup, steps))),
+        ("loader", lambda: result.update(loader=bench_loader(cfg, sizes,
+                                                             sizes["loader_batches"]))),
+        ("bare_vit", lambda: result["stage1"].update(
+            bench_stage1(cfg, device, amp, sizes, compile_ok, warmup, steps, kinds=("bare",)))),
+        ("crf", lambda: result.update(crf=bench_crf(sizes))),
+    )
+    for name, run in sections:
+        t0 = time.perf_counter()
+        try:
+            run()
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (recorded; the next section runs)
+            result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"gpu_bench: section {name} failed: {result['errors'][name]}", flush=True)
+        head_costs(result["stage1"])
+        result.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        result.update(plan_keys(result, sizes))
+        _save(partial, {**result, "partial": True,
+                        "source": f"gpu_bench.py on {result['provenance']['device']} "
+                                  f"(partial: up to section {name})"})
+    result["source"] = f"gpu_bench.py on {result['provenance']['device']}"
+    if result["errors"]:
+        print(f"gpu_bench: {len(result['errors'])} section(s) failed "
+              f"({', '.join(result['errors'])}); the figures that were measured are in "
+              f"{partial}", flush=True)
+        raise SystemExit(1)
+    _save(out, result)
+    partial.unlink(missing_ok=True)
     print(f"written: {out}")
     return result
 

@@ -555,6 +555,11 @@ def main(argv: list[str] | None = None) -> None:
               "operation: check the path, its permissions and the free disk space)",
               file=sys.stderr)
         sys.exit(2)
+    finally:             # under torchrun: every rank leaves its process group, done or failed
+        if "torch.distributed" in sys.modules:
+            from cpfcte.machinery.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def test_tables_4_and_5_mean_std_missing_failed_and_provenance(tmp_path):
     assert r"\begin{tabular}" in tex and r"$\pm$" in tex and r"\checkmark" in tex
     md5 = table5("toy", out_dir=tmp_path)["md"].read_text()
     assert "| ✓ |  |  | 67.7 | -1.8 | not run (runs/toy/pseudo_gap) |  |" in md5
-    from cpfcte.report.results import mechanism_table       # notebook 05's table of note 23
+    from cpfcte.report.results import mechanism_table  # notebook 05's table of note 23
 
     write_json(runs_dir() / "toy" / "deeplab_x" / "metrics.json",    # reads through pseudo_dir
                {"miou": 0.7, "pseudo_dir": str(runs_dir() / "toy" / "pseudo_full" / "labels")})
@@ -428,6 +428,14 @@ def test_the_dry_run_plan_is_keyed_by_stage(capsys):
     assert estimate_seconds("train", "voc", {}, tp) == pytest.approx(
         10582 / 777 * (2 / 3 + 48 * (1 + 2 * 5 / 12) / 3))
     assert estimate_seconds("report", "voc", {}, tp) == 0.0
+    # a loader slower than the step binds: 200 img/s is slower than 777 even for a warm-up step
+    assert estimate_seconds("train", "voc", {}, {**tp, "loader_img_s": 200.0}) == \
+        pytest.approx(10582 * 50 / 200)
+    # DeepLabv2: 20,000 iterations of 10 at 231 img/s, MSC inside the measured figure (not
+    # counted again), plus 1,449 val images × 1.75 of the pixels (MSC max) at 4× the training
+    # rate, plus their CRF at 0.75 s per image per core on 16 cores
+    assert estimate_seconds("deeplab", "voc", {}, tp) == pytest.approx(
+        20000 * 10 / 231 + 1449 * 1.75 / (4 * 231) + 1449 * 0.75 / 16)
 
 
 def test_the_check_names_each_cell_that_differs_from_the_committed_table():

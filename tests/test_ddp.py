@@ -87,3 +87,27 @@ def test_each_rank_takes_its_gpu_before_the_process_group_exists(monkeypatch):
     calls.clear()
     assert distributed.dist_info(torch.device("cpu"))[3] == torch.device("cpu")
     assert calls == [("init", "gloo", None)]
+
+
+def test_every_cli_entry_point_leaves_its_process_group_on_success_and_on_error(tmp_path):
+    """Under torchrun each rank runs ``python -m cpfcte ...``; the CLI destroys the process
+    group when the command ends, done or failed. A gloo group left alive at interpreter exit
+    killed rank 1 with SIGABRT ("terminate called without an active exception") after its
+    training had finished; on NCCL it can hang."""
+    import pytest
+    import torch.distributed as dist
+
+    from cpfcte import cli
+
+    for argv, code in ((["numerics", "--diff", str(tmp_path / "missing.json")], 2),    # error
+                       (["paper", "--profile", "toy", "--dry-run", "--only", "table1"], None)):
+        store = dist.FileStore(str(tmp_path / f"store{code}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        assert dist.is_initialized()
+        if code is None:
+            cli.main(argv)
+        else:
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv)
+            assert e.value.code == code
+        assert not dist.is_initialized(), argv

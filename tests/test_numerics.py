@@ -145,3 +145,24 @@ def test_a_misspelt_numerics_mode_is_refused_by_name(tiny_cfg, monkeypatch):
     monkeypatch.setenv("CPFCTE_NUMERICS", "bogus")
     with pytest.raises(CpfcteError, match="CPFCTE_NUMERICS='bogus': must be one of pinned, native"):
         apply(tiny_cfg())
+
+
+def test_deterministic_algorithms_follow_the_runs_device_not_the_machine(monkeypatch):
+    """A CPU run on a machine with a GPU (the toy on a GPU node) still gets deterministic
+    algorithms; a CUDA run does not (several CUDA kernels have no deterministic version)."""
+    import torch
+
+    from cpfcte.machinery import numerics
+    from cpfcte.machinery.config import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # a GPU machine
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        numerics.apply(load_config("toy", {"device": "cpu"}))
+        assert torch.are_deterministic_algorithms_enabled()
+        numerics.apply(load_config("toy", {"device": "cuda"}))
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert numerics.run_device_type(load_config("toy", {"device": "auto"})) == "cuda"
+    finally:
+        torch.use_deterministic_algorithms(before)

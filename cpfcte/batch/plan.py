@@ -12,7 +12,12 @@ The stage-1 throughput is measured with every ViT block training (the benchmark 
 ViT-PCM's regime (note 6) trains fewer: none in the warm-up, the last ``unfreeze_blocks`` after
 it. A step is then costed as the forward pass through all L blocks plus the backward pass
 through the b that train, backward counted as twice a forward: (1 + 2b/L)/3 of a full step
-(b = 5 of 12: 0.61; the warm-up's b = 0: 0.33).
+(b = 5 of 12: 0.61; the warm-up's b = 0: 0.33). Where the benchmark measured the training
+loader too (``loader_img_s``: decode, resize and augment with the profile's workers), an epoch
+takes the longer of the two: the GPU waits for a loader slower than its step.
+
+The DeepLabv2 figure is a training step with multi-scale inputs (MSC: the benchmark's step runs
+all three branches), so an iteration costs ``batch / deeplab_img_s``, MSC included.
 """
 
 from __future__ import annotations
@@ -84,8 +89,10 @@ def step_fraction(blocks: int, depth: int) -> float:
 def _train(cfg: Config, params: dict, tp: dict) -> float:
     n = split_size(cfg, cfg.train_split)
     depth = backbone_depth(cfg)
-    return sum(n * step_fraction(trained_blocks(cfg, e < cfg.warmup_epochs, depth), depth)
-               for e in range(cfg.epochs)) / tp["train_img_s"]
+    loader = 1 / tp["loader_img_s"] if tp.get("loader_img_s") else 0.0   # seconds per image
+    return sum(n * max(step_fraction(trained_blocks(cfg, e < cfg.warmup_epochs, depth), depth)
+                       / tp["train_img_s"], loader)
+               for e in range(cfg.epochs))
 
 
 def _pseudo(cfg: Config, params: dict, tp: dict) -> float:
@@ -99,7 +106,7 @@ def _deeplab(cfg: Config, params: dict, tp: dict) -> float:
     n = split_size(cfg, cfg.val_split)
     views = (1.75 if dl.test_views == "msc_max"           # scales 1 + 0.75² + 0.5² of the pixels
              else len(dl.test_scales) * (2 if dl.flip_test else 1))
-    train = dl.iterations * dl.batch * (1.75 if dl.msc else 1.0) / tp["deeplab_img_s"]
+    train = dl.iterations * dl.batch / tp["deeplab_img_s"]       # the figure includes MSC
     return train + n * views / (4 * tp["deeplab_img_s"]) + _crf_seconds(cfg, n, tp)
 
 

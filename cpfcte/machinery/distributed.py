@@ -46,6 +46,20 @@ def dist_info(device: torch.device | None = None) -> tuple[int, int, int, torch.
     return world, dist.get_rank(), local, device
 
 
+def shutdown() -> None:
+    """Destroy this process's process group, if it has one: at the end of every distributed
+    entry point, on success and on error. A group left alive at exit may abort (gloo's threads:
+    "terminate called without an active exception") or hang (NCCL)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:          # never imported: nothing to destroy
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()

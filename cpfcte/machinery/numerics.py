@@ -141,10 +141,22 @@ def pin_environment() -> list[str]:
     return late
 
 
+def run_device_type(cfg) -> str:
+    """``cpu`` or ``cuda``: the device the run computes on (``cfg.device``; ``auto`` is CUDA
+    where there is one), not whether the machine has a GPU."""
+    import torch
+
+    name = str(getattr(cfg, "device", "auto") or "auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
+
+
 def apply(cfg) -> None:
     """The per-run part of the pinning, at the start of a stage: the thread count, oneDNN off,
-    deterministic algorithms on CPU. Refuses a pinned run whose process loaded numpy or torch
-    with other code paths."""
+    deterministic algorithms for a run on the CPU (keyed on the run's device: a toy run on a
+    GPU machine is a CPU run). Refuses a pinned run whose process loaded numpy or torch with
+    other code paths."""
     import torch
 
     if cfg.threads:
@@ -154,8 +166,7 @@ def apply(cfg) -> None:
         return
     check()
     torch.backends.mkldnn.enabled = False
-    if not torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(run_device_type(cfg) == "cpu")
 
 
 def active_paths() -> dict[str, str]:
