@@ -146,10 +146,16 @@ def run_device_type(cfg) -> str:
     where there is one), not whether the machine has a GPU."""
     import torch
 
+    from cpfcte.machinery.errors import CpfcteError
+
     name = str(getattr(cfg, "device", "auto") or "auto")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name).type
+    try:
+        return torch.device(name).type
+    except (RuntimeError, ValueError):
+        raise CpfcteError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N "
+                          "(--set device=cpu)") from None
 
 
 def apply(cfg) -> None:
