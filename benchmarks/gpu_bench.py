@@ -360,13 +360,6 @@ def plan_keys(result: dict, sizes: dict) -> dict:
     return keys
 
 
-def _save(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,6 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         cfg.infer_size = sizes["infer"]
         cfg.workers = 0
+    from cpfcte.machinery.io import write_text  # atomic: a killed bench leaves no half file
+
+    def _save(path: Path, result: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(result, indent=2) + "\n")
+
     out = Path(args.out)
     partial = out.with_name(out.stem + ".partial.json")
     result = {"provenance": provenance(device), "sizes": {k: list(v) if isinstance(v, tuple)

@@ -163,6 +163,8 @@ def test_deterministic_algorithms_follow_the_runs_device_not_the_machine(monkeyp
         assert torch.are_deterministic_algorithms_enabled()
         numerics.apply(load_config("toy", {"device": "cuda"}))
         assert not torch.are_deterministic_algorithms_enabled()
-        assert numerics.run_device_type(load_config("toy", {"device": "auto"})) == "cuda"
+        from cpfcte.machinery.distributed import resolve_device
+
+        assert resolve_device(load_config("toy", {"device": "auto"}).device).type == "cuda"
     finally:
         torch.use_deterministic_algorithms(before)

@@ -17,11 +17,17 @@ from cpfcte.machinery.errors import CpfcteError
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device: ``auto`` is CUDA where there is one; a string torch cannot read, or
+    CUDA on a machine without it, is refused with the fix."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CpfcteError(f"device={name!r} but CUDA is not available here; use device=cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CpfcteError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N "
+                          "(--set device=cpu)") from None
 
 
 def dist_info(device: torch.device | None = None) -> tuple[int, int, int, torch.device | None]:

@@ -141,23 +141,6 @@ def pin_environment() -> list[str]:
     return late
 
 
-def run_device_type(cfg) -> str:
-    """``cpu`` or ``cuda``: the device the run computes on (``cfg.device``; ``auto`` is CUDA
-    where there is one), not whether the machine has a GPU."""
-    import torch
-
-    from cpfcte.machinery.errors import CpfcteError
-
-    name = str(getattr(cfg, "device", "auto") or "auto")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(name).type
-    except (RuntimeError, ValueError):
-        raise CpfcteError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N "
-                          "(--set device=cpu)") from None
-
-
 def apply(cfg) -> None:
     """The per-run part of the pinning, at the start of a stage: the thread count, oneDNN off,
     deterministic algorithms for a run on the CPU (keyed on the run's device: a toy run on a
@@ -172,7 +155,9 @@ def apply(cfg) -> None:
         return
     check()
     torch.backends.mkldnn.enabled = False
-    torch.use_deterministic_algorithms(run_device_type(cfg) == "cpu")
+    from cpfcte.machinery.distributed import resolve_device
+
+    torch.use_deterministic_algorithms(resolve_device(cfg.device).type == "cpu")
 
 
 def active_paths() -> dict[str, str]:
