@@ -42,7 +42,7 @@ test: $(STAMP)
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 # the voc and coco profiles through every stage at the paper's sizes, on small real-format
-# datasets, random init and 2 steps each (cpfcte.batch.smoke); about 7 min on 2 CPU cores
+# datasets, random init and 2 steps each (cpfcte.batch.smoke); about 5 min on 2 CPU cores
 test-scale: $(STAMP)
 	$(PY) -m cpfcte.batch.smoke --out runs/_scale
 
@@ -50,7 +50,7 @@ test-scale: $(STAMP)
 # benchmarks/throughput.json, which the voc plan reads) and the voc plan. GPU_PY: the venv's
 # python when it exists and imports torch (a dangling .venv link does not), else python3 (a GPU
 # machine's own PyTorch and timm; benchmarks/build_wheels.sh builds the rest it needs, and
-# benchmarks/device_check.sh, the first session's one script, installs them).
+# benchmarks/device_check.sh installs them on the GPU machine).
 GPU_PY ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
@@ -59,7 +59,7 @@ gpu-check:
 	$(GPU_PY) -m cpfcte paper --profile voc --dry-run
 
 lab: $(STAMP)
-	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(PY) -m jupyter lab --ip=127.0.0.1 --no-browser --notebook-dir=. --LabApp.default_url=/lab/tree/notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-runs:
 	rm -rf runs

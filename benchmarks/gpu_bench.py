@@ -103,11 +103,18 @@ def stage1_config(tiny: bool):
 
 
 def train_step_fn(model, cfg, kind: str, batch: int, device, amp: bool, compiled: bool):
-    """One stage-1 training step on random images and labels."""
+    """One stage-1 training step on random images and labels; the full model's step applies
+    the colour ops to the batch first when the profile does (``augment_on: device``)."""
+    import numpy as np
+
+    from cpfcte.data.transforms import apply_color_batch, color_params
     from cpfcte.method.mce_loss import mce_loss
     from cpfcte.method.topk_pooling import pool
 
-    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    x = torch.rand(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    colour = kind != "bare" and cfg.augment_on == "device" and cfg.augment == "pcm"
+    params = torch.from_numpy(np.stack([color_params(np.random.default_rng(i))
+                                        for i in range(batch)])).to(device)
     y = (torch.rand(batch, 21, device=device) < 0.1).float()    # background + 20 classes
     y[:, 0] = 1
     if kind == "bare":
@@ -122,8 +129,9 @@ def train_step_fn(model, cfg, kind: str, batch: int, device, amp: bool, compiled
     fwd = torch.compile(forward) if compiled else forward
 
     def step():
+        inputs = apply_color_batch(x * 255.0, params) / 255.0 if colour else x
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = fwd(x)
+            out = fwd(inputs)
         loss = (F.binary_cross_entropy_with_logits(out.float(), y) if kind == "bare"
                 else mce_loss(out.float(), y))
         opt.zero_grad(set_to_none=True)
@@ -204,7 +212,11 @@ def bench_inference(cfg, device, sizes: dict, warmup: int, steps: int) -> dict:
     return r
 
 
-def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps: int) -> dict:
+def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps: int,
+                  channels_last: bool = False) -> dict:
+    """One DeepLabv2 training step (MSC, SGD), as ``cpfcte.stages.deeplab_train`` runs it;
+    ``channels_last``: the model and batch in NHWC, a layout training does not use yet (measured
+    last, when the bench has time left)."""
     from cpfcte.machinery.config import load_config
     from cpfcte.method.deeplabv2 import build_deeplab, msc_logits, msc_loss, param_groups
 
@@ -216,9 +228,12 @@ def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = device.type == "cuda"     # as DeepLabv2's training runs
     model = build_deeplab(cfg, 21).to(device).train()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     opt = torch.optim.SGD(param_groups(model, 2.5e-4, 5e-4), lr=2.5e-4, momentum=0.9)
     b, c = sizes["dl_batch"], sizes["crop"]
-    x = torch.randint(0, 255, (b, 3, c, c), device=device, dtype=torch.uint8)
+    x = torch.randint(0, 255, (b, 3, c, c), device=device,
+                      dtype=torch.uint8).contiguous(memory_format=layout)
     y = torch.randint(0, 21, (b, c, c), device=device)
 
     def step():
@@ -230,7 +245,8 @@ def bench_deeplab(device, amp: bool, sizes: dict, tiny: bool, warmup: int, steps
         opt.step()
     r = timed(step, b, device, warmup, steps)
     r["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-    print(f"DeepLabv2 train step: {r}", flush=True)
+    r["channels_last"] = channels_last
+    print(f"DeepLabv2 train step{' (channels last)' if channels_last else ''}: {r}", flush=True)
     return r
 
 
@@ -270,8 +286,17 @@ class _Jpegs:
 
 def bench_loader(cfg, sizes: dict, batches: int) -> dict:
     """img/s of stage 1's training loader as the run builds it (``ClassificationData``: decode,
-    resize, augment; the profile's workers and batch), uncached as on VOC, after its first
-    batch (the workers' start)."""
+    resize, augment; the profile's workers, batch and ``augment_on``), uncached as on VOC, after
+    its first batch (the workers' start); then the same with the colour ops in the loader
+    (``loader_colour``), the figure ``augment_on: loader`` would plan with."""
+    r = _loader_img_s(cfg, sizes, batches, cfg.augment_on)
+    if cfg.augment_on != "loader":
+        r["loader_colour"] = _loader_img_s(cfg, sizes, batches, "loader")
+    print(f"stage-1 loader: {r}", flush=True)
+    return r
+
+
+def _loader_img_s(cfg, sizes: dict, batches: int, augment_on: str) -> dict:
     from torch.utils.data import DataLoader
 
     from cpfcte.stages.train import ClassificationData
@@ -280,7 +305,7 @@ def bench_loader(cfg, sizes: dict, batches: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         split = _Jpegs(Path(tmp), sizes["loader_images"], sizes["image_hw"],
                        repeat=max(1, -(-(batches + 1) * batch // sizes["loader_images"])))
-        data = ClassificationData(split, cfg.img_size, cfg.augment, 0, cfg.resize)
+        data = ClassificationData(split, cfg.img_size, cfg.augment, 0, cfg.resize, augment_on)
         data.cache = None                          # VOC's 10,582 images are never cached
         loader = DataLoader(data, batch_size=batch, num_workers=cfg.workers, shuffle=False)
         it = iter(loader)
@@ -290,11 +315,10 @@ def bench_loader(cfg, sizes: dict, batches: int) -> dict:
             next(it)
         seconds = time.perf_counter() - t0
         del it, loader
-    r = {"img_s": round(batches * batch / seconds, 1), "workers": cfg.workers, "batch": batch,
-         "batches": batches, "ms_per_image_per_worker":
-             round(1000 * seconds * max(cfg.workers, 1) / (batches * batch), 2)}
-    print(f"stage-1 loader: {r}", flush=True)
-    return r
+    return {"img_s": round(batches * batch / seconds, 1), "workers": cfg.workers,
+            "batch": batch, "batches": batches, "augment_on": augment_on,
+            "ms_per_image_per_worker":
+                round(1000 * seconds * max(cfg.workers, 1) / (batches * batch), 2)}
 
 
 def bench_crf(sizes: dict) -> dict:
@@ -406,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("bare_vit", lambda: result["stage1"].update(
             bench_stage1(cfg, device, amp, sizes, compile_ok, warmup, steps, kinds=("bare",)))),
         ("crf", lambda: result.update(crf=bench_crf(sizes))),
+        ("deeplab_channels_last", lambda: result.update(deeplab_channels_last=bench_deeplab(
+            device, amp, sizes, args.tiny, warmup, steps, channels_last=True))),
     )
     for name, run in sections:
         t0 = time.perf_counter()

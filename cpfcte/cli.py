@@ -15,7 +15,7 @@
 Each stage's config follows its input downstream: ``pseudo`` starts from the training run's
 config, ``deeplab train`` from the pseudo-label run's (when --pseudo is one, or one of its
 folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab.NAME).
-    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold 0.5]
+    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold auto]
     cpfcte export voc-test --pred DIR --out FILE.tar.gz [--list test.txt] [--images DIR]
     cpfcte data prepare folder --images DIR --labels labels.csv --out DIR [--masks DIR]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
@@ -193,9 +193,14 @@ def _deeplab(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from cpfcte.machinery.paths import run_path
+    from cpfcte.machinery.runfolder import RunFolder
     from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.threshold import describe_model
 
-    report = predict_folder(run_path(args.profile, args.run), args.images, args.out,
+    run = run_path(args.profile, args.run)
+    if RunFolder(run).stage == "train":
+        print(describe_model(run), file=sys.stderr)
+    report = predict_folder(run, args.images, args.out,
                             crf=args.crf, scores=args.scores, threshold=args.threshold,
                             device=args.device, limit=args.limit, force=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "classes_kept"}, indent=2))
@@ -321,12 +326,19 @@ def _report(args: argparse.Namespace) -> None:
 
     _known_profile(args.profile)
     _headless_plots()
+    from cpfcte.report import ARTIFACTS, missing_runs
+
     written = write_all(args.profile)
     for name, paths in written.items():
         print(name, " ".join(str(p) for p in paths.values()))
+    kept = {n: missing_runs(n, args.profile) for n in ARTIFACTS if n not in written}
+    kept = {n: m for n, m in kept.items() if m}
+    if kept:
+        first = next(iter(kept.values()))[0]
+        print(f"kept as they are ({', '.join(kept)}): not all of their runs are in "
+              f"runs/{args.profile} (for example {first}); make paper makes them")
     if not written:
-        print(f"nothing written: runs/{args.profile} holds no run that a table or figure "
-              "reads; the tables in tables/ stay as they are (make paper makes the runs)")
+        print("nothing written: the tables in tables/ and figures in figures/ stay as they are")
 
 
 def _numerics(args: argparse.Namespace) -> None:
@@ -517,8 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--crf", action="store_true", help="refine with the run's dense CRF")
     pr.add_argument("--scores", action="store_true",
                     help="stage 1: also write the per-class patch scores (.npz)")
-    pr.add_argument("--threshold", type=float, default=0.5,
-                    help="stage 1: image score above which a class may appear")
+    pr.add_argument("--threshold", default="auto",
+                    help="stage 1: image score above which a class may appear; auto (the "
+                         "default): the run's own, calibrated on its training labels "
+                         "(threshold.json in the run)")
     pr.add_argument("--device", help="default: the run's (auto)")
     pr.add_argument("--limit", type=int, help="only the first N images (by name)")
     pr.add_argument("--force", action="store_true",

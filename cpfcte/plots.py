@@ -4,8 +4,10 @@ curves, the dataset overview and each step of the method on one image (``walk_*`
 and 7 are these pictures) use the same functions.
 
 Functions return matplotlib figures made with pyplot (they render inline in Jupyter); save one
-with ``save_figure``, which writes atomically. Label maps are drawn in the VOC palette, 255 (the
-boundary band, COCO's crowd regions) in its cream colour.
+with ``save_figure``, which writes atomically. Label maps are drawn in their dataset's palette
+(``cpfcte.data.palette_for``: the toy's colours follow its class names, VOC's palette for VOC,
+COCO and your own), 255 (the boundary band, COCO's crowd regions) in cream, with a legend of
+the classes shown; probability maps get a colour bar.
 """
 
 from __future__ import annotations
@@ -32,11 +34,33 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def mask_grid(rows: list[tuple[str, list]], titles: list[str]):
+def class_legend(fig, classes, label_maps, palette=None, **kwargs) -> None:
+    """A legend beside ``fig`` of the classes present in ``label_maps``, in their colours (255:
+    ignored)."""
+    from matplotlib.patches import Patch
+
+    from cpfcte.data import palette_for
+
+    pal = palette_for(classes) if palette is None else palette
+    present = sorted(set().union(*(np.unique(np.asarray(m)).tolist() for m in label_maps)))
+    if not present:
+        return
+    names = list(classes or [])
+    handles = [Patch(facecolor=pal[i] / 255.0, edgecolor="0.6", linewidth=0.5,
+                     label="ignored (255)" if i == 255 else names[i] if i < len(names)
+                     else f"class {i}") for i in present]
+    fig.legend(handles=handles, loc=kwargs.pop("loc", "center left"),
+               bbox_to_anchor=kwargs.pop("bbox_to_anchor", (1.0, 0.5)), fontsize=7,
+               frameon=False, title="classes", title_fontsize=7, **kwargs)
+
+
+def mask_grid(rows: list[tuple[str, list]], titles: list[str], classes=None):
     """A grid: one row per image (``(row name, panels)``), one column per title; H×W panels
-    are label maps (colourised), H×W×3 panels images. No rows (``n_show = 0``): a small figure
-    that says so."""
+    are label maps (in the palette of ``classes``, with a legend of those present), H×W×3
+    panels images. No rows (``n_show = 0``): a small figure that says so."""
     import matplotlib.pyplot as plt
+
+    from cpfcte.data import palette_for
 
     n, m = len(rows), len(titles)
     if n == 0:
@@ -44,17 +68,23 @@ def mask_grid(rows: list[tuple[str, list]], titles: list[str]):
         ax.axis("off")
         ax.text(0.5, 0.5, "no images shown (n_show = 0)", ha="center", va="center", fontsize=9)
         return fig
+    pal = palette_for(classes)
     fig, axes = plt.subplots(n, m, figsize=(1.9 * m, 1.9 * n), squeeze=False)
+    maps = []
     for r, (name, panels) in enumerate(rows):
         for c, panel in enumerate(panels):
             arr = np.asarray(panel)
-            axes[r][c].imshow(colorize(arr) if arr.ndim == 2 else arr, interpolation="nearest")
+            if arr.ndim == 2:
+                maps.append(arr)
+            axes[r][c].imshow(colorize(arr, pal) if arr.ndim == 2 else arr,
+                              interpolation="nearest")
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
             if r == 0:
                 axes[r][c].set_title(titles[c], fontsize=9)
         axes[r][0].set_ylabel(name, fontsize=7)
     fig.tight_layout()
+    class_legend(fig, classes, maps, pal)
     return fig
 
 
@@ -80,7 +110,7 @@ def examples(voc, columns: dict[str, str | Path], n: int = 4):
                 panels.append(read_label_png(folder / f"{image_id}.png"))
         labels = ", ".join(dict.fromkeys(voc.label_names(i)))
         rows.append((f"{image_id}\n{labels[:40]}", panels))
-    return mask_grid(rows, list(columns))
+    return mask_grid(rows, list(columns), voc.classes)
 
 
 def stage_columns(metrics: dict) -> dict[str, str]:
@@ -439,13 +469,16 @@ def walk_z(w):
     c = len(w.classes)
     fig, axes = _grid_axes(c, per_row=7, size=1.6)
     present = set(w.present())
+    im = None
     for i, ax in enumerate(axes):
-        ax.imshow(w.z[:, i].reshape(w.grid), cmap="magma", vmin=0, vmax=1,
-                  interpolation="nearest")
+        im = ax.imshow(w.z[:, i].reshape(w.grid), cmap="magma", vmin=0, vmax=1,
+                       interpolation="nearest")
         ax.set_title(w.classes[i], fontsize=7, fontweight="bold" if i in present else "normal")
         ax.axis("off")
     fig.suptitle(f"Z: {_shape(w.z)}, one map per class (bold: the image's labels)", fontsize=8)
     fig.tight_layout()
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.02, label="Z (patch probability)")
     return fig
 
 
@@ -458,10 +491,11 @@ def walk_topk(w):
     fig, axes = _grid_axes(len(shown), per_row=4, size=2.6)
     gh, gw = w.grid
     h, wd = w.image.shape[:2]
+    im = None
     for ax, c in zip(axes, shown):
         ax.imshow(w.image)
-        ax.imshow(w.z[:, c].reshape(w.grid), cmap="magma", alpha=0.55, vmin=0, vmax=1,
-                  extent=(0, wd, h, 0), interpolation="nearest")
+        im = ax.imshow(w.z[:, c].reshape(w.grid), cmap="magma", alpha=0.55, vmin=0, vmax=1,
+                       extent=(0, wd, h, 0), interpolation="nearest")
         for idx in w.topk[c]:
             r, col = divmod(int(idx), gw)
             ax.add_patch(Rectangle((col * wd / gw, r * h / gh), wd / gw, h / gh, fill=False,
@@ -469,6 +503,8 @@ def walk_topk(w):
         ax.set_title(f"{w.classes[c]}: top-{w.k}, p = {w.p[c]:.2f}", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.03, pad=0.02, label="Z of the class")
     return fig
 
 
@@ -491,14 +527,20 @@ def walk_scores(w, threshold: float | None = None):
 
 
 def walk_masks(w):
-    """The image, the BPM (Eq. 10) and the BPM refined by the dense CRF, in the VOC palette."""
-    panels = [(f"{w.name}", w.image), (f"BPM: {_shape(w.bpm)}", colorize(w.bpm))]
+    """The image, the BPM (Eq. 10) and the BPM refined by the dense CRF, in the palette of the
+    run's classes, with a legend."""
+    from cpfcte.data import palette_for
+
+    pal = palette_for(w.classes)
+    maps = [w.bpm] + ([w.crf] if w.crf is not None else [])
+    panels = [(f"{w.name}", w.image), (f"BPM: {_shape(w.bpm)}", colorize(w.bpm, pal))]
     if w.crf is not None:
-        panels.append((f"BPM + CRF: {_shape(w.crf)}", colorize(w.crf)))
+        panels.append((f"BPM + CRF: {_shape(w.crf)}", colorize(w.crf, pal)))
     fig, axes = _grid_axes(len(panels), size=3.0)
     for ax, (title, img) in zip(axes, panels):
         ax.imshow(img)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
+    class_legend(fig, w.classes, maps, pal)
     return fig

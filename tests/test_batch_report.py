@@ -127,13 +127,13 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
 
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | not measured in runs/toy/pseudo_full |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 70.8 | not measured in runs/toy/pseudo_full |" in md
     _metrics("pseudo_full", 0.5123, baselines={"background": 0.061, "uniform": 0.17},
              crf={"miou": 0.5871, "params_text": "Gaussian (sxy 3, compat 3), ..."})
     paths = table1("toy", out_dir=tmp_path)
     md = paths["md"].read_text()
-    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 | 67.1 | 51.2 |" in md
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 58.7 |" in md
+    assert "| CPF-CTE w/o CRF | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 67.1 | 51.2 |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 70.8 | 58.7 |" in md
     assert "Δ (this − paper)" not in md                 # a toy number is never subtracted
     notes = paths["notes"].read_text()
     assert "CRF (pydensecrf): Gaussian (sxy 3, compat 3)" in notes
@@ -143,7 +143,7 @@ def test_table1_puts_the_run_beside_the_paper(tmp_path):
     assert rows[0].startswith("Method,Pub.,Backbone") and len(rows) == 13
     _metrics("pseudo_full_s1", 0.5323, crf={"miou": 0.6071, "params_text": "..."})
     md = table1("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE | Ours | ViT-B/16 | 70.8 | 59.7 ± 1.4 (n=2) |" in md
+    assert "| CPF-CTE | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 70.8 | 59.7 ± 1.4 (n=2) |" in md
     for run, scale_miou, pps in (("pseudo_scale_1.0", 0.3, 8), ("pseudo_scale_2.0", 0.4, 16)):
         write_json(runs_dir() / "toy" / run / "metrics.json", {"miou": scale_miou,
                    "patches_per_side": pps, "infer_size": pps * 8})
@@ -179,9 +179,9 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
 
     _deeplab_metrics("deeplab_full", 0.5571)
     md = table2("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 69.5 | 55.7 |" in md   # + CRF
-    assert "| CPF-CTE: DeepLabv2, single scale | this run | ViT-B/16 | — | 45.7 |" in md
-    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 50.7 |" in md
+    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 69.5 | 55.7 |" in md   # + CRF
+    assert "| CPF-CTE: DeepLabv2, single scale | this run | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | — | 45.7 |" in md
+    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | — | 50.7 |" in md
     assert md.index("single scale | this") < md.index("multi-scale + flip | this") < md.index(
         "| CPF-CTE (DeepLabv2 + CRF) | Ours")
     assert "| AFA | CVPR22 | ViT-B/16 | 63.8 |  |" in md
@@ -190,14 +190,14 @@ def test_tables_2_and_3_from_run_folders(tmp_path):
     assert "1,364,452" not in md and "Interpretation notes" in notes
     assert "table2.notes.md" in md and "\n12. " in notes and "\n12. " not in md
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert ("| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 45.4 | not run "
+    assert ("| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 45.4 | not run "
             "(runs/toy/deeplab_coco) |") in md
     _deeplab_metrics("deeplab_coco", 0.4012)
     _metrics("pseudo_coco", 0.3, crf={"miou": 0.4444, "params_text": "..."})
     md = table3("toy", out_dir=tmp_path)["md"].read_text()
-    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 | 41.3 | 44.4 |" in md
-    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 | 45.4 | 40.1 |" in md
-    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 | — | 35.1 |" in md
+    assert "| CPF-CTE (pseudo-label) | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 41.3 | 44.4 |" in md
+    assert "| CPF-CTE (DeepLabv2 + CRF) | Ours | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | 45.4 | 40.1 |" in md
+    assert "| CPF-CTE: DeepLabv2, multi-scale + flip | this run | ViT-B/16 (paper); ViT, 4 blocks, width 96, patch 8 (this run) | — | 35.1 |" in md
     md = table3("voc", out_dir=tmp_path)["md"].read_text()
     assert "no COCO run exists for this profile: make one with `make paper PROFILE=coco`" in md
     assert (tmp_path / "table3.voc.md").exists() and "45.4" in md
@@ -246,7 +246,7 @@ def test_dry_run_plans_without_executing(seeded_batch, capsys):
     res = run_batch("voc", dry_run=True, log=lambda *_: None)       # the project's own batch
     total = print_plan("voc", res)
     out = capsys.readouterr().out
-    assert "deeplab_full" in out and "reference H200 figures" in out
+    assert "deeplab_full" in out and "reference figures of an earlier H200 run" in out
     # 10 stage-1 trainings of 50 epochs × 10,582 images at 777 img/s alone take 1.9 h
     assert 5 < total / 3600 < 20 and not (runs_dir() / "voc").exists()
 
@@ -627,6 +627,27 @@ def test_a_report_without_runs_leaves_the_tables_as_they_are(tmp_path, monkeypat
     assert committed.read_text() == "the committed table\n"
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["table1.md"]
     assert not has_runs("table1", "toy") and write("toy") == {}
+
+
+def test_a_report_with_some_of_a_tables_runs_keeps_the_committed_table(tmp_path, monkeypatch):
+    """One of Table 1's runs made (notebook 03 alone, say): the report does not replace the
+    committed table by one whose other cells say 'not run'; it names what is missing."""
+    from cpfcte.machinery.io import write_json
+    from cpfcte.machinery.paths import runs_dir
+    from cpfcte.report import missing_runs, write
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("CPFCTE_OUT", str(out))
+    (out / "tables").mkdir(parents=True)
+    (out / "tables" / "table1.md").write_text("the committed table\n")
+    before = missing_runs("table1", "toy")
+    write_json(runs_dir() / "toy" / "pseudo_full" / "metrics.json",
+               {"miou": 0.3, "crf": {"miou": 0.4, "params_text": "..."}, "iou": [0.3],
+                "split": "train", "images": 4, "infer_size": 64, "patches_per_side": 8})
+    after = missing_runs("table1", "toy")
+    assert "pseudo_full" in before and "pseudo_full" not in after and after
+    assert write("toy", "table1") == {}
+    assert (out / "tables" / "table1.md").read_text() == "the committed table\n"
 
 
 def test_paper_only_writes_the_groups_it_ran():

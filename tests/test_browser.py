@@ -42,7 +42,7 @@ if (!app || !app.shell.currentWidget || !app.shell.currentWidget.sessionContext)
 const w = app.shell.currentWidget;
 const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
 const cells = w.content.model.cells;
-let pending = 0, errors = [], widgets = 0;
+let pending = 0, errors = [], widgets = 0, texts = [];
 for (let i = 0; i < cells.length; i++) {
   const c = cells.get(i);
   if (c.type !== 'code') continue;
@@ -50,11 +50,13 @@ for (let i = 0; i < cells.length; i++) {
   for (let j = 0; j < c.outputs.length; j++) {
     const o = c.outputs.get(j);
     if (o.type === 'error') errors.push(o.toJSON().ename + ': ' + o.toJSON().evalue);
+    if (o.type === 'stream') texts.push(String(o.toJSON().text));
+    if (o.data && o.data['text/markdown']) texts.push(String(o.data['text/markdown']));
     if (o.data && o.data['application/vnd.jupyter.widget-view+json']) widgets++;
   }
 }
 return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: errors,
-        widgets: widgets,
+        widgets: widgets, text: texts.join('\n'),
         progress: document.querySelectorAll('.jupyter-widgets [class*="progress"], progress').length,
         images: document.querySelectorAll('.jp-OutputArea-output img').length,
         sliders: document.querySelectorAll('.widget-slider, .jupyter-widget-slider').length,
@@ -159,3 +161,119 @@ def test_notebook_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
     if notebook.startswith("09"):                    # input, P, A, F, Z, top-k, p, masks
         assert state["images"] >= 8, f"the walk-through's pictures did not all render: {state}"
     assert shot.stat().st_size > 10_000
+
+
+# ---- the first hour of a new user ------------------------------------------------------------
+
+
+def _serve_lab(root: Path, tmp_path: Path, env: dict) -> tuple[subprocess.Popen, int, str]:
+    port, token = _free_port(), secrets.token_hex(16)
+    settings = tmp_path / "settings" / "@jupyterlab" / "docmanager-extension"
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings / "plugin.jupyterlab-settings").write_text('{"autosave": false}')
+    env = {**env, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
+         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--allow-root", "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False"],
+        env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.3)
+    return server, port, token
+
+
+def _run_all(driver, url: str, before: str = "", timeout: float = 600) -> dict:
+    """Open ``url``, wait for an idle kernel, run ``before`` (JavaScript), run all cells and
+    return the notebook's state once every cell has run."""
+    driver.get(url)
+    state, deadline = None, time.time() + 120
+    while time.time() < deadline:
+        state = driver.execute_script(STATE_JS)
+        if state and state["kernel"] == "idle":
+            break
+        time.sleep(0.5)
+    assert state and state["kernel"] == "idle", f"kernel never became idle: {state}"
+    if before:
+        driver.execute_script(before)
+    driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    time.sleep(1.0)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = driver.execute_script(STATE_JS)
+        if state["pending"] == 0 and state["kernel"] == "idle":
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)
+    return driver.execute_script(STATE_JS)
+
+
+def test_the_first_hour_on_a_fresh_clone(tmp_path):
+    """A fresh clone (no data, no runs), JupyterLab on it: notebook 09 run top to bottom on a
+    photo of the user's (the toy dataset and the run are made on the way, each said in one
+    line; the model says what it knows; the masks have a legend), then notebook 07, which finds
+    no complete runs and shows the committed tables. Afterwards ``git status`` of the clone is
+    clean: nothing the user looked at was replaced."""
+    import numpy as np
+    from PIL import Image
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:150, 0:200] / 200
+    pixels = 120 + 90 * np.stack([np.sin(7 * xx), np.cos(5 * yy), np.sin(3 * (xx + yy))], -1)
+    photo = tmp_path / "my photo.jpg"
+    Image.fromarray((pixels + rng.normal(0, 10, pixels.shape)).clip(0, 255)
+                    .astype(np.uint8)).save(photo)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CPFCTE_DATA", "CPFCTE_RUNS", "CPFCTE_OUT")}
+    env["PYTHONPATH"] = str(clone)                   # the clone's code, its data/ and runs/
+    where = subprocess.run([sys.executable, "-c", "import cpfcte; print(cpfcte.__file__)"],
+                           env=env, cwd=clone, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().startswith(str(clone)), where.stdout
+    server, port, token = _serve_lab(clone, tmp_path, env)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1100", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / "first_hour_09.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{port}/lab/tree/notebooks"
+    set_photo = (  # the user sets the parameter: the parameters cell's text, in the editor
+        "const nb = window.jupyterapp.shell.currentWidget.content;"
+        "const cell = nb.model.cells.get(1);"
+        f"cell.sharedModel.setSource(cell.sharedModel.getSource().replace("
+        f"'photo = None', 'photo = {str(photo)!r}'));")
+    try:
+        walk = _run_all(driver, f"{base}/09_method_walkthrough.ipynb?token={token}", set_photo)
+        driver.save_screenshot(str(shot))
+        paper = _run_all(driver, f"{base}/07_paper.ipynb?token={token}", timeout=300)
+    finally:
+        driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert walk["pending"] == 0 and walk["errors"] == [], f"09 on a fresh clone: {walk}"
+    text = walk["text"]
+    assert "preparing the toy dataset" in text and "training stage 1 into" in text, text
+    assert "knows 10 classes" in text and "only these synthetic" in text, text
+    assert "my photo.jpg" in text and "calibrated on" in text, text
+    assert "classes in the masks: background" in text, text              # the legend's
+    assert walk["images"] >= 8
+    assert paper["pending"] == 0 and paper["errors"] == [], f"07 on a fresh clone: {paper}"
+    assert "not regenerated here" in paper["text"], paper["text"][:2000]
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True,
+                            text=True, check=True).stdout
+    assert status == "", f"the fresh clone changed:\n{status}"
+    assert (clone / "data" / "toy").is_dir() and (clone / "runs" / "toy" / "train_full").is_dir()

@@ -67,6 +67,35 @@ def test_patch_view_and_the_widgets(trained):
     image.value = 2
     assert {o[1] for o in cls.options} <= set(np.flatnonzero(voc.labels(2)))
     assert cls.value == cls.options[0][1]
+    # without a pseudo-label run the bias still redraws, and the line says what to run
+    box = explorer({"a": trained / "t"}, None, n_images=2)
+    assert "notebook 03" in box.children[1].children[1].value
+
+
+def test_the_bias_redraws_the_bpm_panels(trained):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpfcte.data import open_split
+    from cpfcte.stages.explore import biased_argmax, figure, patch_view
+    from cpfcte.stages.train import load_trained
+
+    model, cfg = load_trained(trained / "t")
+    voc = open_split(cfg, cfg.pseudo_split)
+    v = patch_view(model, cfg, voc, 0)
+    # at bias 0 the view's maps give the run's BPM; a bias of 1 leaves only background
+    assert (biased_argmax(v["bpm_probs"], v["present"], 0.0) == v["bpm"]).mean() > 0.999
+    assert (biased_argmax(v["bpm_probs"], v["present"], 1.01) == 0).all()
+    images = []
+    for bias in (0.0, 1.01):
+        fig = figure({"a": v}, int(v["present"][-1]), voc.classes, bias)
+        images.append(fig.axes[1].images[0].get_array().copy())
+        assert fig.legends and "classes" in fig.legends[0].get_title().get_text()
+        assert len(fig.axes) == 4                                  # 3 panels and a colour bar
+        plt.close(fig)
+    assert (images[1] == 0).all() and not (images[0] == 0).all()   # all background: black
 
 
 class _Split:
@@ -213,6 +242,12 @@ def test_a_photo_of_yours_walks_with_the_classes_p_keeps(trained, tmp_path):
     kept = {0} | {int(i) for i in np.flatnonzero(w.p > 0.3)}       # background always
     assert set(w.present()) == kept and set(np.unique(w.bpm)) <= kept
     assert w.labels_from == "p > 0.3" and w.name == "mine.jpg"
+    assert w.settings["threshold_chosen"] == "given" and "mine.jpg" in w.verdict()
+    high = walk(trained / "t", photo=photo, threshold=0.99)
+    assert high.present() == [0] and "no class passes p > 0.99" in high.verdict()
+    auto = walk(trained / "t", photo=photo)                # the run's calibrated threshold
+    assert auto.settings["threshold_chosen"].startswith("calibrated on")
+    assert (trained / "t" / "threshold.json").is_file()
     with pytest.raises(CpfcteError, match="threshold 1.5"):
         walk(trained / "t", photo=photo, threshold=1.5)
     with pytest.raises(CpfcteError, match="index 999"):
@@ -237,6 +272,11 @@ def test_every_step_of_the_walk_draws(trained):
         assert fig.axes
         plt.close(fig)
     assert len(plots.walk_tokens(w).axes) == 3 and len(plots.walk_masks(w).axes) == 2
+    legend = plots.walk_masks(w).legends[0]                   # the classes the masks show
+    shown = {t.get_text() for t in legend.get_texts()}
+    assert shown == {w.classes[c] for c in np.unique(w.bpm)}
+    z = plots.walk_z(w)                                       # the Z maps' colour bar
+    assert any(ax.get_ylabel() == "Z (patch probability)" for ax in z.axes)
     plt.close("all")
 
 

@@ -28,7 +28,9 @@ def test_gpu_bench_runs_every_stage_at_tiny_sizes_and_writes_the_plans_keys(tmp_
         assert data[key] > 0
     assert data["errors"] == {} and not (tmp_path / "throughput.partial.json").exists()
     assert list(data["seconds"]) == ["stage1", "inference", "deeplab", "loader", "bare_vit",
-                                     "crf"]                 # by value to the plan
+                                     "crf", "deeplab_channels_last"]   # by value to the plan
+    assert data["deeplab_channels_last"]["channels_last"] is True
+    assert data["deeplab"]["channels_last"] is False
     assert set(data["stage1"]) == {"bare_b2_eager", "full_b2_eager", "regime_b2_eager"}
     assert "head_cost" in data["stage1"]["full_b2_eager"]
     assert data["provenance"]["weights"] == "random init" and data["provenance"]["commit"]
@@ -93,6 +95,9 @@ def test_the_loader_is_measured_as_stage_one_builds_it():
     cfg.workers = 0
     r = bench.bench_loader(cfg, bench.TINY, batches=2)
     assert r["img_s"] > 0 and r["batch"] == cfg.batch_size and r["batches"] == 2
+    # voc's loader leaves the colour to the GPU; the loader's own colour is measured beside it
+    assert cfg.augment_on == "device" and r["augment_on"] == "device"
+    assert r["loader_colour"]["augment_on"] == "loader" and r["loader_colour"]["img_s"] > 0
 
 
 def test_a_failed_crf_is_an_error_not_a_speed(monkeypatch):

@@ -37,6 +37,9 @@ def test_run_and_profile_names_cannot_leave_runs():
     from cpfcte.machinery.paths import run_path, runs_dir
 
     assert run_path("toy", "train_full") == runs_dir() / "toy" / "train_full"
+    # the path as `ls` shows it from the project's root, and the batch's profile/name
+    assert run_path("toy", "runs/toy/train_full") == runs_dir() / "toy" / "train_full"
+    assert run_path("toy", "toy/train_full") == runs_dir() / "toy" / "train_full"
     for profile, name in (("toy", "../x"), ("toy", "a/../../x"), ("../etc", "x")):
         with pytest.raises(CpfcteError, match="would leave runs/"):
             run_path(profile, name)

@@ -69,7 +69,9 @@ def test_a_folder_dataset_trains_and_predicts_with_the_toy_model(own_folder, tmp
     assert m2["miou"] is None and m2["no_masks"] and m2["crf"]["miou"] is None
     out = predict_folder(tmp_path / "t", images, tmp_path / "pred", crf=True, scores=True,
                          progress=False)
-    assert out["images"] == 20 and out["threshold"] == 0.5
+    calibrated = json.loads((tmp_path / "t" / "threshold.json").read_text())
+    assert out["images"] == 20 and out["threshold"] == calibrated["threshold"]
+    assert out["threshold_chosen"].startswith(f"calibrated on {calibrated['images']} train")
     png = tmp_path / "pred" / "labels" / "photo_03.png"
     with Image.open(png) as im, Image.open(images / "photo_03.png") as src:
         assert im.mode == "P" and im.size == src.size               # VOC palette, image size

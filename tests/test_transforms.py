@@ -122,3 +122,54 @@ def test_training_images_keep_their_labels_and_draws_depend_on_seed_epoch_index(
     assert not torch.equal(data[2][0], x)
     other = ClassificationData(voc, 32, "pcm", seed=1, resize="pcm")
     assert not torch.equal(other[2][0], x)
+
+
+def test_colour_on_the_batch_agrees_with_the_loaders_numpy_colour():
+    rng = np.random.default_rng(0)
+    images = (rng.random((6, 20, 24, 3)) * 255).astype(np.float32)
+    params = np.stack([T.color_params(np.random.default_rng(i)) for i in range(6)])
+    params[0, 4], params[1, 4] = 1.0, 0.0                       # one greyscaled, one not
+    want = np.stack([T.apply_color(im, p) for im, p in zip(images, params)])
+    got = T.apply_color_batch(torch.from_numpy(images).permute(0, 3, 1, 2),
+                              torch.from_numpy(params)).permute(0, 2, 3, 1).numpy()
+    assert np.abs(got - want).max() < 2e-3                      # 0-255 scale: rounding only
+    assert np.allclose(got[0, ..., 0], got[0, ..., 1]) and np.allclose(got[0, ..., 1],
+                                                                       got[0, ..., 2])
+    assert not np.allclose(got[1, ..., 0], got[1, ..., 1])
+    # each image its own draws: a batch of one gives the same image
+    one = T.apply_color_batch(torch.from_numpy(images[3:4]).permute(0, 3, 1, 2),
+                              torch.from_numpy(params[3:4]))
+    assert torch.allclose(one[0].permute(1, 2, 0), torch.from_numpy(got[3]), atol=1e-4)
+
+
+def test_colour_draws_are_those_of_color_transform_in_its_order():
+    p = T.color_params(Draws(uniform=[0.1, 1.5, 0.7, -0.05], random=[0.05]))
+    assert np.allclose(p, [0.1, 1.5, 0.7, -0.05, 1.0])
+    assert T.color_params(Draws(uniform=[0, 1, 1, 0], random=[0.5]))[4] == 0.0
+    x = (np.random.default_rng(1).random((8, 8, 3)) * 255).astype(np.float32)
+    assert np.array_equal(T.color_transform(x, np.random.default_rng(5)),
+                          T.apply_color(x, T.color_params(np.random.default_rng(5))))
+
+
+def test_colour_on_device_gives_the_loaders_training_image(toy_root):
+    """augment_on=device: the loader returns the flipped image and the draws of (seed, epoch,
+    index); the colour applied to the batch gives the loader's own augmented image."""
+    from cpfcte.data import TOY_CLASSES
+    from cpfcte.data.voc import VOCDataset
+    from cpfcte.stages.train import ClassificationData, device_batch
+
+    voc = VOCDataset(toy_root, "train", TOY_CLASSES)
+    loader = ClassificationData(voc, 32, "pcm", seed=0, resize="pcm")
+    device = ClassificationData(voc, 32, "pcm", seed=0, resize="pcm", augment_on="device")
+    for data in (loader, device):
+        data.set_epoch(3)
+    items = [device[i] for i in range(4)]
+    assert all(len(item) == 3 and item[2].shape == (5,) for item in items)
+    batch = [torch.stack([item[j] for item in items]) for j in range(3)]
+    x, y = device_batch(batch, torch.device("cpu"))
+    want = torch.stack([loader[i][0] for i in range(4)])
+    assert x.shape == want.shape and (x - want).abs().max() < 1e-5
+    assert torch.equal(y, torch.stack([loader[i][1] for i in range(4)]))
+    # hflip and none have no colour: the device setting changes nothing there
+    plain = ClassificationData(voc, 32, "hflip", seed=0, resize="pcm", augment_on="device")
+    assert len(plain[0]) == 2

@@ -29,7 +29,7 @@ from pathlib import Path
 from cpfcte.machinery.config import Config
 from cpfcte.machinery.paths import project_root
 
-REFERENCE = {"source": "reference H200 figures (issue 7)", "train_img_s": 777.0,
+REFERENCE = {"source": "reference figures of an earlier H200 run", "train_img_s": 777.0,
              "infer_img_s": 286.0, "deeplab_img_s": 231.0, "crf_s_per_image_core": 0.75,
              "cores": 16}
 KNOWN_SPLITS = {"voc": {"train_aug": 10582, "train": 1464, "val": 1449},

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import colorsys
+
+import numpy as np
+
 from cpfcte.machinery.errors import CpfcteError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -22,6 +26,37 @@ TOY_FAMILIES: tuple[tuple[str, float], ...] = (
 TOY_MARKERS: tuple[str, ...] = ("dot", "bar")
 TOY_CLASSES: tuple[str, ...] = ("background",) + tuple(
     f"{family}_{marker}" for family, _ in TOY_FAMILIES for marker in TOY_MARKERS)
+
+
+# How the toy's classes are drawn: each family in its own hue (the hue of TOY_FAMILIES), the dot
+# class bright and the bar class dark, so that a figure's colours say the names: ruby red, lime
+# yellow-green, jade green, cobalt blue, violet purple.
+TOY_TONES = {"dot": (0.75, 1.0), "bar": (1.0, 0.55)}      # (saturation, value)
+
+
+def toy_palette() -> np.ndarray:
+    """The toy's label colours (256 × 3 uint8): background black, each class in its family's
+    hue (dot bright, bar dark), 255 (ignore) cream as in VOC's palette, the rest VOC's."""
+    from cpfcte.machinery.io import voc_palette
+
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    hues = dict(TOY_FAMILIES)
+    for i, name in enumerate(TOY_CLASSES[1:], start=1):
+        family, marker = name.split("_")
+        s, v = TOY_TONES[marker]
+        pal[i] = np.round(255 * np.array(colorsys.hsv_to_rgb(hues[family], s, v)))
+    return pal
+
+
+def palette_for(classes) -> np.ndarray:
+    """The colours label maps of these classes are drawn in (256 × 3 uint8): the toy's own for
+    the toy's classes, VOC's for every other list (VOC, COCO, your own). Label PNGs on disk
+    keep VOC's palette whatever the classes (``cpfcte.machinery.io.save_label_png``)."""
+    from cpfcte.machinery.io import voc_palette
+
+    if classes is not None and tuple(classes) == TOY_CLASSES:
+        return toy_palette()
+    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
 def classes_for(dataset: str) -> tuple[str, ...]:

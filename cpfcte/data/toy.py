@@ -450,3 +450,28 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
     if force or not (root / "coco" / PREPARED["toy_coco"]).exists():
         prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)
     return root
+
+
+def ensure_toy(cfg, progress: bool = True) -> Path | None:
+    """The toy dataset that a toy config reads from the project's ``data/toy``, generated now
+    when it is not there (deterministic, seconds; one line says so first). Nothing happens for
+    another dataset or a toy folder elsewhere (``data_root`` of yours): those are read as they
+    are, and a missing one is an error that says how to make it."""
+    from cpfcte.data.datasets import dataset_root
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.machinery.paths import data_dir, resolve
+
+    if cfg.dataset not in ("toy", "toy_coco"):
+        return None
+    toy = data_dir() / "toy"
+    if resolve(cfg.data_root, data_dir()).resolve() not in (toy.resolve(),
+                                                           (toy / "coco").resolve()):
+        return None
+    try:
+        return dataset_root(cfg)
+    except CpfcteError:
+        pass
+    print(f"preparing the toy dataset in {toy} (it is not there yet; deterministic, about "
+          "15 s): 720 images of 10 synthetic classes, and its COCO-format twin", flush=True)
+    prepare_toy(toy, progress=progress)
+    return dataset_root(cfg)

@@ -16,7 +16,9 @@ notes 12 and 22) or as this project did before (``resize=pil``, ``augment=hflip`
   left-right flip with p 0.5; ``none``: nothing.
 
 Every random draw comes from the generator passed in, so the augmentation of image i in epoch e
-depends only on (seed, e, i), on any number of loader workers.
+depends only on (seed, e, i), on any number of loader workers. ``augment_on: device`` draws
+the same numbers in the loader and applies the colour ops to the batch on the GPU
+(``apply_color_batch``): the loader then only decodes, resizes and flips.
 """
 
 from __future__ import annotations
@@ -90,23 +92,76 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     return (np.moveaxis(rgb, 0, -1) + m[..., None]).astype(np.float32)
 
 
+def color_params(rng: np.random.Generator) -> np.ndarray:
+    """The five draws of ViT-PCM's ``color_transform``, in its order: brightness delta,
+    contrast factor, saturation factor, hue shift, and whether to greyscale (1.0 or 0.0)."""
+    brightness = rng.uniform(-BRIGHTNESS, BRIGHTNESS)
+    contrast = rng.uniform(*CONTRAST)
+    saturation = rng.uniform(*SATURATION)
+    hue = rng.uniform(-HUE, HUE)
+    gray = float(rng.random() <= GRAY_P)
+    return np.array([brightness, contrast, saturation, hue, gray], dtype=np.float32)
+
+
 def color_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """ViT-PCM's ``color_transform`` on H×W×3 float32 (0-255, not clipped). Saturation and hue
     are applied in one HSV round trip (TensorFlow makes one for each; the saturation factor
     leaves hue and value unchanged and the hue shift leaves saturation and value, so the result
     is the same up to float rounding)."""
-    x = x + np.float32(rng.uniform(-BRIGHTNESS, BRIGHTNESS))             # random_brightness
+    return apply_color(x, color_params(rng))
+
+
+def apply_color(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """``color_transform`` with its draws given (``color_params``)."""
+    brightness, contrast, saturation, hue, gray = (np.float32(v) for v in params)
+    x = x + brightness                                                    # random_brightness
     mean = x.mean(axis=(0, 1), keepdims=True)                             # random_contrast
-    x = (x - mean) * np.float32(rng.uniform(*CONTRAST)) + mean
-    saturation = np.float32(rng.uniform(*SATURATION))                     # random_saturation
-    hue = np.float32(rng.uniform(-HUE, HUE))                              # random_hue
-    hsv = rgb_to_hsv(x)
+    x = (x - mean) * contrast + mean
+    hsv = rgb_to_hsv(x)                                                   # random_saturation
     hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 1)
-    hsv[..., 0] = np.mod(hsv[..., 0] + hue, 1.0)
+    hsv[..., 0] = np.mod(hsv[..., 0] + hue, 1.0)                          # random_hue
     x = hsv_to_rgb(hsv)
-    if rng.random() <= GRAY_P:                                            # greyscale
+    if gray:                                                              # greyscale
         x = np.repeat((x @ GRAY_WEIGHTS)[..., None], 3, axis=-1)
     return x.astype(np.float32)
+
+
+def apply_color_batch(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``apply_color`` on a batch where it lives (the GPU, for ``augment_on: device``):
+    x is (B, 3, H, W) float on the 0-255 scale, params (B, 5) from ``color_params``. The same
+    operations in the same order; the result agrees with ``apply_color`` up to float rounding
+    (a mean summed in another order, a division fused otherwise)."""
+    x = x.float()
+    p = params.to(x.device, torch.float32)[:, :, None, None]             # (B, 5, 1, 1)
+    brightness, contrast, saturation, hue, gray = (p[:, i:i + 1] for i in range(5))
+    x = x + brightness
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]                            # rgb_to_hsv
+    v = x.amax(dim=1, keepdim=True)
+    span = v - x.amin(dim=1, keepdim=True)
+    s = torch.where(v > 0, span / torch.where(v > 0, v, torch.ones_like(v)),
+                    torch.zeros_like(v))
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    h = torch.where(r == v, (g - b) / (6 * safe),
+                    torch.where(g == v, (b - r) / (6 * safe) + 2 / 6,
+                                (r - g) / (6 * safe) + 4 / 6))
+    h = torch.where(span > 0, h, torch.zeros_like(h))
+    h = torch.where(h < 0, h + 1, h)
+    s = torch.clamp(s * saturation, 0, 1)
+    h = torch.remainder(h + hue, 1.0)
+    c = s * v                                                             # hsv_to_rgb
+    m = v - c
+    dh = h * 6
+    sector = torch.clamp(dh.long(), 0, 5)
+    xx = c * (1 - torch.abs(torch.remainder(dh, 2) - 1))
+    z = torch.zeros_like(c)
+    table = torch.stack([torch.cat(t, dim=1) for t in ((c, xx, z), (xx, c, z), (z, c, xx),
+                                                        (z, xx, c), (xx, z, c), (c, z, xx))])
+    rgb = torch.gather(table, 0, sector[None].expand(1, -1, 3, -1, -1))[0] + m
+    weights = torch.as_tensor(GRAY_WEIGHTS, device=x.device)[None, :, None, None]
+    grey = (rgb * weights).sum(dim=1, keepdim=True).expand_as(rgb)
+    return torch.where(gray > 0, grey, rgb)
 
 
 def affine_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -121,14 +176,21 @@ def affine_transform(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-def augment(arr: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndarray:
-    """One training image (H×W×3, uint8 or float 0-255) under ``mode``: pcm | hflip | none."""
+def augment(arr: np.ndarray, mode: str, rng: np.random.Generator,
+            color: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One training image (H×W×3, uint8 or float 0-255) under ``mode``: pcm | hflip | none.
+    With ``color=False`` (``augment_on: device``) ``pcm`` draws as it always does but returns
+    the flipped, uncoloured image and the colour draws, for ``apply_color_batch``: the colour
+    ops act on each pixel and on a mean over all of them, so they commute with the flips."""
     if mode == "none":
         return arr
     if mode == "hflip":
         return arr[:, ::-1] if rng.random() < 0.5 else arr
     if mode != "pcm":
         raise CpfcteError(f"augment mode {mode!r} is not pcm, hflip or none")
+    if not color:
+        params = color_params(rng)
+        return affine_transform(arr.astype(np.float32), rng), params
     return affine_transform(color_transform(arr.astype(np.float32), rng), rng)
 
 

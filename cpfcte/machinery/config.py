@@ -39,6 +39,7 @@ PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 CLASS_TOKEN_MODES = ("none", "soft", "mean")
 AUGMENT_MODES = ("pcm", "hflip", "none")
 RESIZE_MODES = ("pcm", "pil")
+AUGMENT_PLACES = ("loader", "device")
 BPM_NORMS = ("pcm", "none")
 CF_BILSTM_MODES = ("none", "hv", "raster")
 LSTM_INITS = ("keras", "torch")
@@ -260,6 +261,9 @@ class Config:
                                        # one after unfreeze() (main.py); false: one Adam throughout
     augment: str = "pcm"               # pcm (ViT-PCM's flips, transpose, colour) | hflip | none
     resize: str = "pcm"                # pcm (bilinear, corners aligned, float) | pil (note 12)
+    augment_on: str = "loader"         # where pcm's colour ops run: loader (numpy, in the
+                                       # workers, as ViT-PCM's tf.data map) | device (the batch
+                                       # on the GPU; the loader only decodes, resizes, flips)
     amp: bool = True                   # bf16 autocast on CUDA (ignored on CPU)
     workers: int = 4                   # DataLoader workers
     seed: int = 0
@@ -294,6 +298,7 @@ class Config:
         choice("pooling", POOLING_MODES)
         choice("augment", AUGMENT_MODES)
         choice("resize", RESIZE_MODES)
+        choice("augment_on", AUGMENT_PLACES)
         choice("bpm_norm", BPM_NORMS)
         choice("lstm_init", LSTM_INITS)
         if not self.token_init_std > 0 or not self.adam_eps > 0:
@@ -379,8 +384,9 @@ class Config:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+# where a step runs (device, threads, workers, augment_on) moves float rounding, not the recipe
 NOT_TRAINING = frozenset({"pseudo_split", "val_split", "workers", "device", "threads",
-                          "skip_nonfinite",
+                          "augment_on", "skip_nonfinite",
                           "infer_size", "infer_scale", "infer_batch", "bpm_norm",
                           "infer_workers", "diagnostic_images"})
 DEEPLAB_SHARED = ("dataset", "data_root", "train_split", "seed", "random_init_ok")

@@ -180,9 +180,11 @@ def torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def colorize(labels) -> np.ndarray:
-    """A label map as an RGB array in the VOC palette (255 in its cream colour)."""
-    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+def colorize(labels, palette: np.ndarray | None = None) -> np.ndarray:
+    """A label map as an RGB array in ``palette`` (256 × 3; ``cpfcte.data.palette_for`` gives a
+    dataset's), by default VOC's (255 in its cream colour)."""
+    pal = (np.array(voc_palette(), dtype=np.uint8).reshape(256, 3) if palette is None
+           else np.asarray(palette, dtype=np.uint8))
     return pal[np.asarray(labels)]
 
 

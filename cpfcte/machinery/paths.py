@@ -51,8 +51,9 @@ def resolve(path: str | Path, base: Path) -> Path:
 
 def run_path(profile: str, run_name: str) -> Path:
     """The folder of a run: ``runs/<profile>/<run_name>`` for a plain name, ``runs/<run_name>``
-    for a name with a slash (``toy/train_full``: the batch runner names runs so), or the path
-    itself when absolute."""
+    for a name with a slash (``toy/train_full``: the batch runner names runs so; a leading
+    ``runs/``, as a path from the project's root, is the same folder), or the path itself when
+    absolute."""
     if not str(run_name).strip() or str(run_name) != str(run_name).strip():
         from cpfcte.machinery.errors import CpfcteError
 
@@ -67,6 +68,8 @@ def run_path(profile: str, run_name: str) -> Path:
 
             raise CpfcteError(f"{what} {name!r} would leave runs/: use a plain name (or an "
                               "absolute folder for a run)")
+    if len(p.parts) > 1 and p.parts[0] == "runs":  # runs/toy/train_full, as ls shows it
+        p = Path(*p.parts[1:])
     if len(p.parts) > 1:
         return runs_dir() / p
     return runs_dir() / profile / run_name

@@ -66,18 +66,29 @@ def artifacts_for(only: list[str] | None, profile: str) -> list[str]:
             runs & set(catalog.group_reads(groups[name], profile))]
 
 
-def has_runs(name: str, profile: str) -> bool:
-    """Whether any run that the table or figure ``name`` reads has results for ``profile``
-    (its metrics.json). Without one, the report leaves the file as it is: the committed
-    table stays, never replaced by one of empty cells."""
+def missing_runs(name: str, profile: str) -> list[str]:
+    """The runs that the table or figure ``name`` reads for ``profile`` (every seed) and that
+    were never made: neither results (metrics.json) nor a recorded failure."""
     from cpfcte.batch import catalog
 
-    group = catalog.load_batch().groups[name]
-    for base in catalog.group_reads(group, profile):
-        for run in catalog.seed_runs(profile, base) or [base]:
-            if catalog.run_metrics(profile, run)[0] is not None:
-                return True
-    return False
+    batch = catalog.load_batch()
+    reads = catalog.group_reads(batch.groups[name], profile)
+    # the profile's runs of those (a run outside the profile, as the COCO-init DeepLabv2 on the
+    # toy, is not applicable); a profile outside the batch: the runs by their plain names
+    runs = [r for base in reads for r in catalog.seed_runs(profile, base, batch)] or reads
+    missing = []
+    for run in runs:
+        metrics, why = catalog.run_metrics(profile, run)
+        if metrics is None and not why.startswith("failed"):
+            missing.append(run)
+    return missing
+
+
+def has_runs(name: str, profile: str) -> bool:
+    """Whether every run that the table or figure ``name`` reads has been made for
+    ``profile`` (results, or a failure the table points to). Otherwise the report leaves the
+    file as it is: the committed table stays, never replaced by one with emptier cells."""
+    return not missing_runs(name, profile)
 
 
 def written_record(name: str, profile: str) -> Path:
@@ -121,22 +132,41 @@ def show(outputs: dict[str, dict[str, Path]], names: str | list[str] | None = No
             if found is None:
                 print(f"{name}: its runs have not been made yet (make paper makes them)")
                 continue
-            display(Markdown(f"*{name}: the {found.parent.name}/{found.name} in the project "
-                             f"(the committed one on a fresh clone), not regenerated here: its "
-                             f"runs are not in runs/{profile} (make paper makes them)*"))
+            missing = missing_runs(name, profile)
+            some = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more"
+                                             if len(missing) > 4 else "")
+            display(Markdown(f"*{name}: the committed {found.parent.name}/{found.name}, not "
+                             f"regenerated here: {len(missing)} of its runs are not in "
+                             f"runs/{profile} ({some}; `make paper` makes them)*"))
             paths = {"md": found} if found is md else {"png": found}
         display(Markdown(paths["md"].read_text()) if "md" in paths
                 else Image(filename=str(paths["png"])))
 
 
-def show_notes(outputs: dict[str, dict[str, Path]]) -> None:
-    """Display each written table's notes file: how it is scored, its full provenance and the
-    interpretation notes."""
+def show_notes(outputs: dict[str, dict[str, Path]], names: str | list[str] | None = None,
+               profile: str = "toy") -> None:
+    """Display each table's notes file (the written one, else the one in tables/): how it is
+    scored and its full provenance; then the interpretation notes, once (every notes file
+    ends with the same list)."""
     from IPython.display import Markdown, display
 
-    for paths in outputs.values():
-        if "notes" in paths:
-            display(Markdown(paths["notes"].read_text()))
+    from cpfcte.machinery.paths import output_dir
+    from cpfcte.report.tables import suffix
+
+    wanted = list(ARTIFACTS) if names in (None, "all") else [
+        n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+    tail = None
+    for name in wanted:
+        path = (outputs.get(name) or {}).get("notes") or (
+            output_dir("tables") / f"{name}{suffix(profile)}.notes.md")
+        if not Path(path).is_file():
+            continue
+        text = Path(path).read_text()
+        head, sep, rest = text.partition("\n## Interpretation notes")
+        display(Markdown(head))
+        tail = tail or (sep + rest if sep else None)
+    if tail:
+        display(Markdown(tail.lstrip("\n")))
 
 
 def write_all(profile: str = "toy") -> dict[str, dict[str, Path]]:

@@ -138,6 +138,32 @@ def _delta(paper: float | None, ours: Measure | None) -> str:
     return f"{ours.mean - paper:+.1f}"
 
 
+def run_backbone(profile: str) -> str | None:
+    """This profile's stage-1 backbone in a few words, where it is not the paper's ViT-B/16
+    (the toy's small ViT from random weights), else None."""
+    from cpfcte.machinery.config import load_config
+
+    if paper_scale(profile):
+        return None
+    try:
+        cfg = load_config(profile)
+    except CpfcteError:
+        return None
+    kw = cfg.backbone_kwargs or {}
+    if "depth" in kw and "embed_dim" in kw:
+        return (f"ViT, {kw['depth']} blocks, width {kw['embed_dim']}"
+                + (f", patch {kw['patch_size']}" if "patch_size" in kw else ""))
+    return cfg.backbone
+
+
+def split_title(base: str, paper_split: str, profile: str, split: str | None) -> str:
+    """A table's title: the paper's split, and this run's where the profile is not the paper's
+    dataset (the toy's numbers are not on VOC)."""
+    if paper_scale(profile) or not split:
+        return f"{base}, {paper_split}"
+    return f"{base}: the paper on {paper_split}, this run on {profile} {split}"
+
+
 def comparison_table(name: str, title: str, profile: str, paper_rows,
                      ours: dict[str, Measure | str], level: str, details: list[str],
                      runs: list[str], extra_rows=(), out_dir: Path | None = None
@@ -149,9 +175,12 @@ def comparison_table(name: str, title: str, profile: str, paper_rows,
     header = ["Method", "Pub.", "Backbone", "mIoU paper (%)", f"mIoU this run, {profile} (%)"]
     header += ["Δ (this − paper)"] if delta else []
     rows = []
+    own = run_backbone(profile)
     for method, pub, backbone, value in paper_rows:
         mine = ours.get(method, "")
         measure = mine if isinstance(mine, Measure) else None
+        if own and (method in ours or pub == "this run"):
+            backbone = f"{backbone} (paper); {own} (this run)"
         rows.append([method, pub, backbone, fmt(value), measure.text if measure else mine]
                     + ([_delta(value, measure)] if delta else []))
     rows += [list(r) + [""] * (len(header) - len(r)) for r in extra_rows]
@@ -280,8 +309,11 @@ def table2(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
                 "(deeplabv1_resnet101-coco.pth; note 16)")
     extra = [[label, "this run", "ResNet-101 (Caffe)", "", cell]]
     level, details = _deeplab_notes(profile, run)
-    return comparison_table("table2", "Table 2: semantic segmentation (mIoU), VOC 2012 val",
-                            profile, rows, ours, level, details, runs, extra, out_dir=out_dir)
+    m, _ = catalog.run_metrics(profile, run)
+    title = split_title("Table 2: semantic segmentation (mIoU)", "VOC 2012 val", profile,
+                        (m or {}).get("split"))
+    return comparison_table("table2", title, profile, rows, ours, level, details, runs, extra,
+                            out_dir=out_dir)
 
 
 def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]:
@@ -304,8 +336,10 @@ def table3(profile: str = "toy", out_dir: Path | None = None) -> dict[str, Path]
         details.insert(0, "toy: the toy scenes written as a COCO instances file (polygons, "
                           "RLE, crowd regions) and converted by the COCO path (profile "
                           "toy_coco)")
-    return comparison_table("table3", "Table 3: semantic segmentation (mIoU), MS COCO 2014 val",
-                            profile, rows, ours, level, details, [deeplab_run],
+    dm, _ = catalog.run_metrics(profile, deeplab_run)
+    title = split_title("Table 3: semantic segmentation (mIoU)", "MS COCO 2014 val",
+                        "toy_coco" if profile == "toy" else profile, (dm or {}).get("split"))
+    return comparison_table("table3", title, profile, rows, ours, level, details, [deeplab_run],
                             out_dir=out_dir)
 
 

@@ -4,8 +4,9 @@ For one image of a split and one class: the per-class patch probabilities Z over
 (Eq. 7, at the inference size), the top-k patches the pooling picks for the image score
 (Eq. 8), the BPM (Eq. 10) and its dense-CRF refinement, for one run and, side by side, a second
 (for example without the CF-BiLSTM). A background-bias slider adds a constant to the background
-probability before the argmax, and the mIoU it would give over the whole split is computed from
-the pseudo-label run's saved patch probabilities: how sensitive the pseudo labels are to it.
+probability before the BPM's argmax: the BPM panels are redrawn with it, and the mIoU it would
+give over the whole split is computed from the pseudo-label run's saved patch probabilities
+(when one is given): how sensitive the pseudo labels are to it.
 ``explorer(...)`` builds the widgets (ipywidgets); the functions below it are what they call.
 """
 
@@ -32,12 +33,21 @@ def patch_view(model, cfg, voc, index: int, *, crf: bool = True) -> dict:
     probabilities (C, h, w) at the inference size, the pooled image scores, the top-k patch
     indices per class, the BPM and (with ``crf``) the CRF mask; from the walk-through's one
     pass (``cpfcte.stages.walkthrough.walk_image``)."""
+    import torch
+
+    from cpfcte.data.transforms import aligned
+    from cpfcte.method.bpm import bpm_grid
     from cpfcte.stages.walkthrough import walk_image
 
-    w = walk_image(model, cfg, voc.image(index), voc.labels(index), voc.ids[index], crf=crf)
-    view = {"image": w.image, "labels": voc.labels(index),
-            "grid": w.z.T.reshape(len(w.classes), *w.grid), "pooled": w.p, "topk": w.topk,
-            "bpm": w.bpm, "id": w.name}
+    labels = voc.labels(index)
+    w = walk_image(model, cfg, voc.image(index), labels, voc.ids[index], crf=crf)
+    grid = w.z.T.reshape(len(w.classes), *w.grid)
+    maps = bpm_grid(torch.from_numpy(grid)[None], torch.from_numpy(labels)[None], cfg.bpm_norm)
+    up = torch.nn.functional.interpolate(maps, size=w.image.shape[:2], mode="bilinear",
+                                         align_corners=aligned(cfg))[0].numpy()
+    present = np.flatnonzero(labels)
+    view = {"image": w.image, "labels": labels, "grid": grid, "pooled": w.p, "topk": w.topk,
+            "bpm": w.bpm, "id": w.name, "bpm_probs": up[present], "present": present}
     if crf:
         view["crf"] = w.crf
     return view
@@ -73,34 +83,46 @@ def bias_miou(pseudo_run: str | Path, bias: float) -> float | None:
     return cm.miou()
 
 
-def figure(views: dict[str, dict], cls: int, classes: tuple[str, ...]):
+def figure(views: dict[str, dict], cls: int, classes: tuple[str, ...], bias: float = 0.0):
     """One row per run: the class's patch probabilities over the image with its top-k patches
-    outlined, the BPM, the CRF mask."""
+    outlined (with a colour bar), the BPM with ``bias`` added to the background before its
+    argmax, the CRF mask (made at bias 0); a legend of the classes shown."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from cpfcte.data import palette_for
     from cpfcte.machinery.io import colorize
+    from cpfcte.plots import class_legend
 
-    fig, axes = plt.subplots(len(views), 3, figsize=(9, 3 * len(views)), squeeze=False)
+    pal = palette_for(classes)
+    fig, axes = plt.subplots(len(views), 3, figsize=(9.5, 3 * len(views)), squeeze=False)
+    shown = []
     for row, (name, v) in zip(axes, views.items()):
         h, w = v["image"].shape[:2]
         gh, gw = v["grid"].shape[1:]
         row[0].imshow(v["image"])
-        row[0].imshow(v["grid"][cls], cmap="magma", alpha=0.55, vmin=0, vmax=1,
-                      extent=(0, w, h, 0), interpolation="nearest")
+        im = row[0].imshow(v["grid"][cls], cmap="magma", alpha=0.55, vmin=0, vmax=1,
+                           extent=(0, w, h, 0), interpolation="nearest")
+        fig.colorbar(im, ax=row[0], fraction=0.046, pad=0.02)
         for p in v["topk"][cls]:
             r, c = divmod(int(p), gw)
             row[0].add_patch(Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False,
                                        edgecolor="cyan", lw=1.5))
         row[0].set_title(f"{name}: Z[{classes[cls]}], top-k (score {v['pooled'][cls]:.2f})",
                          fontsize=8)
-        row[1].imshow(colorize(v["bpm"]))
-        row[1].set_title("BPM", fontsize=8)
-        row[2].imshow(colorize(v.get("crf", v["bpm"])))
-        row[2].set_title("BPM + CRF" if "crf" in v else "BPM (no CRF)", fontsize=8)
+        bpm = (biased_argmax(v["bpm_probs"], v["present"], bias)
+               if bias and "bpm_probs" in v else v["bpm"])
+        crf = v.get("crf", v["bpm"])
+        shown += [bpm, crf]
+        row[1].imshow(colorize(bpm, pal))
+        row[1].set_title(f"BPM, background bias {bias:+.2f}" if bias else "BPM", fontsize=8)
+        row[2].imshow(colorize(crf, pal))
+        row[2].set_title(("BPM + CRF" + (" (at bias 0)" if bias else "")) if "crf" in v
+                         else "BPM (no CRF)", fontsize=8)
         for ax in row:
             ax.axis("off")
     fig.tight_layout()
+    class_legend(fig, classes, shown, pal)
     return fig
 
 
@@ -143,13 +165,15 @@ def explorer(runs: dict[str, str | Path], pseudo_run: str | Path | None = None,
             cache[key] = {name: patch_view(m, c, voc, key) for name, (m, c) in models.items()}
         with out:
             out.clear_output(wait=True)
-            fig = figure(cache[key], cls.value or 0, voc.classes)
+            fig = figure(cache[key], cls.value or 0, voc.classes, bias.value)
             display(fig)
             plt.close(fig)
 
     def update_bias(*_):
         if pseudo_run is None:
-            score.value = "no pseudo-label run given: no split mIoU"
+            score.value = ("the BPM panels follow the bias; the split's mIoU at each bias needs "
+                           "a pseudo-label run: run notebook 03 (or <code>cpfcte pseudo "
+                           "--run pseudo_full</code>) first")
             return
         m = bias_miou(pseudo_run, bias.value)
         score.value = ("split has no masks" if m is None else
@@ -158,7 +182,7 @@ def explorer(runs: dict[str, str | Path], pseudo_run: str | Path | None = None,
 
     image.observe(lambda ch: (classes_of_image(), update()), names="value")
     cls.observe(update, names="value")
-    bias.observe(update_bias, names="value")
+    bias.observe(lambda ch: (update(), update_bias()), names="value")
     classes_of_image()
     update()
     update_bias()

@@ -1,7 +1,7 @@
 """Predictions on any folder of images, with a trained run: stage 1 (BPM, optionally + dense
 CRF) or DeepLabv2 (multi-scale + flip, optionally + CRF).
 
-    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold 0.5]
+    cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold auto]
 
 Writes, per image: ``labels/<stem>.png`` in the VOC palette (class-index PNGs look black in an
 image viewer; the palette colours them and keeps the index), ``overlays/<stem>.jpg`` (the
@@ -10,9 +10,12 @@ the per-class patch probabilities ``z`` (C × h × w, background first), the ima
 ``image_scores`` (the run's pooling over the patches, as in training) and ``classes``.
 
 Without image-level labels, a stage-1 run decides which classes may appear from its own image
-scores: a class is kept when its pooled score exceeds ``threshold`` (0.5: where the MCE loss,
-a binary cross-entropy per class, puts the decision between present and absent); background is
-always kept. The BPM is then Eq. 10 with those classes. A DeepLabv2 run predicts every class.
+scores: a class is kept when its pooled score exceeds ``threshold``; background is always kept.
+By default (``auto``) the threshold is the run's own, calibrated on its training labels
+(``cpfcte.stages.threshold``: the best F1; a fixed 0.5 keeps almost nothing on the toy); a
+number is used as given. The BPM is then Eq. 10 with those classes. Overlays are drawn in the
+dataset's palette (the toy's follows its class names) with each object outlined; the label
+PNGs keep VOC's palette. A DeepLabv2 run predicts every class.
 """
 
 from __future__ import annotations
@@ -25,14 +28,23 @@ import torch
 from cpfcte.machinery.errors import CpfcteError
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The label colours over the image (background and 255 left as the image)."""
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5,
+            palette: np.ndarray | None = None) -> np.ndarray:
+    """The label colours over the image (background and 255 left as the image), each region's
+    edge drawn solid in its colour, so that a dark colour on a dark object still shows."""
     from cpfcte.machinery.io import colorize
 
-    colours = colorize(labels).astype(np.float32)
+    colours = colorize(labels, palette).astype(np.float32)
     keep = ((labels == 0) | (labels == 255))[..., None]
     mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.where(keep, image, mixed).round().clip(0, 255).astype(np.uint8)
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[1:] |= labels[1:] != labels[:-1]
+    edge[:-1] |= labels[1:] != labels[:-1]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
+    out = np.where(keep, image.astype(np.float32), mixed)
+    out = np.where((edge & ~keep[..., 0])[..., None], colours, out)
+    return out.round().clip(0, 255).astype(np.uint8)
 
 
 def image_classes(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -45,7 +57,8 @@ def image_classes(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 @torch.no_grad()
 def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, *,
                    crf: bool = False,
-                   scores: bool = False, threshold: float = 0.5, device: str | None = None,
+                   scores: bool = False, threshold: float | str = "auto",
+                   device: str | None = None,
                    limit: int | None = None, force: bool = False, progress: bool = True) -> dict:
     """Predict every image of ``images`` (None: the run's own dataset's ``JPEGImages``; the
     first ``limit`` by name, when given) with the run folder ``run``; see the module doc.
@@ -66,8 +79,10 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
     if stage not in ("train", "deeplab"):
         raise CpfcteError(f"{folder.path}: a {stage or 'unknown'} run; predict takes a stage-1 "
                           "training run or a DeepLabv2 run")
-    if not 0 < threshold < 1:
-        raise CpfcteError(f"--threshold {threshold}: must be in (0, 1)")
+    if threshold not in (None, "auto"):
+        from cpfcte.stages.threshold import resolve_threshold
+
+        resolve_threshold(folder.path, threshold)     # a bad number fails before any work
     if scores and stage != "train":
         raise CpfcteError("--scores: patch scores exist for stage-1 runs only")
     from cpfcte.data import dataset_root
@@ -96,8 +111,10 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         from cpfcte.method.bpm import bpm_from_probs, crf_start, patch_probs
         from cpfcte.method.topk_pooling import pool
         from cpfcte.stages.pseudo_labels import infer_size_for
+        from cpfcte.stages.threshold import resolve_threshold
         from cpfcte.stages.train import load_trained
 
+        threshold, chosen = resolve_threshold(folder.path, threshold, progress)
         model, cfg = load_trained(folder.path, cfg)
         size = infer_size_for(cfg, model.patch_size[0])
         classes = _classes(cfg)
@@ -107,6 +124,9 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
 
         model = load_deeplab(folder.path, cfg)
         classes = _classes(cfg)
+    from cpfcte.data import palette_for
+
+    palette = palette_for(classes)
     device_ = next(model.parameters()).device
     crf_params = (cfg.crf if stage == "train" else cfg.test_crf()) if crf else None
     kept = {}
@@ -155,12 +175,13 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         save_label_png(out / "labels" / f"{path.stem}.png", labels, palette=True)
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "overlays" / f"{path.stem}.jpg") as tmp:
-            Image.fromarray(overlay(image, labels)).save(tmp, format="JPEG", quality=90)
+            Image.fromarray(overlay(image, labels, palette=palette)).save(tmp, format="JPEG", quality=90)
     report = {"run": str(folder.path), "stage": stage, "images": len(files),
               "out": str(out), "crf": crf_params.describe() if crf_params else None,
               "classes": list(classes)}
     if stage == "train":
-        report.update(threshold=threshold, infer_size=size, classes_kept=kept)
+        report.update(threshold=threshold, threshold_chosen=chosen, infer_size=size,
+                      classes_kept=kept)
     write_json(out / "predict.json", report)
     return report
 

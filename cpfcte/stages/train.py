@@ -45,13 +45,16 @@ class ClassificationData(Dataset):
     is decoded and resized once per run. Image i's augmentation in epoch e is drawn from
     (seed, e, i) alone. An item's key is the image index (in the epoch of ``set_epoch``) or an
     (epoch, index) pair, as ``EpochShard`` yields them: loader workers that live across epochs
-    (``persistent_workers``) then know the epoch without being told."""
+    (``persistent_workers``) then know the epoch without being told. With ``augment_on=device``
+    (and ``augment=pcm``) an item is (image, labels, colour draws): the loader flips, and the
+    training step applies the colour ops to the batch on its device (``apply_color_batch``)."""
 
     CACHE_BYTES = 256 * 2**20
 
     def __init__(self, voc: VOCDataset, size: int, augment: str, seed: int,
-                 resize: str = "pcm"):
+                 resize: str = "pcm", augment_on: str = "loader"):
         self.voc, self.size, self.augment, self.seed, self.resize = voc, size, augment, seed, resize
+        self.color_on_device = augment_on == "device" and augment == "pcm"
         self.labels = voc.label_matrix()
         self.epoch = 0
         itemsize = 1 if resize == "pil" else 4
@@ -73,8 +76,25 @@ class ClassificationData(Dataset):
             arr = resize_image(self.voc.image(index), self.size, self.resize)
             if self.cache is not None:
                 self.cache[index] = arr
-        arr = augment(arr, self.augment, np.random.default_rng([self.seed, epoch, index]))
-        return to_input(arr), torch.from_numpy(self.labels[index])
+        rng = np.random.default_rng([self.seed, epoch, index])
+        labels = torch.from_numpy(self.labels[index])
+        if self.color_on_device:
+            arr, params = augment(arr, self.augment, rng, color=False)
+            return to_input(arr), labels, torch.from_numpy(params)
+        return to_input(augment(arr, self.augment, rng)), labels
+
+
+def device_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch on ``device``: (images, labels), with the colour ops applied there when
+    the loader left them to it (``augment_on: device``; the images come on the [0, 1] scale,
+    the colour ops work on 0-255 as ViT-PCM's do)."""
+    from cpfcte.data.transforms import apply_color_batch
+
+    x = batch[0].to(device, non_blocking=True)
+    y = batch[1].to(device, non_blocking=True)
+    if len(batch) == 3:
+        x = apply_color_batch(x * 255.0, batch[2].to(device, non_blocking=True)) / 255.0
+    return x, y
 
 
 class EpochShard(torch.utils.data.Sampler):
@@ -244,7 +264,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     logger = folder.logger() if rank == 0 else logging.getLogger("cpfcte.quiet")
     progress = progress and rank == 0
     data = ClassificationData(open_split(cfg, cfg.train_split), cfg.img_size, cfg.augment,
-                              cfg.seed, cfg.resize)
+                              cfg.seed, cfg.resize, cfg.augment_on)
 
     model = make_model(cfg).to(device)
     optimizer = optimiser_for(model, cfg, cfg.lr_warmup)
@@ -318,9 +338,8 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         scores, truths = [], []                        # image-level p and y, for the mAP
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            disable=not progress, leave=False)
-        for step, (x, y) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
+        for step, batch in enumerate(bar):
+            x, y = device_batch(batch, device)
             p = train_step(wrapped, model, cfg, optimizer, guard, x, y, step, sums, use_amp)
             if p is not None:
                 scores.append(p)
@@ -436,10 +455,22 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
 def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = None,
                    progress: bool = True) -> Path:
     """Make sure ``run_dir`` holds a complete training run: train it (profile + overrides) when
-    it has no config yet, resume it when it stopped early, do nothing when it is complete."""
+    it has no config yet, resume it when it stopped early, do nothing when it is complete. One
+    line says which, first; the toy dataset is generated if it is missing."""
+    from cpfcte.data.toy import ensure_toy
     from cpfcte.machinery.config import load_config
 
     folder = RunFolder(run_dir)
-    cfg = folder.config() if (folder.path / CONFIG).exists() else load_config(profile, overrides)
+    exists = (folder.path / CONFIG).exists()
+    cfg = folder.config() if exists else load_config(profile, overrides)
+    if exists and (folder.path / SUMMARY).is_file() and folder.summary().get("complete"):
+        print(f"using the trained run {folder.path} ({cfg.epochs} epochs, {cfg.profile} "
+              f"profile): nothing to train", flush=True)
+        return folder.path
+    ensure_toy(cfg, progress=progress)
+    resume = " (resuming its checkpoint)" if (folder.path / CHECKPOINT).exists() else ""
+    print(f"training stage 1 into {folder.path}{resume}: {cfg.profile} profile, "
+          f"{cfg.backbone}, {cfg.epochs} epochs"
+          + (", about half a minute on the toy" if cfg.dataset == "toy" else ""), flush=True)
     train(cfg, folder.path, progress=progress)
     return folder.path

@@ -54,6 +54,21 @@ class Walk:
     def present(self) -> list[int]:
         return [int(c) for c in np.flatnonzero(self.labels)]
 
+    def verdict(self) -> str:
+        """One line on which classes label the BPM, and why: the image's labels, or for a
+        photo the classes p kept, or that none passed (the BPM is then all background)."""
+        kept = [self.classes[c] for c in self.present() if c > 0]
+        if self.labels_from == "image-level labels":
+            return f"{self.name}: its image-level labels: {', '.join(kept) or 'background only'}"
+        t = self.settings.get("threshold")
+        best = int(np.argmax(self.p[1:])) + 1
+        if not kept:
+            return (f"{self.name}: no class passes p > {t} (the highest is "
+                    f"{self.classes[best]}, p = {self.p[best]:.2f}), so the BPM is all "
+                    f"background: the model sees none of its {len(self.classes) - 1} classes "
+                    f"here")
+        return f"{self.name}: p > {t} keeps {', '.join(kept)}"
+
     def shapes(self) -> str:
         """A Markdown table: each step, where the paper defines it, and its shape."""
         s, (h, w) = self.z.shape[0], self.grid
@@ -79,19 +94,24 @@ class Walk:
 
 @torch.no_grad()
 def walk(run: str | Path, *, split: str | None = None, index: int = 0,
-         photo: str | Path | None = None, threshold: float = 0.5, crf: bool = True) -> Walk:
+         photo: str | Path | None = None, threshold: float | str = "auto",
+         crf: bool = True) -> Walk:
     """Image ``index`` of ``split`` (default: the pseudo-label split) or ``photo`` (a file of
-    yours) through the trained stage-1 run ``run``."""
+    yours) through the trained stage-1 run ``run``; a photo's classes are those whose p
+    exceeds ``threshold`` (``auto``: the run's calibrated one, ``cpfcte.stages.threshold``)."""
     from cpfcte.data import open_split
     from cpfcte.machinery.io import read_image
+    from cpfcte.stages.threshold import resolve_threshold
     from cpfcte.stages.train import load_trained
 
-    if not 0 < threshold < 1:
-        raise CpfcteError(f"threshold {threshold}: must be in (0, 1)")
     model, cfg = load_trained(run)
     if photo is not None:
-        return walk_image(model, cfg, read_image(photo), None, Path(photo).name,
-                          threshold=threshold, crf=crf)
+        threshold, chosen = resolve_threshold(run, threshold, progress=False)
+        w = walk_image(model, cfg, read_image(photo), None, Path(photo).name,
+                       threshold=threshold, crf=crf)
+        w.settings["threshold"] = threshold
+        w.settings["threshold_chosen"] = chosen
+        return w
     data = open_split(cfg, split or cfg.pseudo_split)
     if not 0 <= index < len(data):
         raise CpfcteError(f"index {index}: split {data.split!r} has {len(data)} images "
