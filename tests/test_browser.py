@@ -56,7 +56,7 @@ for (let i = 0; i < cells.length; i++) {
   }
 }
 return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: errors,
-        widgets: widgets, text: texts.join('\n'),
+        widgets: widgets, text: texts.join('\\n'),
         progress: document.querySelectorAll('.jupyter-widgets [class*="progress"], progress').length,
         images: document.querySelectorAll('.jp-OutputArea-output img').length,
         sliders: document.querySelectorAll('.widget-slider, .jupyter-widget-slider').length,
@@ -248,11 +248,13 @@ def test_the_first_hour_on_a_fresh_clone(tmp_path):
     shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / "first_hour_09.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{port}/lab/tree/notebooks"
+    import json
+
     set_photo = (  # the user sets the parameter: the parameters cell's text, in the editor
         "const nb = window.jupyterapp.shell.currentWidget.content;"
         "const cell = nb.model.cells.get(1);"
-        f"cell.sharedModel.setSource(cell.sharedModel.getSource().replace("
-        f"'photo = None', 'photo = {str(photo)!r}'));")
+        "cell.sharedModel.setSource(cell.sharedModel.getSource().replace("
+        f"'photo = None', {json.dumps('photo = ' + repr(str(photo)))}));")
     try:
         walk = _run_all(driver, f"{base}/09_method_walkthrough.ipynb?token={token}", set_photo)
         driver.save_screenshot(str(shot))
