@@ -309,8 +309,11 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                         generator=torch.Generator().manual_seed(cfg.seed * 100_003))
     guard = FiniteGuard(device, str(folder.path), "step", cfg.skip_nonfinite, world)
 
+    if start_epoch >= end_epoch:                      # complete: no bar of work not done
+        logger.info("%s: %d of %d epochs done, nothing to train", folder.path, start_epoch,
+                    cfg.epochs)
     epochs_bar = progress_bar(total=cfg.epochs, initial=start_epoch, desc="training",
-                              unit="epoch", disable=not progress)
+                              unit="epoch", disable=not progress or start_epoch >= end_epoch)
     for epoch in range(start_epoch, end_epoch):
         warm = epoch < cfg.warmup_epochs
         phase = PHASES[0] if warm else PHASES[1]
