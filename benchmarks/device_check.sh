@@ -97,9 +97,7 @@ json.dump(out, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(out, indent=2))
 EOF
 
-if [ "$TINY" = 1 ]; then
-  skip wheels "--tiny: this machine's own packages"
-elif [ -d wheels/cp312 ] && ls wheels/cp312/*.whl >/dev/null 2>&1; then
+if [ -d wheels/cp312 ] && ls wheels/cp312/*.whl >/dev/null 2>&1; then
   step wheels 60 "$PY" - <<'EOF'
 import glob, importlib, subprocess, sys
 modules = {"pydensecrf2": "pydensecrf"}

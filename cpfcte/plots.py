@@ -351,9 +351,12 @@ def dataset_overview(profile: str, n_show: int = 6, split: str | None = None) ->
 
 def prediction_overlays(report: dict, n: int = 4):
     """The overlays ``cpfcte predict`` wrote (``report``: its ``predict.json``), each titled
-    with the classes its image scores kept (stage 1)."""
+    with the classes its image scores kept (stage 1), with a legend of the classes in the
+    label maps shown."""
     import matplotlib.pyplot as plt
     from PIL import Image
+
+    from cpfcte.machinery.io import read_label_png
 
     files = sorted((Path(report["out"]) / "overlays").glob("*.jpg"))[:n]
     fig, axes = plt.subplots(1, max(len(files), 1), figsize=(3 * max(len(files), 1), 3),
@@ -366,6 +369,9 @@ def prediction_overlays(report: dict, n: int = 4):
                                   if kept is not None else ""), fontsize=8)
         ax.axis("off")
     fig.tight_layout()
+    labels = [Path(report["out"]) / "labels" / f"{p.stem}.png" for p in files]
+    class_legend(fig, report.get("classes"),
+                 [read_label_png(p) for p in labels if p.is_file()])
     return fig
 
 

@@ -51,6 +51,21 @@ def test_the_calibrated_threshold_is_written_once_and_named_in_the_description(t
     assert calibrated_threshold(tmp_path / "t", progress=False) == first   # another digest
     line = describe_model(tmp_path / "t")
     assert "toy-profile" in line and "10 classes" in line and "only these synthetic" in line
+    # predict takes the calibrated threshold by default, and its overlays come with a legend
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpfcte.plots import prediction_overlays
+    from cpfcte.stages.predict import predict_folder
+
+    report = predict_folder(tmp_path / "t", None, tmp_path / "pred", limit=2, progress=False)
+    assert report["threshold"] == first["threshold"]
+    fig = prediction_overlays(report, 2)
+    names = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert "background" in names and names <= set(report["classes"])
+    plt.close(fig)
 
 
 def test_the_toys_colours_follow_its_names_and_voc_keeps_its_palette():
