@@ -119,6 +119,9 @@ def _pseudo(args: argparse.Namespace) -> None:
     from cpfcte.machinery.runfolder import run_config
     from cpfcte.stages.pseudo_labels import pseudo_stage
 
+    if args.infer_size is not None and args.infer_scale is not None:
+        raise CpfcteError("--infer-size and --infer-scale both given: one sets the inference "
+                          "size (pixels, or a multiple of the training size); pass one")
     train_dir = run_path(args.profile, args.train_run)
     overrides = {"infer_size": args.infer_size, "infer_scale": args.infer_scale,
                  "pseudo_split": args.split, "device": args.device, **parse_set_args(args.set)}

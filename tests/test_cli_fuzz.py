@@ -158,3 +158,35 @@ def test_every_option_of_every_subcommand_refuses_bad_values_without_a_traceback
                 if problem:
                     failures.append(f"cpfcte {' '.join(argv)}\n{problem}")
     assert not failures, f"{len(failures)} tracebacks:\n\n" + "\n\n".join(failures[:8])
+
+
+def _refusal(argv: list[str]) -> str:
+    """Run ``cpfcte argv``, which must refuse (exit 2); its message."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+    assert e.value.code == 2, (argv, err.getvalue())
+    return err.getvalue()
+
+
+def test_names_that_become_paths_stay_inside_and_each_refusal_names_its_fix(world,
+                                                                          monkeypatch):
+    """A split name with '..', a profile given through --set, two inference sizes at once:
+    each refused in one message that names the option and what to do; nothing is written
+    outside the run folders."""
+    for name, sub in (("DATA", "data"), ("RUNS", "runs"), ("OUT", "out"),
+                      ("PROFILES", "profiles")):
+        monkeypatch.setenv(f"CPFCTE_{name}", str(world / sub))
+    before = sorted(p.name for p in world.iterdir())
+    msg = _refusal(["pseudo", "--profile", "tiny", "--train-run", "t", "--run", "p2",
+                    "--split", "../../escape"])
+    assert "plain name" in msg and "pseudo_split" in msg
+    msg = _refusal(["train", "--profile", "tiny", "--run", "t3", "--set", "profile=voc"])
+    assert "--profile voc" in msg
+    msg = _refusal(["pseudo", "--profile", "tiny", "--train-run", "t", "--run", "p3",
+                    "--infer-size", "64", "--infer-scale", "2"])
+    assert "--infer-size and --infer-scale" in msg
+    assert sorted(p.name for p in world.iterdir()) == before
+    assert not (world / "runs" / "voc").exists() and not (world / "escape").exists()
+    assert not any(world.parent.glob("escape*"))

@@ -153,3 +153,19 @@ def test_fault_bench_reduced(tmp_path, toy_root):
     for kind in ("ENOSPC", "EACCES"):
         assert by["training"][kind]["ok"], by["training"][kind]
         assert "cannot write" in by["training"][kind]["error"]
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """Files written through the atomic writer get the mode open() would give them (0666 less
+    the umask), not mkstemp's 0600: a group that shares datasets and predictions can read them."""
+    import stat
+    import subprocess
+    import sys
+
+    code = ("import os; os.umask(0o002); from cpfcte.machinery.io import write_text; "
+            f"write_text({str(tmp_path / 'a.txt')!r}, 'x')")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o664
+    code = code.replace("0o002", "0o077").replace("a.txt", "b.txt")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600

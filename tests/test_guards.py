@@ -33,6 +33,20 @@ def test_deeplab_refuses_a_renamed_copy_of_the_training_masks(tiny_cfg, toy_root
     assert not (tmp_path / "d" / "config.json").exists()
 
 
+def test_split_names_are_plain_names_and_the_profile_comes_from_profile_alone(tiny_cfg):
+    from cpfcte.machinery.config import derive, load_config
+
+    cfg = tiny_cfg()
+    for bad in ("../x", "a/b", "..", "", " train", "tr\nain", "a\\b"):
+        for field in ("train_split", "pseudo_split", "val_split"):
+            with pytest.raises(CpfcteError, match=f"parameter {field} .*plain name"):
+                derive(cfg, {field: bad})
+    assert derive(cfg, {"pseudo_split": "train_aug.v2"}).pseudo_split == "train_aug.v2"
+    with pytest.raises(CpfcteError, match="--set profile=voc.*--profile voc"):
+        load_config("toy", {"profile": "voc"})
+    assert load_config("toy", {"profile": "toy"}).profile == "toy"
+
+
 def test_run_and_profile_names_cannot_leave_runs():
     from cpfcte.machinery.paths import run_path, runs_dir
 

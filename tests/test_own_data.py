@@ -178,6 +178,15 @@ def test_voc_test_export_packs_the_server_layout_and_refuses_what_it_would_rejec
     assert out["images"] == 2
     with tarfile.open(tmp_path / "sub.tar.gz") as tar:
         assert sorted(tar.getnames()) == [f"{SERVER_DIR}/{i}.png" for i in ids]
+    linked = tmp_path / "linked"                         # predictions that are links
+    linked.mkdir()
+    for i in ids:
+        (linked / f"{i}.png").symlink_to(pred / f"{i}.png")
+    export_voc_test(linked, tmp_path / "links.tar.gz", tmp_path / "test.txt")
+    with tarfile.open(tmp_path / "links.tar.gz") as tar:
+        members = tar.getmembers()
+        assert all(m.isfile() and not m.issym() for m in members)      # contents, not links
+        assert tar.extractfile(members[0]).read() == (pred / f"{ids[0]}.png").read_bytes()
     (tmp_path / "test.txt").write_text("\n".join(ids + ["2008_000003"]) + "\n")
     with pytest.raises(CpfcteError, match=r"1 of 3 test ids have no PNG \(e.g. 2008_000003"):
         export_voc_test(pred, tmp_path / "x.tar.gz", tmp_path / "test.txt")
@@ -214,3 +223,33 @@ def test_the_commands_a_user_types(own_folder, tmp_path, capsys):
         main(["predict", "--run", "mine_t", "--images", str(tmp_path / "none"), "--out",
               str(tmp_path / "x")])
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_a_run_remembers_its_classes_and_refuses_a_dataset_that_changed_them(own_folder,
+                                                                            tmp_path):
+    from conftest import TINY_MODEL
+
+    from cpfcte.data.folder import prepare_folder
+    from cpfcte.machinery.config import load_config
+    from cpfcte.machinery.io import read_json
+    from cpfcte.stages.threshold import describe_model
+    from cpfcte.stages.train import load_trained, train
+
+    images, labels, masks = own_folder
+    prepare_folder(images, labels, tmp_path / "mine", val_fraction=0.25, seed=3)
+    cfg = load_config("toy", {**TINY_MODEL, "dataset": "folder",
+                              "data_root": str(tmp_path / "mine"), "epochs": 1})
+    train(cfg, tmp_path / "t", progress=False)
+    record = read_json(tmp_path / "t" / "config.json")
+    before = record["classes"]
+    assert before[0] == "background" and len(record["dataset_fingerprint"]) >= 8
+    rows = (tmp_path / "renamed.csv")
+    rows.write_text(labels.read_text().replace("ruby_dot", "ruby_spot"))
+    prepare_folder(images, rows, tmp_path / "mine", val_fraction=0.25, seed=3)
+    with pytest.raises(CpfcteError, match=r"trained on the classes \[.*'ruby_dot'.*now has "
+                                          r"\[.*'ruby_spot'"):
+        load_trained(tmp_path / "t")
+    with pytest.raises(CpfcteError, match="trained on the classes"):
+        train(cfg, tmp_path / "t", progress=False)
+    assert read_json(tmp_path / "t" / "config.json")["classes"] == before   # not rewritten
+    assert "t:" in describe_model(tmp_path / "t")

@@ -64,8 +64,10 @@ def test_prepare_refuses_a_dataset_it_did_not_make_and_keeps_its_lists(photos, t
     copy = tmp_path / "toycopy"
     shutil.copytree(toy_root, copy)
     before = _snapshot(copy)
-    with pytest.raises(CpfcteError, match="not empty .*data prepare toy.*--force"):
-        prepare_folder(photos[0], photos[1], copy)
+    for out in (copy, copy / "SegmentationClass", copy / "JPEGImages", copy / "new"):
+        for force in (False, True):                  # a dataset is never an output, --force or not
+            with pytest.raises(CpfcteError, match="refused as the prepared folder.*dataset"):
+                prepare_folder(photos[0], photos[1], out, force=force)
     assert _snapshot(copy) == before
 
 
@@ -464,3 +466,47 @@ def test_your_own_data_without_masks_says_no_masks_instead_of_a_key_error(photos
     out = capsys.readouterr()
     assert "no masks" in out.err and '"miou": null' in out.out and '"images": 4' in out.out
     assert len(list((tmp_path / "p").glob("bpm_train_*/*.png"))) == 4
+
+
+def test_force_replaces_only_what_the_command_wrote(photos, tiny_cfg, tmp_path):
+    """--force on a folder of yours: the command writes its files and, on a rerun, removes the
+    ones its earlier run wrote and this one does not; files of yours beside them, in its own
+    subfolders too, stay as they were. A linked subfolder is refused, never written through."""
+    from cpfcte.data.folder import prepare_folder
+    from cpfcte.stages.predict import predict_folder
+    from cpfcte.stages.train import train
+
+    images, labels = photos
+    mine = tmp_path / "mine"
+    (mine / "labels").mkdir(parents=True)
+    (mine / "labels" / "my_drawing.png").write_bytes(b"mine")
+    (mine / "overlays").mkdir()
+    (mine / "overlays" / "slide.jpg").write_bytes(b"mine too")
+    (mine / "notes.txt").write_text("keep")
+    train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
+    with pytest.raises(CpfcteError, match="not empty.*--force"):
+        predict_folder(tmp_path / "t", images, mine, threshold=0.3, progress=False)
+    predict_folder(tmp_path / "t", images, mine, threshold=0.3, force=True, progress=False)
+    assert len(list((mine / "labels").glob("p*.png"))) == 4
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for name in ("p0.jpg", "p1.jpg"):
+        shutil.copy(images / name, fewer / name)
+    predict_folder(tmp_path / "t", fewer, mine, threshold=0.3, progress=False)   # its own now
+    assert sorted(p.name for p in (mine / "labels").iterdir()) == ["my_drawing.png", "p0.png",
+                                                                   "p1.png"]
+    assert (mine / "labels" / "my_drawing.png").read_bytes() == b"mine"
+    assert (mine / "overlays" / "slide.jpg").read_bytes() == b"mine too"
+    assert (mine / "notes.txt").read_text() == "keep"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "labels").symlink_to(mine / "labels")
+    with pytest.raises(CpfcteError, match="symbolic link"):
+        predict_folder(tmp_path / "t", fewer, linked, threshold=0.3, force=True, progress=False)
+    # prepare folder: the same with a folder that holds notes of yours
+    out = tmp_path / "prepared"
+    (out / "Annotations").mkdir(parents=True)
+    (out / "Annotations" / "README.txt").write_text("my notes")
+    prepare_folder(images, labels, out, force=True)
+    assert (out / "Annotations" / "README.txt").read_text() == "my notes"
+    assert len(list((out / "Annotations").glob("p*.xml"))) == 4

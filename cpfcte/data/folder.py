@@ -130,7 +130,14 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
     from cpfcte.data.preparation import begin_preparation, finish_preparation
     from cpfcte.data.voc import voc_xml
     from cpfcte.machinery.io import read_label_png, save_label_png, write_text
-    from cpfcte.machinery.safety import check_folder, claim_folder, refuse_alias
+    from cpfcte.machinery.safety import (
+        Outputs,
+        check_folder,
+        claim_folder,
+        owner_of,
+        refuse_alias,
+        refuse_inside_dataset,
+    )
 
     images, labels, out = Path(images), Path(labels), Path(out)
     if not images.is_dir():
@@ -142,6 +149,7 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
                  [images, labels, Path(masks) if masks else None,
                   Path(train_list) if train_list else None,
                   Path(val_list) if val_list else None], f"cpfcte {by}")
+    refuse_inside_dataset(out, "the prepared folder (--out)", own=by)
     check_folder(out, by, force=force)                 # before reading anything large
     known, entries = read_label_csv(labels, classes)
     all_classes = ("background",) + known
@@ -202,15 +210,31 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
         train = sorted(ids[i] for i in order[n_val:])
     if not train:
         raise CpfcteError(f"{labels}: no training image left (lower --val-fraction)")
+    sets = out / "ImageSets" / "Segmentation"
+    planned = ([f"JPEGImages/{i}.jpg" for i in ids] + [f"Annotations/{i}.xml" for i in ids]
+               + [f"SegmentationClass/{i}.png" for i in ids if i in mask_files]
+               + [f"ImageSets/Segmentation/{s}.txt" for s in ("train", "train_aug", "val")]
+               + ["classes.txt"])
+    written = Outputs(out, ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets"))
+    legacy = owner_of(out) == by and not written.before    # ours, before records were kept
+    strays = [] if legacy else [p for p in sorted((out / "SegmentationClass").glob("*.png"))
+                                if p.stem in stems and p.stem not in mask_files
+                                and f"SegmentationClass/{p.name}" not in written.before]
+    if strays:
+        raise CpfcteError(f"{strays[0]}: a mask this command did not write, for an image it "
+                          "prepares without one; it would be read as that image's ground "
+                          "truth. Nothing was written. Move it, or give another --out")
     claim_folder(out, by, force=force)                 # every check passed: the first write
+    written.plan(planned)
     begin_preparation(out, "folder", ("Annotations", "SegmentationClass",
                                       "ImageSets/Segmentation", "."))
-    for name in OUTPUTS:                                # an earlier preparation's outputs go
-        target = out / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
+    if legacy:                 # a preparation of ours from before the record: all of it goes
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
     for (line, name, names), stem in zip(entries, ids):
         link = out / "JPEGImages" / f"{stem}.jpg"
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +245,6 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
         if stem in mask_files:
             save_label_png(out / "SegmentationClass" / f"{stem}.png", mask_files[stem],
                            palette=True)
-    sets = out / "ImageSets" / "Segmentation"
     for split, lst in (("train", train), ("train_aug", train), ("val", val)):
         write_text(sets / f"{split}.txt", "".join(f"{i}\n" for i in lst))
     write_text(out / "classes.txt", "\n".join(all_classes) + "\n")
@@ -231,6 +254,7 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
               "split": ({"lists": [str(train_list), str(val_list)]} if train_list
                         else {"val_fraction": val_fraction, "seed": seed})}
     finish_preparation(out, "folder", report)
+    written.finish()
     return report
 
 

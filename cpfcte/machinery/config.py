@@ -299,6 +299,10 @@ class Config:
         choice("augment", AUGMENT_MODES)
         choice("resize", RESIZE_MODES)
         choice("augment_on", AUGMENT_PLACES)
+        from cpfcte.machinery.safety import plain_name
+
+        for name in ("train_split", "pseudo_split", "val_split"):   # each becomes a path part
+            plain_name(getattr(self, name), f"parameter {name}")
         choice("bpm_norm", BPM_NORMS)
         choice("lstm_init", LSTM_INITS)
         if not self.token_init_std > 0 or not self.adam_eps > 0:
@@ -529,6 +533,10 @@ def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
 def load_config(profile: str = "toy", overrides: dict[str, Any] | None = None) -> Config:
     """The profile's settings with ``overrides`` applied on top, validated. ``None`` values in
     ``overrides`` mean "keep the profile's value" (so notebook parameters can default to None)."""
+    given = (overrides or {}).get("profile")
+    if given is not None and given != profile:
+        raise CpfcteError(f"--set profile={given}: a run's profile is chosen by --profile "
+                          f"(here {profile!r}) alone; pass --profile {given} instead")
     values = merge(profile_values(profile), nest(overrides or {}, "overrides"), skip_none=True)
     return config_from_dict(values, f"profile {profile}").validate()
 

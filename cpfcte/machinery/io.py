@@ -43,12 +43,28 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         faults.on_write(target)          # fault injection (benchmarks/fault_bench.py); no-op
+        os.chmod(tmp_path, 0o666 & ~_umask())   # mkstemp's 0600 → what open() would give
         os.replace(tmp_path, target)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
         if isinstance(e, OSError) or _is_torch_write_error(e):
             raise write_error(target, e) from None
         raise
+
+
+def _read_umask() -> int:
+    """The process's umask, read once when this module loads (by setting and restoring it:
+    the standard library has no other way; done once, before any thread of ours writes)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 _TMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")

@@ -6,11 +6,16 @@ The rule every command follows, checked before its first write:
   own (an owner file, ``.cpfcte-owner.json``, naming the command), or that it is told to
   replace with ``--force``;
 * its outputs never alias its inputs: no output path is, contains or lies inside an input;
-* it never writes inside a dataset (a folder with the VOC layout, or one a preparation
-  marked) unless it is that dataset's own preparation.
+* it never writes inside a dataset (a folder with ``JPEGImages/``, ``ImageSets/`` or a
+  ``SegmentationClass*/`` folder, or one a preparation marked) unless it is that dataset's own
+  preparation;
+* ``--force`` replaces only what the command writes: the files at the names it writes now, and
+  those an earlier run of it recorded (``.cpfcte-written.json``); a file of yours beside them
+  stays;
+* every name that becomes part of a path is a plain name (``plain_name``).
 
 ``claim_folder`` applies the first rule and marks the folder; ``refuse_alias`` the second;
-``refuse_inside_dataset`` the third.
+``refuse_inside_dataset`` the third; ``Outputs`` the fourth.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from pathlib import Path
 from cpfcte.machinery.errors import CpfcteError
 
 OWNER = ".cpfcte-owner.json"
+WRITTEN = ".cpfcte-written.json"
 # the files a cpfcte command or the batch writes around a run, which do not make a folder the
 # user's (the batch writes run.json and the executed notebook before the stage starts)
-BOOKKEEPING = {OWNER, ".lock", "run.json", "job.json", "launch_config.json", "config.json"}
+BOOKKEEPING = {OWNER, WRITTEN, ".lock", "run.json", "job.json", "launch_config.json", "config.json"}
 DATASET_MARKERS = ("cpfcte_prepare_voc.json", "cpfcte_prepare_coco.json",
                    "cpfcte_prepare_folder.json", "toy_spec.json")
 
@@ -105,23 +111,109 @@ def refuse_alias(outputs: list[Path], inputs: list[Path | None], command: str) -
 
 def dataset_root_of(path: str | Path) -> Path | None:
     """The dataset ``path`` is, or lies inside: the nearest folder (itself or an ancestor) with
-    the VOC layout (``JPEGImages`` and ``Annotations`` or ``ImageSets``) or a preparation's
-    completion file. None outside every dataset."""
+    a ``JPEGImages``, ``ImageSets`` or ``SegmentationClass*`` folder (VOC's layout, SBD's, ours)
+    or a preparation's completion file. None outside every dataset."""
     p = Path(path).resolve()
     for folder in (p, *p.parents):
         if any((folder / m).is_file() for m in DATASET_MARKERS):
             return folder
-        if (folder / "JPEGImages").is_dir() and ((folder / "Annotations").is_dir()
-                                                 or (folder / "ImageSets").is_dir()):
+        if (folder / "JPEGImages").is_dir() or (folder / "ImageSets").is_dir():
             return folder
+        try:
+            if any(c.is_dir() and c.name.startswith("SegmentationClass")
+                   for c in folder.iterdir()):
+                return folder
+        except OSError:
+            pass
     return None
 
 
-def refuse_inside_dataset(path: str | Path, role: str) -> Path:
-    """Refuse an output folder that is a dataset or lies inside one."""
+def refuse_inside_dataset(path: str | Path, role: str, own: str | None = None) -> Path:
+    """Refuse an output folder that is a dataset or lies inside one; ``own``: the preparation
+    that may write its own dataset again (``path`` is that dataset, marked by it)."""
     root = dataset_root_of(path)
+    if root is not None and own is not None and root == Path(path).resolve() and \
+            owner_of(root) == own:
+        return Path(path)
     if root is not None:
         raise CpfcteError(f"{path}: refused as {role}: it is (or lies inside) the dataset "
                           f"{root}; a command never writes among a dataset's images, labels and "
                           "masks. Nothing was written. Use a folder under runs/ or elsewhere")
     return Path(path)
+
+
+def plain_name(value: str, what: str) -> str:
+    """``value`` as a name that becomes part of a path (a split, a run, a profile): one plain
+    component, so that the path stays inside its root. Refused: empty, ``.``, ``..``, a
+    separator, a leading or trailing space or a control character."""
+    text = str(value)
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or text != text.strip()
+            or any(ord(ch) < 32 for ch in text)):
+        raise CpfcteError(f"{what} {text!r}: give a plain name (letters, digits, '_', '-', "
+                          "'.'; no '/', no '..'): it becomes part of a path")
+    return text
+
+
+class Outputs:
+    """The files a command writes into ``folder``, kept in ``.cpfcte-written.json``, so that a
+    rerun (or ``--force``) replaces exactly those: the files at the names it writes now, and
+    the ones an earlier run recorded that it does not write again. Nothing else in the folder
+    is touched. Use: ``plan(paths)`` before the first write (the record then holds both runs'
+    files, so a killed run leaves nothing unknown), write, ``finish()``."""
+
+    def __init__(self, folder: str | Path, subfolders: tuple[str, ...] = ()):
+        self.folder = Path(folder)
+        for sub in subfolders:                       # never write through a link of yours
+            if (self.folder / sub).is_symlink():
+                raise CpfcteError(f"{self.folder / sub}: a symbolic link; this command writes "
+                                  f"its own {sub}/ here. Nothing was written. Remove the link "
+                                  "or give another output folder")
+        self.before = self._read()
+        self.planned: set[str] = set()
+
+    def _read(self) -> set[str]:
+        try:
+            files = json.loads((self.folder / WRITTEN).read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            return set()
+        return {f for f in files if isinstance(f, str)}
+
+    def _write(self, files: set[str]) -> None:
+        from cpfcte.machinery.io import write_json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / WRITTEN, {"files": sorted(files)})
+
+    def rel(self, path: str | Path) -> str:
+        p = Path(path)
+        try:
+            return p.relative_to(self.folder).as_posix()
+        except ValueError:
+            return p.as_posix()
+
+    def plan(self, paths) -> None:
+        self.planned = {self.rel(p) for p in paths}
+        self._write(self.before | self.planned)
+
+    def finish(self) -> list[Path]:
+        """Remove the files the earlier run recorded and this one did not write (and folders
+        they leave empty); record this run's. Returns what was removed."""
+        removed = []
+        root = self.folder.resolve()
+        for rel in sorted(self.before - self.planned):
+            path = self.folder / rel
+            try:
+                inside = path.parent.resolve() == root or root in path.parent.resolve().parents
+            except OSError:
+                inside = False
+            if rel in ("", ".", WRITTEN, OWNER) or ".." in Path(rel).parts or not inside:
+                continue
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+                removed.append(path)
+                parent = path.parent
+                while parent != self.folder and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+                    parent = parent.parent
+        self._write(self.planned)
+        return removed

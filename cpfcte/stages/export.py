@@ -85,7 +85,7 @@ def export_voc_test(pred: str | Path, out: str | Path, test_list: str | Path,
         raise CpfcteError(f"{out}: the output must be a .tar.gz")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        with tarfile.open(tmp, "w:gz") as tar:
+        with tarfile.open(tmp, "w:gz", dereference=True) as tar:   # contents, never links
             for i in ids:
                 tar.add(pred / f"{i}.png", arcname=f"{SERVER_DIR}/{i}.png")
     return {"out": str(out), "images": len(ids), "layout": SERVER_DIR}

@@ -70,7 +70,13 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
     from cpfcte.machinery.io import atomic_path, read_image, save_label_png, write_json
     from cpfcte.machinery.progress import progress_bar
     from cpfcte.machinery.runfolder import RunFolder
-    from cpfcte.machinery.safety import check_folder, mark, refuse_alias, refuse_inside_dataset
+    from cpfcte.machinery.safety import (
+        Outputs,
+        check_folder,
+        mark,
+        refuse_alias,
+        refuse_inside_dataset,
+    )
 
     if limit is not None and limit < 1:
         raise CpfcteError(f"--limit {limit}: must be ≥ 1 (the number of images to predict)")
@@ -130,12 +136,14 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
     device_ = next(model.parameters()).device
     crf_params = (cfg.crf if stage == "train" else cfg.test_crf()) if crf else None
     kept = {}
-    import shutil
-
+    # the files this prediction writes; an earlier one's that it does not write again go, and
+    # nothing else in the folder is touched (--force included)
+    written = Outputs(out, ("labels", "overlays", "scores"))
     mark(out, "predict")
-    for sub in ("labels", "overlays", "scores"):       # an earlier prediction's outputs go
-        if (out / sub).is_dir():
-            shutil.rmtree(out / sub)
+    written.plan([f"{sub}/{f.stem}.{ext}" for f in files
+                  for sub, ext in (("labels", "png"), ("overlays", "jpg"))
+                  + ((("scores", "npz"),) if scores and stage == "train" else ())]
+                 + ["predict.json"])
     for path in progress_bar(files, desc="predict", disable=not progress):
         rgb = read_image(path)
         image = np.asarray(rgb, dtype=np.uint8)
@@ -183,6 +191,7 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         report.update(threshold=threshold, threshold_chosen=chosen, infer_size=size,
                       classes_kept=kept)
     write_json(out / "predict.json", report)
+    written.finish()
     return report
 
 

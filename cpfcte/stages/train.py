@@ -259,7 +259,14 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
         raise CpfcteError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
     folder = RunFolder(run_dir)
     if rank == 0:
-        folder.start("train", cfg, cfg.training_fields())
+        from cpfcte.data import dataset_root, fingerprint
+
+        if (folder.path / CONFIG).is_file():
+            refuse_other_classes(folder, cfg)
+        # the classes it learns and the data it learns them from: a later stage on a dataset
+        # whose class list changed is refused (load_trained)
+        folder.start("train", cfg, cfg.training_fields(), classes=list(classes_of(cfg)),
+                     dataset_fingerprint=fingerprint(dataset_root(cfg)))
     barrier(world)
     logger = folder.logger() if rank == 0 else logging.getLogger("cpfcte.quiet")
     progress = progress and rank == 0
@@ -420,6 +427,18 @@ def train_distributed(cfg: Config, run_dir: str | Path, nproc: int) -> dict:
     return read_json(run_dir / SUMMARY)
 
 
+def refuse_other_classes(folder: RunFolder, cfg: Config) -> None:
+    """Refuse a run whose dataset's class list is not the one it was trained on (recorded in
+    its config.json since runs record it), naming both lists."""
+    trained_on = folder.record().get("classes")
+    now = list(classes_of(cfg))
+    if trained_on is not None and now != list(trained_on):
+        raise CpfcteError(f"{folder.path}: trained on the classes {list(trained_on)}, but its "
+                          f"dataset ({cfg.data_root}) now has {now}; a model knows only the "
+                          "classes it was trained on: train a new run on this dataset, or "
+                          "prepare the dataset with its old classes")
+
+
 def load_trained(run_dir: str | Path, cfg: Config | None = None,
                  device: str | None = None) -> tuple[CPFCTE, Config]:
     """The trained model of a run folder, in eval mode, and the config it runs with: the run's
@@ -436,6 +455,7 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
         raise CpfcteError(f"{folder.path}: the config given differs from the trained run's in "
                           f"{', '.join(changed)}; those fields shape the network, so they can "
                           "only change by training another run")
+    refuse_other_classes(folder, cfg)
     state = folder.load_checkpoint(cfg.digest())
     if state is None:
         raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train this run first "
