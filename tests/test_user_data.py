@@ -510,3 +510,43 @@ def test_force_replaces_only_what_the_command_wrote(photos, tiny_cfg, tmp_path):
     prepare_folder(images, labels, out, force=True)
     assert (out / "Annotations" / "README.txt").read_text() == "my notes"
     assert len(list((out / "Annotations").glob("p*.xml"))) == 4
+
+
+def test_a_csv_in_another_encoding_or_separator_is_named_with_its_fix(tmp_path, photos):
+    from cpfcte.data.folder import read_label_csv
+
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes("image,labels\np0.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CpfcteError, match=r"latin1.csv:2: not UTF-8 .*save the CSV as UTF-8"):
+        read_label_csv(latin)
+    semi = tmp_path / "semi.csv"
+    semi.write_text("image;labels\np0.jpg;cat\n")
+    with pytest.raises(CpfcteError, match="separated by semicolons"):
+        read_label_csv(semi)
+
+
+def test_the_resume_advice_of_a_stopped_run_works_when_followed(tiny_cfg, tmp_path):
+    import re
+
+    from cpfcte.cli import main
+    from cpfcte.stages.train import load_trained, train
+
+    cfg = tiny_cfg(epochs=2)
+    train(cfg, tmp_path / "t", max_epochs=1, progress=False)
+    with pytest.raises(CpfcteError, match="training stopped at epoch 1 of 2") as e:
+        load_trained(tmp_path / "t")
+    advice = re.search(r"resume it \((cpfcte train [^)]*)\)", str(e.value)).group(1)
+    try:
+        main(advice.split()[1:])                     # the advice, to the letter
+    except SystemExit as done:
+        assert done.code in (0, None)
+    assert load_trained(tmp_path / "t")[1].epochs == 2
+
+
+def test_a_missing_custom_toy_folder_is_told_its_own_fix(tmp_path):
+    from cpfcte.data import dataset_root
+    from cpfcte.machinery.config import load_config
+
+    cfg = load_config("toy", {"data_root": str(tmp_path / "elsewhere")})
+    with pytest.raises(CpfcteError, match=f"prepare toy --root {tmp_path / 'elsewhere'}"):
+        dataset_root(cfg)

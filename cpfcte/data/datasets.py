@@ -28,8 +28,12 @@ def dataset_root(cfg) -> Path:
     """The dataset folder of a config, checked to exist (a clear error says how to make it)."""
     from cpfcte.data.voc import require_root
 
-    root = require_root(resolve(cfg.data_root, data_dir()),
-                        hint=f"; {PREPARE_HINT.get(cfg.dataset, '')}")
+    where = resolve(cfg.data_root, data_dir())
+    hint = PREPARE_HINT.get(cfg.dataset, "")
+    if cfg.dataset == "toy" and where.resolve() != (data_dir() / "toy").resolve():
+        hint = (f"data_root={cfg.data_root} is not the project's toy folder: fix data_root, or "
+                f"generate the toy there (`cpfcte data prepare toy --root {where}`)")
+    root = require_root(where, hint=f"; {hint}")
     marker = PREPARED.get(cfg.dataset)
     if marker and not (root / marker).is_file():
         raise CpfcteError(

@@ -33,9 +33,15 @@ def read_label_csv(path: Path, classes: tuple[str, ...] | None = None
     """(classes without background, [(line, file name, class names)]) of a label CSV."""
     if not path.is_file():
         raise CpfcteError(f"{path}: label CSV not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(f), start=1)
-                if any(c.strip() for c in r)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(i, [c.strip() for c in r]) for i, r in enumerate(csv.reader(f), start=1)
+                    if any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise CpfcteError(f"{path}:{line}: not UTF-8 (byte {e.object[e.start]:#04x}); save the "
+                          "CSV as UTF-8 (a spreadsheet's 'CSV UTF-8' export, or `iconv -f "
+                          "latin1 -t utf-8`)") from None
     if not rows:
         raise CpfcteError(f"{path}: empty label CSV; expected a header (image,labels or "
                           "image,<class>,...) and one row per image")
@@ -63,7 +69,11 @@ def read_label_csv(path: Path, classes: tuple[str, ...] | None = None
                 raise CpfcteError(f"{path}:{line}: multi-hot cells must be 0 or 1, got {bad[0]!r}")
             entries.append((line, row[0], [k for k, c in zip(known, row[1:]) if c == "1"]))
     if not known:
-        raise CpfcteError(f"{path}: no class names (header or rows)")
+        semicolons = len(header) == 1 and ";" in header[0]
+        raise CpfcteError(f"{path}: no class names (header or rows)" + (
+            "; its header is one cell with ';' in it: the file is separated by semicolons. "
+            "Save it with commas (image,labels)" if semicolons else
+            "; expected a header image,labels (then 'a.jpg,cat dog' rows) or image,<class>,..."))
     if "background" in known:
         raise CpfcteError(f"{path}: 'background' is class 0 already; do not list it")
     seen: dict[str, int] = {}

@@ -457,18 +457,23 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
                           "only change by training another run")
     refuse_other_classes(folder, cfg)
     state = folder.load_checkpoint(cfg.digest())
+    resume = f"cpfcte train --from-config {folder.path / CONFIG} --resume"
+    holder = folder.holder()
     if state is None:
-        raise CpfcteError(f"{folder.path}: no {CHECKPOINT}; train this run first "
-                          f"(cpfcte train --run {folder.path})")
+        if holder:
+            raise CpfcteError(f"{folder.path}: still training, before its first checkpoint "
+                              f"(process {holder.get('pid')} on {holder.get('host')}); wait "
+                              "for it to finish")
+        raise CpfcteError(f"{folder.path}: no {CHECKPOINT}: its training never finished an "
+                          f"epoch; train it ({resume})")
     if state["epoch"] < cfg.epochs:
-        holder = folder.holder()
         if holder:
             raise CpfcteError(f"{folder.path}: still training (epoch {state['epoch']} of "
                               f"{cfg.epochs} done; process {holder.get('pid')} on "
                               f"{holder.get('host')}); wait for it to finish")
         raise CpfcteError(f"{folder.path / CHECKPOINT}: training stopped at epoch "
-                          f"{state['epoch']} of {cfg.epochs}; resume it (cpfcte train --run "
-                          f"{folder.path} --resume) before using it")
+                          f"{state['epoch']} of {cfg.epochs}; resume it ({resume}) before "
+                          "using it")
     # the architecture only: weights come from the checkpoint, never from the hub
     model = make_model(derive(cfg, {"pretrained": False, "weights": None, "random_init_ok": True}))
     model.load_state_dict(state["model"])
