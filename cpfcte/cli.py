@@ -104,6 +104,9 @@ def _train(args: argparse.Namespace) -> None:
     if args.nproc != 1:
         summary = train_distributed(cfg, run_dir, args.nproc)
     else:
+        if args.resume and not (Path(run_dir) / "checkpoint.pt").exists():
+            print(f"--resume: {run_dir} holds no checkpoint yet; training from the first epoch",
+                  file=sys.stderr)
         summary = train(cfg, run_dir, max_epochs=args.max_epochs, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -550,3 +550,25 @@ def test_a_missing_custom_toy_folder_is_told_its_own_fix(tmp_path):
     cfg = load_config("toy", {"data_root": str(tmp_path / "elsewhere")})
     with pytest.raises(CpfcteError, match=f"prepare toy --root {tmp_path / 'elsewhere'}"):
         dataset_root(cfg)
+
+
+def test_csv_rows_name_only_images_inside_the_image_folder(photos, tmp_path):
+    from cpfcte.data.folder import prepare_folder
+
+    images, _ = photos
+    outside = tmp_path / "secret.jpg"
+    shutil.copy(images / "p0.jpg", outside)
+    for name in ("../secret.jpg", str(outside)):
+        rows = _csv(tmp_path / "rows.csv", [[name, "cat"], ["p1.jpg", "dog"]])
+        with pytest.raises(CpfcteError, match=r"rows.csv:2: .* not a file name inside --images"):
+            prepare_folder(images, rows, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_profile_file_is_refused(tmp_path, monkeypatch):
+    from cpfcte.machinery.config import load_config
+
+    monkeypatch.setenv("CPFCTE_PROFILES", str(tmp_path))
+    (tmp_path / "mine.yaml").write_text("# nothing yet\n")
+    with pytest.raises(CpfcteError, match="mine.yaml: the profile file is empty"):
+        load_config("mine")

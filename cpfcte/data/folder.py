@@ -167,6 +167,11 @@ def prepare_folder(images: str | Path, labels: str | Path, out: str | Path, *,
     sizes = {}
     for line, name, _ in entries:
         where = f"{labels}:{line}"
+        inside = (images / name).resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or \
+                images.resolve() not in inside.parents:
+            raise CpfcteError(f"{where}: {name!r} is not a file name inside --images {images}; "
+                              "give names relative to that folder (a.jpg, sub/b.jpg)")
         stem = Path(name).stem
         if stem in stems:
             raise CpfcteError(f"{where}: {name!r} has the same stem as line {stems[stem]}")

@@ -508,9 +508,12 @@ def profile_values(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CpfcteError(f"unknown profile {profile!r}: no file {path} "
                           f"(available: {', '.join(available_profiles())})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise CpfcteError(f"{path}: not valid YAML ({e})") from None
+    if values is None:
+        raise CpfcteError(f"{path}: the profile file is empty; write its settings (at least "
+                          "`extends: voc` or `extends: toy`, then what differs)")
     if not isinstance(values, dict):
         raise CpfcteError(f"{path}: a profile must be a mapping of parameter: value")
     values = dict(values)
