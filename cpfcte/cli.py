@@ -248,6 +248,18 @@ def _eval(args: argparse.Namespace) -> None:
                   f"mask(s) of {args.gt} ({', '.join(missing[:5])}"
                   f"{' …' if len(missing) > 5 else ''}); they are not scored. Pass --list to "
                   "score a fixed set (a missing prediction is then an error)", file=sys.stderr)
+        extra = sorted(p.stem for p in Path(args.pred).glob("*.png")
+                       if not (Path(args.gt) / p.name).is_file()) \
+            if Path(args.gt).is_dir() and Path(args.pred).is_dir() else []
+        if extra:                               # the same rule the other way round
+            print(f"warning: {len(extra)} prediction(s) of {args.pred} have no ground-truth "
+                  f"mask in {args.gt} ({', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}"
+                  "); they are not scored", file=sys.stderr)
+            ids = sorted(p.stem for p in Path(args.pred).glob("*.png")
+                         if (Path(args.gt) / p.name).is_file())
+            if not ids:
+                raise CpfcteError(f"{args.pred}: none of its predictions has a ground-truth "
+                                  f"mask in {args.gt} (same file names); check --gt")
     result = evaluate_dirs(args.pred, args.gt, args.num_classes, ids=ids,
                            ignore_index=args.ignore_index)
     print(json.dumps(result, indent=2))

@@ -130,3 +130,18 @@ def test_average_precision_known_answers():
     # class 1: ranked 0.9(+) 0.6(+) 0.2(-) → 1; class 2: 0.8(+) 0.7(-) 0.1(-) → 1
     assert label_map(p, y) == pytest.approx(1.0)
     assert label_map(p, 1 - y) < 0.6
+
+
+def test_a_bad_ignore_index_is_named_not_blamed_on_num_classes():
+    import numpy as np
+    import pytest
+
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.method.metrics import ConfusionMatrix
+
+    with pytest.raises(CpfcteError, match=r"--ignore-index 3: must be in 11..255"):
+        ConfusionMatrix(11, 3)
+    cm = ConfusionMatrix(11, 254)
+    gt = np.array([[1, 255]], np.uint8)
+    with pytest.raises(CpfcteError, match="pass --ignore-index 255"):
+        cm.update(np.array([[1, 1]], np.uint8), gt)

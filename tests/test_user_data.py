@@ -97,8 +97,9 @@ def test_prepare_toy_refuses_a_folder_of_yours(tmp_path):
     (mine / "sub").mkdir(parents=True)
     (mine / "thesis.txt").write_text("years of work")
     (mine / "sub" / "notes.md").write_text("more")
-    with pytest.raises(CpfcteError, match="thesis.txt.*--force"):
-        prepare_toy(mine, progress=False)
+    for force in (False, True):                 # it replaces a whole folder: never one of yours
+        with pytest.raises(CpfcteError, match="thesis.txt.*not a toy dataset.*new or empty"):
+            prepare_toy(mine, force=force, progress=False)
     assert (mine / "thesis.txt").read_text() == "years of work"
     assert (mine / "sub" / "notes.md").read_text() == "more"
 

@@ -444,8 +444,17 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
     from cpfcte.machinery.paths import data_dir
     from cpfcte.machinery.safety import check_folder
 
+    from cpfcte.machinery.safety import owner_of, user_files
+
     root = Path(root) if root else data_dir() / "toy"
-    check_folder(root, "data prepare toy", force=force)     # never replace a folder of yours
+    found = user_files(root)
+    if found and owner_of(root) != "data prepare toy":   # the toy replaces its whole folder:
+        raise CpfcteError(                                # never one of yours, --force or not
+            f"{root}: holds {', '.join(p.name for p in found[:3])}"
+            f"{' …' if len(found) > 3 else ''} and is not a toy dataset this command made; it "
+            "would replace the whole folder, so nothing was written. Give a new or empty "
+            "folder (--root)")
+    check_folder(root, "data prepare toy", force=force)
     generate(root, ToySpec(seed=seed), force=force, progress=progress)
     if force or not (root / "coco" / PREPARED["toy_coco"]).exists():
         prepare_coco(root / "coco", classes=TOY_CLASSES, known_counts=None, progress=progress)

@@ -20,6 +20,10 @@ class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         if num_classes < 1 or num_classes > 255:
             raise CpfcteError(f"num_classes must be in 1..255, got {num_classes}")
+        if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
+            raise CpfcteError(f"--ignore-index {ignore_index}: must be in {num_classes}..255, "
+                              f"outside the class indices 0..{num_classes - 1} (VOC's is 255, "
+                              "the boundary band)")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)  # [gt, pred]
@@ -39,9 +43,12 @@ class ConfusionMatrix:
         g = gt[valid].astype(np.int64)
         p = pred[valid].astype(np.int64)
         if g.size and g.max() >= n:
+            top = int(g.max())
+            why = (f"255 is VOC's boundary band: --ignore-index is {self.ignore_index}, pass "
+                   "--ignore-index 255" if top == 255 and self.ignore_index != 255 else
+                   "wrong --num-classes or a corrupt mask")
             raise CpfcteError(f"{gt_name or f'the ground truth of {name}'}: ground truth holds "
-                              f"label {int(g.max())} ≥ num_classes {n}; wrong --num-classes "
-                              "or a corrupt mask")
+                              f"label {top} ≥ num_classes {n}; {why}")
         unl = p == self.ignore_index
         bad = (p >= n) & ~unl
         if bad.any():
