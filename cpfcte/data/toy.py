@@ -442,9 +442,7 @@ def prepare_toy(root: str | Path | None = None, seed: int = 0, *, force: bool = 
     from cpfcte.data.coco import prepare_coco
     from cpfcte.data.preparation import PREPARED
     from cpfcte.machinery.paths import data_dir
-    from cpfcte.machinery.safety import check_folder
-
-    from cpfcte.machinery.safety import owner_of, user_files
+    from cpfcte.machinery.safety import check_folder, owner_of, user_files
 
     root = Path(root) if root else data_dir() / "toy"
     found = user_files(root)
