@@ -17,6 +17,7 @@ config, ``deeplab train`` from the pseudo-label run's (when --pseudo is one, or 
 folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab.NAME).
     cpfcte predict --run RUN --images DIR --out DIR [--crf] [--scores] [--threshold auto]
     cpfcte export voc-test --pred DIR --out FILE.tar.gz [--list test.txt] [--images DIR]
+    cpfcte export voc-test --check FILE.tar.gz [--list test.txt] [--images DIR]
     cpfcte data prepare folder --images DIR --labels labels.csv --out DIR [--masks DIR]
     cpfcte eval --pred DIR --gt DIR --num-classes N [--ignore-index 255] [--list FILE]
     cpfcte paper --profile toy [--only GROUP ...] [--dry-run] [--jobs N] [--check]
@@ -213,8 +214,17 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cpfcte.stages.export import export_voc_test
+    from cpfcte.stages.export import check_voc_test, export_voc_test
 
+    if args.check:
+        if args.pred or args.out:
+            raise CpfcteError("--check ARCHIVE checks an archive; --pred and --out make one: "
+                              "give one or the other")
+        print(json.dumps(check_voc_test(args.check, args.list, args.images), indent=2))
+        return
+    if not (args.pred and args.out):
+        raise CpfcteError("cpfcte export voc-test needs --pred DIR --out FILE.tar.gz (or "
+                          "--check FILE.tar.gz to check an archive)")
     test_list = args.list
     if test_list is None:
         from cpfcte.machinery.config import load_config
@@ -560,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="pack predictions for an evaluation server")
     exsub = ex.add_subparsers(dest="target", required=True)
     vt = exsub.add_parser("voc-test", help="VOC 2012 test: comp6 palette PNGs in a .tar.gz")
-    vt.add_argument("--pred", required=True, help="folder of <id>.png predictions")
-    vt.add_argument("--out", required=True, help="FILE.tar.gz to write")
+    vt.add_argument("--pred", help="folder of <id>.png predictions")
+    vt.add_argument("--out", help="FILE.tar.gz to write")
+    vt.add_argument("--check", help="FILE.tar.gz to check before upload, whoever made it")
     vt.add_argument("--list", help="test ids (default: the voc data root's "
                                    "ImageSets/Segmentation/test.txt)")
     vt.add_argument("--images", help="the test JPEGs, to check each PNG's size")

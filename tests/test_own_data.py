@@ -253,3 +253,63 @@ def test_a_run_remembers_its_classes_and_refuses_a_dataset_that_changed_them(own
         train(cfg, tmp_path / "t", progress=False)
     assert read_json(tmp_path / "t" / "config.json")["classes"] == before   # not rewritten
     assert "t:" in describe_model(tmp_path / "t")
+
+
+def test_a_test_server_archive_is_checked_before_upload(tmp_path):
+    """export voc-test --check reads an archive as the server does: the layout, palette PNGs
+    with values 0..20, the ids against the list (or VOC 2012 test's 1,456), sizes against the
+    JPEGs; the first problem is named."""
+    import io
+
+    from cpfcte.cli import main
+    from cpfcte.stages.export import SERVER_DIR, check_voc_test, export_voc_test
+
+    pred, imgs = tmp_path / "pred", tmp_path / "imgs"
+    imgs.mkdir()
+    ids = ["2008_000001", "2008_000002"]
+    (tmp_path / "test.txt").write_text("\n".join(ids) + "\n")
+    for i in ids:
+        save_label_png(pred / f"{i}.png", np.full((6, 8), 15, np.uint8))
+        Image.new("RGB", (8, 6)).save(imgs / f"{i}.jpg")
+    good = tmp_path / "good.tar.gz"
+    export_voc_test(pred, good, tmp_path / "test.txt")
+    assert check_voc_test(good, tmp_path / "test.txt", imgs)["images"] == 2
+    with pytest.raises(CpfcteError, match="2 PNGs; VOC 2012 test has 1456 images"):
+        check_voc_test(good)
+    (tmp_path / "three.txt").write_text("\n".join(ids + ["2008_000003"]) + "\n")
+    with pytest.raises(CpfcteError, match=r"missing 1 \(e.g. 2008_000003\)"):
+        check_voc_test(good, tmp_path / "three.txt")
+    Image.new("RGB", (9, 6)).save(imgs / f"{ids[1]}.jpg")
+    with pytest.raises(CpfcteError, match=r"2008_000002.png: 8×6, its image .* is 9×6"):
+        check_voc_test(good, tmp_path / "test.txt", imgs)
+
+    def archive(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for arcname, data, kind in members:
+                info = tarfile.TarInfo(arcname)
+                if kind == "link":
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return path
+
+    png = (pred / f"{ids[0]}.png").read_bytes()
+    grey = io.BytesIO()
+    Image.new("L", (8, 6)).save(grey, format="PNG")
+    for members, message in (
+            ([(f"results/VOC2012/{ids[0]}.png", png, "file")], "not <id>.png in results"),
+            ([(f"{SERVER_DIR}/{ids[0]}.png", b"", "link")], "is a link, not a file"),
+            ([(f"{SERVER_DIR}/{ids[0]}.png", grey.getvalue(), "file")],
+             "a L PNG; the server takes palette PNGs"),
+            ([(f"{SERVER_DIR}/{ids[0]}.png", b"not a png", "file")], "not a readable PNG")):
+        with pytest.raises(CpfcteError, match=message):
+            check_voc_test(archive("bad.tar.gz", members), tmp_path / "test.txt")
+    (tmp_path / "plain.txt").write_text("no archive")
+    with pytest.raises(CpfcteError, match="not a .tar.gz the server can read"):
+        check_voc_test(tmp_path / "plain.txt")
+    with pytest.raises(SystemExit) as e:                     # the command line: one or other
+        main(["export", "voc-test", "--check", str(good), "--out", str(tmp_path / "x.tar.gz")])
+    assert e.value.code == 2

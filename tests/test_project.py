@@ -244,3 +244,16 @@ def test_the_readme_is_a_front_page():
         assert f"(docs/{page.name})" in text, page.name
     for command in ("make paper", "make test", "make lab"):
         assert command in text
+
+
+def test_the_citation_file_names_the_paper_as_the_preferred_citation():
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and {"message", "title", "authors"} <= set(cff)
+    paper = cff["preferred-citation"]
+    assert paper["type"] == "article" and " ".join(paper["title"].split()) == (
+        "Context Patch Fusion With Class Token Enhancement for Weakly Supervised Semantic "
+        "Segmentation")
+    assert [a["family-names"] for a in paper["authors"]] == ["Fu", "Li", "Wu"]
+    assert paper["license"] == "CC-BY-4.0"
+    toml = (ROOT / "pyproject.toml").read_text()
+    assert f'version = "{cff["version"]}"' in toml and f'license = "{cff["license"]}"' in toml

@@ -121,6 +121,10 @@ def predict_folder(run: str | Path, images: str | Path | None, out: str | Path, 
         from cpfcte.stages.train import load_trained
 
         threshold, chosen = resolve_threshold(folder.path, threshold, progress)
+        if progress:
+            import sys
+
+            print(f"classes kept when p > {threshold} ({chosen})", file=sys.stderr, flush=True)
         model, cfg = load_trained(folder.path, cfg)
         size = infer_size_for(cfg, model.patch_size[0])
         classes = _classes(cfg)

@@ -260,6 +260,9 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
     folder = RunFolder(run_dir)
     if rank == 0:
         from cpfcte.data import dataset_root, fingerprint
+        from cpfcte.data.toy import ensure_toy
+
+        ensure_toy(cfg, progress=progress)        # the project's toy data, made if missing
 
         if (folder.path / CONFIG).is_file():
             refuse_other_classes(folder, cfg)
@@ -481,11 +484,21 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
 
 
 def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, describe: bool = False) -> Path:
     """Make sure ``run_dir`` holds a complete training run: train it (profile + overrides) when
     it has no config yet, resume it when it stopped early, do nothing when it is complete. One
-    line says which, first; the toy dataset is generated if it is missing."""
-    from cpfcte.data.toy import ensure_toy
+    line says which, first; the toy dataset is generated if it is missing. ``describe``: then
+    one line on what the model is (``cpfcte.stages.threshold.describe_model``)."""
+    path = _ensure_trained(profile, run_dir, overrides, progress)
+    if describe:
+        from cpfcte.stages.threshold import describe_model
+
+        print(describe_model(path), flush=True)
+    return path
+
+
+def _ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None,
+                    progress: bool) -> Path:
     from cpfcte.machinery.config import load_config
 
     folder = RunFolder(run_dir)
@@ -495,7 +508,6 @@ def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = N
         print(f"using the trained run {folder.path} ({cfg.epochs} epochs, {cfg.profile} "
               f"profile): nothing to train", flush=True)
         return folder.path
-    ensure_toy(cfg, progress=progress)
     resume = " (resuming its checkpoint)" if (folder.path / CHECKPOINT).exists() else ""
     print(f"training stage 1 into {folder.path}{resume}: {cfg.profile} profile, "
           f"{cfg.backbone}, {cfg.epochs} epochs"

@@ -120,6 +120,22 @@ def walk(run: str | Path, *, split: str | None = None, index: int = 0,
                       crf=crf)
 
 
+def walk_run(profile: str, train_run: str, *, index: int = 0, photo: str | Path | None = None,
+             threshold: float | str = "auto") -> Walk:
+    """Notebook 09's walk: the run ``train_run`` of ``profile`` (trained first when missing,
+    said in one line), one line on what the model is, the walk, and one line on which classes
+    label the BPM (``Walk.verdict``) and, for a photo, how the threshold was chosen."""
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.stages.train import ensure_trained
+
+    run = ensure_trained(profile, run_path(profile, train_run), describe=True)
+    w = walk(run, index=index, photo=photo, threshold=threshold)
+    print(w.verdict())
+    if photo is not None:
+        print(f"threshold {w.settings['threshold']}: {w.settings['threshold_chosen']}")
+    return w
+
+
 @torch.no_grad()
 def walk_image(model, cfg, rgb, labels: np.ndarray | None, name: str, *,
                threshold: float = 0.5, crf: bool = True) -> Walk:
