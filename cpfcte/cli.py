@@ -202,7 +202,7 @@ def _predict(args: argparse.Namespace) -> None:
     from cpfcte.machinery.paths import run_path
     from cpfcte.machinery.runfolder import RunFolder
     from cpfcte.stages.predict import predict_folder
-    from cpfcte.stages.threshold import describe_model
+    from cpfcte.stages.train import describe_model
 
     run = run_path(args.profile, args.run)
     if RunFolder(run).stage == "train":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cpfcte.data.classes import class_legend  # noqa: F401 (drawn beside every label map)
 from cpfcte.machinery.io import atomic_path, colorize
 
 IMAGE = "<image>"                 # a column of ``examples``: the image itself
@@ -32,26 +33,6 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
     return path
-
-
-def class_legend(fig, classes, label_maps, palette=None, **kwargs) -> None:
-    """A legend beside ``fig`` of the classes present in ``label_maps``, in their colours (255:
-    ignored)."""
-    from matplotlib.patches import Patch
-
-    from cpfcte.data import palette_for
-
-    pal = palette_for(classes) if palette is None else palette
-    present = sorted(set().union(*(np.unique(np.asarray(m)).tolist() for m in label_maps)))
-    if not present:
-        return
-    names = list(classes or [])
-    handles = [Patch(facecolor=pal[i] / 255.0, edgecolor="0.6", linewidth=0.5,
-                     label="ignored (255)" if i == 255 else names[i] if i < len(names)
-                     else f"class {i}") for i in present]
-    fig.legend(handles=handles, loc=kwargs.pop("loc", "center left"),
-               bbox_to_anchor=kwargs.pop("bbox_to_anchor", (1.0, 0.5)), fontsize=7,
-               frameon=False, title="classes", title_fontsize=7, **kwargs)
 
 
 def mask_grid(rows: list[tuple[str, list]], titles: list[str], classes=None):

@@ -232,8 +232,7 @@ def test_a_run_remembers_its_classes_and_refuses_a_dataset_that_changed_them(own
     from cpfcte.data.folder import prepare_folder
     from cpfcte.machinery.config import load_config
     from cpfcte.machinery.io import read_json
-    from cpfcte.stages.threshold import describe_model
-    from cpfcte.stages.train import load_trained, train
+    from cpfcte.stages.train import describe_model, load_trained, train
 
     images, labels, masks = own_folder
     prepare_folder(images, labels, tmp_path / "mine", val_fraction=0.25, seed=3)

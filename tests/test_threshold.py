@@ -35,8 +35,8 @@ def test_a_number_is_used_as_given_and_bad_ones_are_refused(tmp_path):
 def test_the_calibrated_threshold_is_written_once_and_named_in_the_description(tiny_cfg,
                                                                                 tmp_path):
     from cpfcte.machinery.io import read_json
-    from cpfcte.stages.threshold import calibrated_threshold, describe_model, image_scores
-    from cpfcte.stages.train import train
+    from cpfcte.stages.threshold import calibrated_threshold, image_scores
+    from cpfcte.stages.train import describe_model, train
 
     train(tiny_cfg(epochs=1), tmp_path / "t", progress=False)
     first = calibrated_threshold(tmp_path / "t", progress=False)

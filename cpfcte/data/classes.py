@@ -59,6 +59,24 @@ def palette_for(classes) -> np.ndarray:
     return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
+def class_legend(fig, classes, label_maps, palette=None, **kwargs) -> None:
+    """A legend beside ``fig`` of the classes present in ``label_maps``, in their colours (255:
+    ignored)."""
+    from matplotlib.patches import Patch
+
+    pal = palette_for(classes) if palette is None else palette
+    present = sorted(set().union(*(np.unique(np.asarray(m)).tolist() for m in label_maps)))
+    if not present:
+        return
+    names = list(classes or [])
+    handles = [Patch(facecolor=pal[i] / 255.0, edgecolor="0.6", linewidth=0.5,
+                     label="ignored (255)" if i == 255 else names[i] if i < len(names)
+                     else f"class {i}") for i in present]
+    fig.legend(handles=handles, loc=kwargs.pop("loc", "center left"),
+               bbox_to_anchor=kwargs.pop("bbox_to_anchor", (1.0, 0.5)), fontsize=7,
+               frameon=False, title="classes", title_fontsize=7, **kwargs)
+
+
 def classes_for(dataset: str) -> tuple[str, ...]:
     if dataset in ("toy", "toy_coco"):  # toy_coco: the toy scenes through the COCO path
         return TOY_CLASSES

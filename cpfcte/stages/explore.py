@@ -90,9 +90,8 @@ def figure(views: dict[str, dict], cls: int, classes: tuple[str, ...], bias: flo
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from cpfcte.data import palette_for
+    from cpfcte.data.classes import class_legend, palette_for
     from cpfcte.machinery.io import colorize
-    from cpfcte.plots import class_legend
 
     pal = palette_for(classes)
     fig, axes = plt.subplots(len(views), 3, figsize=(9.5, 3 * len(views)), squeeze=False)

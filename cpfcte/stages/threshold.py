@@ -124,26 +124,3 @@ def resolve_threshold(run_dir: str | Path, threshold: float | str | None,
     if not 0 < value < 1:
         raise CpfcteError(f"threshold {value}: must be in (0, 1), or 'auto'")
     return value, "given"
-
-
-def describe_model(run_dir: str | Path) -> str:
-    """One line on what a stage-1 run is: profile, backbone, weights, what it was trained on
-    and the classes it knows (all a photo can be labelled with)."""
-    from cpfcte.data import classes_of
-    from cpfcte.machinery.runfolder import RunFolder
-
-    folder = RunFolder(run_dir)
-    cfg = folder.config()
-    classes = classes_of(cfg)[1:]
-    kw = cfg.backbone_kwargs or {}
-    size = (f" ({kw['depth']} blocks, width {kw['embed_dim']})"
-            if "depth" in kw and "embed_dim" in kw else "")
-    start = ("pretrained" if cfg.pretrained or cfg.weights else "trained from scratch")
-    names = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12
-                                       else "")
-    toy = (" The toy model knows only these synthetic colour-and-shape classes: on a photo it "
-           "can only answer with them, and no paper-scale model ships with the project."
-           if cfg.dataset in ("toy", "toy_coco") else "")
-    return (f"{folder.path.name}: a {cfg.profile}-profile stage-1 run, {cfg.backbone}{size}, "
-            f"{start}, trained {cfg.epochs} epochs on {cfg.dataset} {cfg.train_split}; it "
-            f"knows {len(classes)} classes and background: {names}.{toy}")

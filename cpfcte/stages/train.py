@@ -488,13 +488,31 @@ def ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None = N
     """Make sure ``run_dir`` holds a complete training run: train it (profile + overrides) when
     it has no config yet, resume it when it stopped early, do nothing when it is complete. One
     line says which, first; the toy dataset is generated if it is missing. ``describe``: then
-    one line on what the model is (``cpfcte.stages.threshold.describe_model``)."""
+    one line on what the model is (``describe_model``)."""
     path = _ensure_trained(profile, run_dir, overrides, progress)
     if describe:
-        from cpfcte.stages.threshold import describe_model
-
         print(describe_model(path), flush=True)
     return path
+
+
+def describe_model(run_dir: str | Path) -> str:
+    """One line on what a stage-1 run is: profile, backbone, weights, what it was trained on
+    and the classes it knows (all a photo can be labelled with)."""
+    folder = RunFolder(run_dir)
+    cfg = folder.config()
+    classes = classes_of(cfg)[1:]
+    kw = cfg.backbone_kwargs or {}
+    size = (f" ({kw['depth']} blocks, width {kw['embed_dim']})"
+            if "depth" in kw and "embed_dim" in kw else "")
+    start = ("pretrained" if cfg.pretrained or cfg.weights else "trained from scratch")
+    names = ", ".join(classes[:12]) + (f", … ({len(classes)} in all)" if len(classes) > 12
+                                       else "")
+    toy = (" The toy model knows only these synthetic colour-and-shape classes: on a photo it "
+           "can only answer with them, and no paper-scale model ships with the project."
+           if cfg.dataset in ("toy", "toy_coco") else "")
+    return (f"{folder.path.name}: a {cfg.profile}-profile stage-1 run, {cfg.backbone}{size}, "
+            f"{start}, trained {cfg.epochs} epochs on {cfg.dataset} {cfg.train_split}; it "
+            f"knows {len(classes)} classes and background: {names}.{toy}")
 
 
 def _ensure_trained(profile: str, run_dir: str | Path, overrides: dict | None,
