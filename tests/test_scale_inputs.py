@@ -94,3 +94,14 @@ def test_a_run_of_another_profile_is_refused_by_the_cli(tiny_cfg, toy_root, caps
     with pytest.raises(SystemExit):
         main(["train", "--profile", "toy", "--run", "t2", "--nproc", "-3", "--set", *model])
     assert "--nproc -3: needs at least 1 process" in capsys.readouterr().err
+
+
+def test_an_inference_size_the_patches_cannot_tile_is_refused_before_training(tiny_cfg,
+                                                                              tmp_path):
+    from cpfcte.machinery.errors import CpfcteError
+    from cpfcte.stages.train import train
+
+    with pytest.raises(CpfcteError, match=r"infer_size=50 is not a multiple of the patch size 8; "
+                                          r"give a multiple, e.g. infer_size=48"):
+        train(tiny_cfg(infer_size=50), tmp_path / "t", progress=False)
+    assert not (tmp_path / "t" / "checkpoint.pt").exists()

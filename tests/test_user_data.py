@@ -573,3 +573,20 @@ def test_an_empty_profile_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "mine.yaml").write_text("# nothing yet\n")
     with pytest.raises(CpfcteError, match="mine.yaml: the profile file is empty"):
         load_config("mine")
+
+
+def test_an_all_background_mask_is_no_copy_of_the_labels():
+    """The leak guard's known answers: a copy with a few changed pixels is a copy; an
+    all-background mask beside a truth that is (nearly) all background is not."""
+    from cpfcte.machinery.guard import near_copy
+
+    truth = np.zeros((100, 100), np.uint8)
+    truth[40:60, 40:60] = 3
+    copy = truth.copy()
+    copy[0, :5] = 7                                          # 5 of 10,000 pixels changed
+    assert near_copy(copy, truth)
+    assert not near_copy(np.zeros_like(truth), truth)        # 96 % agree, and it is constant
+    tiny = np.zeros((100, 100), np.uint8)
+    tiny[0, 0] = 3                                           # one object pixel: 99.99 % agree
+    assert not near_copy(np.zeros_like(tiny), tiny)
+    assert not near_copy(np.zeros_like(tiny), np.zeros_like(tiny))   # a one-label truth

@@ -38,10 +38,16 @@ COPY_AGREEMENT = 0.999    # a mask with at least this share of its pixels equal 
 
 def near_copy(mask, truth) -> bool:
     """Whether ``mask`` is (nearly) the ground truth ``truth``: same size and at least
-    ``COPY_AGREEMENT`` of the pixels equal."""
+    ``COPY_AGREEMENT`` of the pixels equal, where the truth holds at least two labels (255
+    aside). Agreeing with a one-label truth proves nothing: an all-background mask agrees with
+    every all-background image, and the stage's own all-background baseline is no leak."""
     import numpy as np
 
-    return mask.shape == truth.shape and float(np.mean(mask == truth)) >= COPY_AGREEMENT
+    if mask.shape != truth.shape:
+        return False
+    if np.unique(truth[truth != 255]).size < 2 or np.unique(mask).size < 2:
+        return False
+    return float(np.mean(mask == truth)) >= COPY_AGREEMENT
 
 
 def refuse_copy(identical: int, compared: int, folder: str | Path, role: str) -> None:

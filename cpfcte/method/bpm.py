@@ -81,3 +81,16 @@ def crf_start(probs: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], 
     maps = bpm_grid(probs[None], labels[None].to(probs.device), norm)[0][present]
     return crf_input(maps.cpu().numpy(), present.cpu().numpy(), size, params or CRFConfig(),
                      probs.shape[0])
+
+
+def infer_size_for(cfg, patch: int) -> int:
+    """The inference size: ``infer_scale`` × the training size rounded to whole patches (Fig. 5
+    sweeps patches per side: 24..72 for ViT-B/16 at 384) when it is set, else ``infer_size``."""
+    if cfg.infer_scale:
+        size = max(1, round(cfg.img_size * float(cfg.infer_scale) / patch)) * patch
+    else:
+        size = int(cfg.infer_size)
+    if size % patch:
+        raise CpfcteError(f"infer_size={size} is not a multiple of the patch size {patch}; "
+                          f"give a multiple, e.g. infer_size={max(1, round(size / patch)) * patch}")
+    return size

@@ -24,11 +24,10 @@ from cpfcte.data.transforms import resized_input
 from cpfcte.data.voc import VOCDataset
 from cpfcte.machinery import numerics
 from cpfcte.machinery.config import BPM_NORMS, Config, derive
-from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.guard import refuse_ground_truth
 from cpfcte.machinery.io import save_label_png
 from cpfcte.machinery.runfolder import RunFolder, releases_locks
-from cpfcte.method.bpm import bpm_from_probs, bpm_grid, patch_probs
+from cpfcte.method.bpm import bpm_from_probs, bpm_grid, infer_size_for, patch_probs  # noqa: F401
 from cpfcte.method.metrics import score_or_none
 from cpfcte.method.network import CPFCTE
 from cpfcte.stages.crf_pool import raise_on_failures
@@ -144,18 +143,6 @@ def write_baselines(voc: VOCDataset, out_root: str | Path) -> dict[str, Path]:
                 save_label_png(path, baseline_mask(kind, voc.labels(i), (h, w)))
         out[kind] = folder
     return out
-
-
-def infer_size_for(cfg: Config, patch: int) -> int:
-    """The inference size: ``infer_scale`` × the training size rounded to whole patches (Fig. 5
-    sweeps patches per side: 24..72 for ViT-B/16 at 384) when it is set, else ``infer_size``."""
-    if cfg.infer_scale:
-        size = max(1, round(cfg.img_size * float(cfg.infer_scale) / patch)) * patch
-    else:
-        size = int(cfg.infer_size)
-    if size % patch:
-        raise CpfcteError(f"infer_size={size} is not a multiple of the patch size {patch}")
-    return size
 
 
 @releases_locks

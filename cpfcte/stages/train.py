@@ -277,7 +277,10 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                               cfg.seed, cfg.resize, cfg.augment_on)
 
     model = make_model(cfg).to(device)
-    optimizer = optimiser_for(model, cfg, cfg.lr_warmup)
+    from cpfcte.method.bpm import infer_size_for
+
+    infer_size_for(cfg, model.patch_size[0])   # an inference size the patches cannot tile:
+    optimizer = optimiser_for(model, cfg, cfg.lr_warmup)   # refused now, not after training
     optimizer_phase = None                            # the phase the optimizer's state is of
     start_epoch, history = 0, []
     state = folder.load_checkpoint(cfg.digest())
