@@ -321,6 +321,11 @@ def _paper(args: argparse.Namespace) -> None:
         print("\n".join(status_lines(args.profile, list(runs))))
         return
     cluster = None
+    given = [f"--{k}" for k in ("cluster", "partition", "account", "qos")
+             if getattr(args, k) not in (None, "")]
+    if args.executor == "local" and given:
+        raise CpfcteError(f"{', '.join(given)}: cluster options, but the runs go to this "
+                          "machine (--executor local); add --executor slurm, or drop them")
     if args.executor != "local":
         from cpfcte.batch.cluster import ClusterConfig, check_executor
 

@@ -190,3 +190,8 @@ def test_names_that_become_paths_stay_inside_and_each_refusal_names_its_fix(worl
     assert sorted(p.name for p in world.iterdir()) == before
     assert not (world / "runs" / "voc").exists() and not (world / "escape").exists()
     assert not any(world.parent.glob("escape*"))
+
+
+def test_cluster_options_without_a_cluster_executor_are_refused():
+    msg = _refusal(["paper", "--profile", "toy", "--dry-run", "--partition", "gpu"])
+    assert "--partition: cluster options" in msg and "--executor slurm" in msg
