@@ -56,6 +56,7 @@ for (let i = 0; i < cells.length; i++) {
   }
 }
 return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: errors,
+        path: w.context ? w.context.path : null,
         widgets: widgets, text: texts.join('\\n'),
         progress: document.querySelectorAll('.jupyter-widgets [class*="progress"], progress').length,
         images: document.querySelectorAll('.jp-OutputArea-output img').length,
@@ -189,16 +190,19 @@ def _serve_lab(root: Path, tmp_path: Path, env: dict) -> tuple[subprocess.Popen,
 
 
 def _run_all(driver, url: str, before: str = "", timeout: float = 600) -> dict:
-    """Open ``url``, wait for an idle kernel, run ``before`` (JavaScript), run all cells and
+    """Open ``url``, wait until its notebook is the current one (Lab may first restore the
+    last one it showed) with an idle kernel, run ``before`` (JavaScript), run all cells and
     return the notebook's state once every cell has run."""
+    name = url.split("?")[0].rsplit("/", 1)[-1]
     driver.get(url)
     state, deadline = None, time.time() + 120
     while time.time() < deadline:
         state = driver.execute_script(STATE_JS)
-        if state and state["kernel"] == "idle":
+        if state and state["kernel"] == "idle" and (state["path"] or "").endswith(name):
             break
         time.sleep(0.5)
-    assert state and state["kernel"] == "idle", f"kernel never became idle: {state}"
+    assert state and state["kernel"] == "idle" and (state["path"] or "").endswith(name), \
+        f"{name} never became the current notebook with an idle kernel: {state}"
     if before:
         driver.execute_script(before)
     driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
