@@ -42,7 +42,7 @@ test: $(STAMP)
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 # the voc and coco profiles through every stage at the paper's sizes, on small real-format
-# datasets, random init and 2 steps each (cpfcte.batch.smoke); about 5 min on 2 CPU cores
+# datasets, random init and 2 steps each (cpfcte.batch.smoke); about 13 min on 2 CPU cores
 test-scale: $(STAMP)
 	$(PY) -m cpfcte.batch.smoke --out runs/_scale
 
