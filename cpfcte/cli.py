@@ -249,24 +249,22 @@ def _eval(args: argparse.Namespace) -> None:
         ids = read_ids(path)
         if not ids:
             raise CpfcteError(f"{path}: list file is empty")
-    else:                                       # without a list: every ground-truth mask
-        missing = sorted(p.stem for p in Path(args.gt).glob("*.png")
-                         if not (Path(args.pred) / p.name).is_file()) \
-            if Path(args.gt).is_dir() and Path(args.pred).is_dir() else []
+    elif Path(args.gt).is_dir() and Path(args.pred).is_dir():   # without a list: the pairs
+        def stems(folder: str) -> set[str]:
+            return {p.stem for p in Path(folder).glob("*.png") if p.is_file()}
+
+        gts, preds = stems(args.gt), stems(args.pred)
+        missing, extra = sorted(gts - preds), sorted(preds - gts)
         if missing:
             print(f"warning: {args.pred} has no prediction for {len(missing)} ground-truth "
                   f"mask(s) of {args.gt} ({', '.join(missing[:5])}"
                   f"{' …' if len(missing) > 5 else ''}); they are not scored. Pass --list to "
                   "score a fixed set (a missing prediction is then an error)", file=sys.stderr)
-        extra = sorted(p.stem for p in Path(args.pred).glob("*.png")
-                       if not (Path(args.gt) / p.name).is_file()) \
-            if Path(args.gt).is_dir() and Path(args.pred).is_dir() else []
         if extra:                               # the same rule the other way round
             print(f"warning: {len(extra)} prediction(s) of {args.pred} have no ground-truth "
                   f"mask in {args.gt} ({', '.join(extra[:5])}{' …' if len(extra) > 5 else ''}"
                   "); they are not scored", file=sys.stderr)
-            ids = sorted(p.stem for p in Path(args.pred).glob("*.png")
-                         if (Path(args.gt) / p.name).is_file())
+            ids = sorted(preds & gts)
             if not ids:
                 raise CpfcteError(f"{args.pred}: none of its predictions has a ground-truth "
                                   f"mask in {args.gt} (same file names); check --gt")

@@ -30,6 +30,7 @@ from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.finite import FiniteGuard, NonFiniteError
 from cpfcte.machinery.io import read_json, write_json
 from cpfcte.machinery.runfolder import CHECKPOINT, CONFIG, SUMMARY, RunFolder, releases_locks
+from cpfcte.method.bpm import infer_size_for
 from cpfcte.method.diagnostics import class_token_diagnostics
 from cpfcte.method.diagnostics import describe as describe_mechanisms
 from cpfcte.method.mce_loss import mce_loss
@@ -277,8 +278,6 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                               cfg.seed, cfg.resize, cfg.augment_on)
 
     model = make_model(cfg).to(device)
-    from cpfcte.method.bpm import infer_size_for
-
     infer_size_for(cfg, model.patch_size[0])   # an inference size the patches cannot tile:
     optimizer = optimiser_for(model, cfg, cfg.lr_warmup)   # refused now, not after training
     optimizer_phase = None                            # the phase the optimizer's state is of
@@ -464,8 +463,8 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
     refuse_other_classes(folder, cfg)
     state = folder.load_checkpoint(cfg.digest())
     resume = f"cpfcte train --from-config {folder.path / CONFIG} --resume"
-    holder = folder.holder()
     if state is None:
+        holder = folder.holder()
         if holder:
             raise CpfcteError(f"{folder.path}: still training, before its first checkpoint "
                               f"(process {holder.get('pid')} on {holder.get('host')}); wait "
@@ -473,6 +472,7 @@ def load_trained(run_dir: str | Path, cfg: Config | None = None,
         raise CpfcteError(f"{folder.path}: no {CHECKPOINT}: its training never finished an "
                           f"epoch; train it ({resume})")
     if state["epoch"] < cfg.epochs:
+        holder = folder.holder()
         if holder:
             raise CpfcteError(f"{folder.path}: still training (epoch {state['epoch']} of "
                               f"{cfg.epochs} done; process {holder.get('pid')} on "
