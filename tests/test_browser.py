@@ -65,6 +65,19 @@ return {kernel: kernel ? kernel.status : 'none', pending: pending, errors: error
 """
 
 
+def _chrome():
+    """Headless Chromium under selenium, at a fixed window size."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1400,1100", "--disable-gpu"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,22 +94,7 @@ def lab(request, tmp_path):
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
     shutil.copy(ROOT / "notebooks" / request.param, nb_dir)
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "ws")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1",
-         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={nb_dir}",
-         "--allow-root",
-         "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.3)
+    server, port, token = _serve_lab(nb_dir, tmp_path, dict(os.environ))
     try:
         yield request.param, f"http://127.0.0.1:{port}/lab/tree/{request.param}?token={token}"
     finally:
@@ -108,17 +106,10 @@ def lab(request, tmp_path):
 
 
 def test_notebook_runs_in_jupyterlab_in_a_real_browser(lab, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1400,1100", "--disable-gpu"):
-        opts.add_argument(arg)
     notebook, url = lab
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver = _chrome()
     shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / f"lab_{Path(notebook).stem}.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -225,8 +216,6 @@ def test_the_first_hour_on_a_fresh_clone(tmp_path):
     clean: nothing the user looked at was replaced."""
     import numpy as np
     from PIL import Image
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -243,12 +232,7 @@ def test_the_first_hour_on_a_fresh_clone(tmp_path):
                            env=env, cwd=clone, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(clone)), where.stdout
     server, port, token = _serve_lab(clone, tmp_path, env)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1400,1100", "--disable-gpu"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver = _chrome()
     shot = Path(os.environ.get("CPFCTE_BROWSER_OUT", tmp_path)) / "first_hour_09.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{port}/lab/tree/notebooks"

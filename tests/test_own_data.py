@@ -164,9 +164,9 @@ def test_a_profile_of_yours_runs_as_the_profile_it_extends(tmp_path, monkeypatch
         load_config("voc")
 
 
-def test_voc_test_export_packs_the_server_layout_and_refuses_what_it_would_reject(tmp_path):
-    from cpfcte.stages.export import SERVER_DIR, export_voc_test
-
+def _test_predictions(tmp_path):
+    """Two VOC test predictions (palette PNGs, 8×6), their JPEGs and test.txt: (pred, imgs,
+    ids)."""
     pred, imgs = tmp_path / "pred", tmp_path / "imgs"
     imgs.mkdir()
     ids = ["2008_000001", "2008_000002"]
@@ -174,6 +174,13 @@ def test_voc_test_export_packs_the_server_layout_and_refuses_what_it_would_rejec
     for i in ids:
         save_label_png(pred / f"{i}.png", np.full((6, 8), 15, np.uint8))
         Image.new("RGB", (8, 6)).save(imgs / f"{i}.jpg")
+    return pred, imgs, ids
+
+
+def test_voc_test_export_packs_the_server_layout_and_refuses_what_it_would_reject(tmp_path):
+    from cpfcte.stages.export import SERVER_DIR, export_voc_test
+
+    pred, imgs, ids = _test_predictions(tmp_path)
     out = export_voc_test(pred, tmp_path / "sub.tar.gz", tmp_path / "test.txt", imgs)
     assert out["images"] == 2
     with tarfile.open(tmp_path / "sub.tar.gz") as tar:
@@ -263,13 +270,7 @@ def test_a_test_server_archive_is_checked_before_upload(tmp_path):
     from cpfcte.cli import main
     from cpfcte.stages.export import SERVER_DIR, check_voc_test, export_voc_test
 
-    pred, imgs = tmp_path / "pred", tmp_path / "imgs"
-    imgs.mkdir()
-    ids = ["2008_000001", "2008_000002"]
-    (tmp_path / "test.txt").write_text("\n".join(ids) + "\n")
-    for i in ids:
-        save_label_png(pred / f"{i}.png", np.full((6, 8), 15, np.uint8))
-        Image.new("RGB", (8, 6)).save(imgs / f"{i}.jpg")
+    pred, imgs, ids = _test_predictions(tmp_path)
     good = tmp_path / "good.tar.gz"
     export_voc_test(pred, good, tmp_path / "test.txt")
     assert check_voc_test(good, tmp_path / "test.txt", imgs)["images"] == 2

@@ -352,6 +352,18 @@ def test_eval_without_a_list_names_the_images_it_does_not_score(tmp_path, capsys
               "--num-classes", "2"])
     err = capsys.readouterr().err
     assert "no prediction for 1 ground-truth mask(s)" in err and "(c)" in err
+    # the same rule the other way round: a prediction without ground truth is not scored
+    save_label_png(tmp_path / "pred" / "x.png", np.ones((4, 4), np.uint8))
+    cli.main(["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+              "--num-classes", "2"])
+    out = capsys.readouterr()
+    assert "1 prediction(s)" in out.err and "(x)" in out.err and '"images": 2' in out.out
+    for name in ("a", "b"):
+        (tmp_path / "pred" / f"{name}.png").unlink()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                  "--num-classes", "2"])
+    assert e.value.code == 2 and "none of its predictions" in capsys.readouterr().err
 
 
 # ---- a message, not a traceback ----------------------------------------------------------------
