@@ -2,6 +2,7 @@
 # make test    the test suite and the notebook tests
 # make test-scale  the voc and coco profiles through every stage at the paper's sizes, on CPU
 # make gpu-check   on a CUDA machine: that smoke on the GPU and the throughput benchmark
+# make release a release bundle of every complete run of the batch, in release/<PROFILE>/
 # make lab     JupyterLab on notebooks/
 # The first target run creates .venv and installs the pinned requirements (about 2 minutes).
 
@@ -18,7 +19,7 @@ TEST_RUNS := runs/_test
 export JUPYTER_PATH := $(abspath $(VENV))/share/jupyter
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv paper test test-scale gpu-check lab report clean-runs
+.PHONY: venv paper test test-scale gpu-check lab report release clean-runs
 
 venv: $(STAMP)
 
@@ -34,6 +35,11 @@ paper: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m cpfcte report --profile $(PROFILE)
+
+# weights, pseudo labels, config, labelled numbers, logs, MANIFEST.sha256 and a model card per
+# run, and release/<PROFILE>/zoo.yaml (docs/releasing.md); URL: where they will be uploaded
+release: $(STAMP)
+	$(PY) -m cpfcte release --profile $(PROFILE) --out release/$(PROFILE) $(if $(strip $(URL)),--url $(URL))
 
 test: $(STAMP)
 	rm -rf $(TEST_RUNS)

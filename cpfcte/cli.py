@@ -24,6 +24,10 @@ folders), and ``--set`` changes fields on top (a section's as crf.NAME / deeplab
                  [--executor local|slurm] [--cluster cluster.yaml] [--status]
     cpfcte report --profile toy
     cpfcte numerics [--check | --diff FILE | --write]
+    cpfcte release [RUN ...] --profile toy --out DIR [--url BASE] [--force]
+
+Wherever a command takes a run (--train-run, --pseudo, predict's and deeplab predict's --run)
+it also takes a release bundle: its folder, or a file:// or http(s):// URL (docs/releasing.md).
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ def _pseudo(args: argparse.Namespace) -> None:
     if args.infer_size is not None and args.infer_scale is not None:
         raise CpfcteError("--infer-size and --infer-scale both given: one sets the inference "
                           "size (pixels, or a multiple of the training size); pass one")
-    train_dir = run_path(args.profile, args.train_run)
+    train_dir = _run_or_bundle(args.profile, args.train_run)
     overrides = {"infer_size": args.infer_size, "infer_scale": args.infer_scale,
                  "pseudo_split": args.split, "device": args.device, **parse_set_args(args.set)}
     cfg = run_config(train_dir, overrides)
@@ -138,6 +142,19 @@ def _pseudo(args: argparse.Namespace) -> None:
               f"pseudo labels in {m['bpm_dir']} are not scored", file=sys.stderr)
     print(json.dumps({k: m.get(k) for k in ("miou", "infer_size", "split", "images", "bpm_dir")},
                      indent=2))
+
+
+def _run_or_bundle(profile: str, value: str) -> Path:
+    """The run folder a --run / --train-run / --pseudo value names: a run (name or folder), or
+    a release bundle (folder or URL), fetched, checked and set up as a run."""
+    from cpfcte.machinery.fetch import is_bundle
+    from cpfcte.machinery.paths import run_path
+
+    if is_bundle(value):
+        from cpfcte.stages.bundle import open_bundle
+
+        return open_bundle(value, profile, progress=sys.stderr.isatty())
+    return run_path(profile, value)
 
 
 def _same_profile(asked: str, found: str, run_dir: Path, flag: str) -> None:
@@ -160,12 +177,16 @@ def _deeplab(args: argparse.Namespace) -> None:
         if not args.from_config:
             raise CpfcteError("cpfcte deeplab train needs --run NAME")
         args.run = str(Path(args.from_config).resolve().parent)
-    run_dir = run_path(args.profile, args.run)
     if args.action == "train":
+        run_dir = run_path(args.profile, args.run)
         overrides = parse_set_args(args.set)
         if args.init:
             overrides["deeplab.init"] = args.init
-        if not Path(args.pseudo).exists() and run_path(args.profile, args.pseudo).is_dir():
+        from cpfcte.machinery.fetch import is_bundle
+
+        if is_bundle(args.pseudo):
+            args.pseudo = str(_run_or_bundle(args.profile, args.pseudo))
+        elif not Path(args.pseudo).exists() and run_path(args.profile, args.pseudo).is_dir():
             args.pseudo = str(run_path(args.profile, args.pseudo))   # a run name of the profile
         upstream = pseudo_run_of(args.pseudo)
         if args.from_config:              # torchrun's processes: the launcher's whole config
@@ -184,7 +205,8 @@ def _deeplab(args: argparse.Namespace) -> None:
         print(json.dumps({k: s[k] for k in ("iterations_done", "iterations", "complete",
                                             "parameters")} | {"run_dir": str(run_dir)}, indent=2))
         return
-    folder = RunFolder(run_dir)
+    folder = RunFolder(_run_or_bundle(args.profile, args.run))
+    run_dir = folder.path
     record = folder.record()
     if record.get("stage") != "deeplab" or "pseudo_dir" not in record:
         raise CpfcteError(f"{run_dir}: holds a {record.get('stage')} run, not a DeepLabv2 "
@@ -199,12 +221,11 @@ def _deeplab(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from cpfcte.machinery.paths import run_path
     from cpfcte.machinery.runfolder import RunFolder
     from cpfcte.stages.predict import predict_folder
     from cpfcte.stages.train import describe_model
 
-    run = run_path(args.profile, args.run)
+    run = _run_or_bundle(args.profile, args.run)
     if RunFolder(run).stage == "train":
         print(describe_model(run), file=sys.stderr)
     report = predict_folder(run, args.images, args.out,
@@ -372,6 +393,32 @@ def _report(args: argparse.Namespace) -> None:
         print("nothing written: the tables in tables/ and figures in figures/ stay as they are")
 
 
+def _release(args: argparse.Namespace) -> None:
+    from cpfcte.machinery.paths import run_path
+    from cpfcte.report.release import batch_runs, release
+
+    _known_profile(args.profile)
+    if args.runs:
+        runs = [run_path(args.profile, r) for r in args.runs]
+    else:
+        runs, skipped = batch_runs(args.profile)
+        for line in skipped:
+            print(f"not released: {line}", file=sys.stderr)
+        if not runs:
+            raise CpfcteError(f"no complete run of the {args.profile} batch in "
+                              f"runs/{args.profile}: make them (make paper PROFILE="
+                              f"{args.profile}), or name runs: cpfcte release RUN ... --out DIR")
+    from cpfcte.machinery.runfolder import RunFolder
+    from cpfcte.stages.threshold import calibrated_threshold
+
+    for run in runs:          # a training bundle carries its calibrated threshold
+        if RunFolder(run).stage == "train" and not RunFolder(run).from_bundle():
+            calibrated_threshold(run, progress=sys.stderr.isatty())
+    done = release(runs, args.out, profile=args.profile, url=args.url, force=args.force)
+    print(json.dumps({"bundles": [str(b) for b in done["bundles"]], "zoo": str(done["zoo"])},
+                     indent=2))
+
+
 def _numerics(args: argparse.Namespace) -> None:
     from cpfcte.machinery.io import write_json
     from cpfcte.stages import fingerprint as fp
@@ -470,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("pseudo", help="stage 2: baseline pseudo masks (BPM) and their mIoU")
     ps.add_argument("--profile", default="toy")
-    ps.add_argument("--train-run", required=True)
+    ps.add_argument("--train-run", required=True,
+                    help="a training run (name or folder) or a release bundle (folder or URL)")
     ps.add_argument("--run", required=True, help="output run name or folder")
     ps.add_argument("--infer-size", type=int)
     ps.add_argument("--infer-scale", type=float)
@@ -487,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     dtr = dlsub.add_parser("train", help="train (or resume) DeepLabv2 on a pseudo-label folder")
     dtr.add_argument("--profile", default="toy")
     dtr.add_argument("--pseudo", required=True,
-                     help="a pseudo-label run, by name or folder (its config is the base), or a folder of "
-                          "pseudo-label PNGs of the training split")
+                     help="a pseudo-label run, by name or folder (its config is the base), a "
+                          "release bundle of one (folder or URL), or a folder of pseudo-label "
+                          "PNGs of the training split")
     dtr.add_argument("--run", help="run name (runs/<profile>/<run>) or folder")
     dtr.add_argument("--init", help="local init file (e.g. a COCO-pretrained DeepLabv2)")
     dtr.add_argument("--set", nargs="*", metavar="KEY=VALUE",
@@ -500,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     dtr.set_defaults(func=_deeplab)
     dpr = dlsub.add_parser("predict", help="multi-scale + flip inference, CRF, and mIoU")
     dpr.add_argument("--profile", default="toy")
-    dpr.add_argument("--run", required=True)
+    dpr.add_argument("--run", required=True,
+                     help="a DeepLabv2 run (name or folder) or a release bundle (folder or URL)")
     dpr.add_argument("--split", help="default: the profile's val split")
     dpr.set_defaults(func=_deeplab)
 
@@ -554,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="label PNGs (VOC palette) and overlays for any folder "
                                         "of images, with a stage-1 or DeepLabv2 run")
     pr.add_argument("--profile", default="toy")
-    pr.add_argument("--run", required=True, help="a training or DeepLabv2 run, name or folder")
+    pr.add_argument("--run", required=True, help="a training or DeepLabv2 run, name or folder, "
+                                                  "or a release bundle of one (folder or URL)")
     pr.add_argument("--images", required=True)
     pr.add_argument("--out", required=True)
     pr.add_argument("--crf", action="store_true", help="refine with the run's dense CRF")
@@ -569,6 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true",
                     help="write into a --out folder that is not empty and not a prediction's")
     pr.set_defaults(func=_predict)
+
+    rl = sub.add_parser("release", help="a release bundle per run: weights, labels, config, "
+                                        "numbers, logs, manifest, model card; and zoo.yaml")
+    rl.add_argument("runs", nargs="*", metavar="RUN",
+                    help="runs, by name or folder (default: every complete run of the batch)")
+    rl.add_argument("--profile", default="toy")
+    rl.add_argument("--out", required=True, help="folder for the bundles and zoo.yaml")
+    rl.add_argument("--url", help="the base URL the bundles will be uploaded under, for zoo.yaml "
+                                  "(each bundle at URL/<name>/)")
+    rl.add_argument("--force", action="store_true",
+                    help="write into an --out folder that is not empty and not a release's")
+    rl.set_defaults(func=_release)
 
     ex = sub.add_parser("export", help="pack predictions for an evaluation server")
     exsub = ex.add_subparsers(dest="target", required=True)

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny toy dataset in the VOC layout and a tiny model config.
 
 Tests never read ../shared and never write into the project's data/, runs/, tables/ or figures/:
-CPFCTE_DATA, CPFCTE_RUNS and CPFCTE_OUT point into pytest's temporary folders.
+CPFCTE_DATA, CPFCTE_RUNS, CPFCTE_OUT and CPFCTE_CACHE point into pytest's temporary folders.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("CPFCTE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("CPFCTE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("CPFCTE_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("CPFCTE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")

@@ -116,6 +116,7 @@ def _base(words: tuple[str, ...], root) -> list[str]:
         ("predict",): ["predict", "--profile", "tiny", "--run", "t", "--images", images, "--out",
                        str(root / "pred"), "--limit", "1"],
         ("numerics",): ["numerics", "--diff", str(root / "missing.json")],
+        ("release",): ["release", "--profile", "tiny", "t", "--out", str(root / "release")],
         ("export", "voc-test"): ["export", "voc-test", "--pred", str(root / "pred" / "labels"),
                                  "--out", str(root / "x.tar.gz"), "--list",
                                  str(root / "missing.txt")],

@@ -257,3 +257,34 @@ def test_the_citation_file_names_the_paper_as_the_preferred_citation():
     assert paper["license"] == "CC-BY-4.0"
     toml = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{cff["version"]}"' in toml and f'license = "{cff["license"]}"' in toml
+
+
+def test_the_readme_results_table_is_what_the_committed_tables_give(monkeypatch):
+    from cpfcte.report.readme import in_step, results_table, section
+
+    monkeypatch.delenv("CPFCTE_OUT")                     # the project's own tables/
+    held = section((ROOT / "README.md").read_text())
+    assert held is not None, "README.md lost its results markers"
+    assert held == results_table(), "README's Results table drifted: run cpfcte report"
+    assert in_step() is True
+
+
+def test_the_report_rewrites_the_readme_results_table_from_the_tables(tmp_path, monkeypatch):
+    from cpfcte.report.readme import BEGIN, END, update_readme
+
+    monkeypatch.setenv("CPFCTE_OUT", str(tmp_path))
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "table2.csv").write_text(
+        "Method,Pub.,Backbone,mIoU paper (%),\"mIoU this run, toy (%)\"\n"
+        "CPF-CTE (DeepLabv2 + CRF),Ours,x,69.5,12.3 ± 0.4 (n=3)\n")
+    (tmp_path / "tables" / "table2.voc.csv").write_text(
+        "Method,Pub.,Backbone,mIoU paper (%),\"mIoU this run, voc (%)\"\n"
+        "CPF-CTE (DeepLabv2 + CRF),Ours,x,69.5,68.8\n")
+    (tmp_path / "README.md").write_text(f"# x\n\n{BEGIN}\nold\n{END}\n\nkept\n")
+    update_readme()
+    text = (tmp_path / "README.md").read_text()
+    assert "| Table 2: DeepLabv2 + CRF, VOC val (toy: val) | 69.5 | 12.3 ± 0.4 | 68.8 |" in text
+    assert "| Table 1: pseudo labels on train, BPM | — | — | not run here (voc) |" in text
+    assert "old" not in text and text.endswith(f"{END}\n\nkept\n")
+    (tmp_path / "README.md").write_text("# no markers\n")
+    assert update_readme() is None and (tmp_path / "README.md").read_text() == "# no markers\n"

@@ -76,3 +76,19 @@ def check_cuda_batch(model, device, batch: int, make_step: Callable[[int], None]
     model.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     return need
+
+
+def peak_memory(device=None) -> dict[str, float]:
+    """What this process has held at most so far, in MiB: ``host`` (its resident set) and, on
+    a CUDA device, ``cuda`` (the tensors PyTorch allocated). Recorded with each stage's
+    results for the model-zoo file; a measurement, never part of a digest."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    out = {"host": round(rss / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)}
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        out["cuda"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
+    return out

@@ -49,6 +49,32 @@ def resolve(path: str | Path, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def cache_dir() -> Path:
+    """Where fetched release bundles are kept, keyed by sha256 (``CPFCTE_CACHE``, else
+    ``$XDG_CACHE_HOME/cpfcte``, else ``~/.cache/cpfcte``)."""
+    env = os.environ.get("CPFCTE_CACHE")
+    if env:
+        return Path(env).resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "cpfcte"
+
+
+def code_commit() -> str:
+    """The project's git commit (short), with ``+dirty`` when ``cpfcte/`` or ``notebooks/``
+    hold uncommitted changes; ``unknown`` outside a git clone."""
+    import subprocess
+
+    root = project_root()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpfcte", "notebooks"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def run_path(profile: str, run_name: str) -> Path:
     """The folder of a run: ``runs/<profile>/<run_name>`` for a plain name, ``runs/<run_name>``
     for a name with a slash (``toy/train_full``: the batch runner names runs so; a leading

@@ -7,6 +7,9 @@
                         refused (results of two configs never mix in one folder)
         checkpoint.pt   training and DeepLabv2: weights, optimizer, progress; written atomically
                         after every epoch / checkpoint interval, so a killed run resumes from it
+        weights.safetensors   instead of checkpoint.pt in a run made from a release bundle
+                        (``cpfcte.stages.bundle``): the weights only, with the digest and the
+                        epochs or iterations done in its metadata; such a run is read only
         log.jsonl       one JSON record per epoch (training) or checkpoint interval (DeepLabv2)
         log.txt         the text log
         summary.json    what training did (history, whether it is complete)
@@ -34,9 +37,12 @@ from cpfcte.machinery.io import (
     torch_save,
     write_json,
 )
+from cpfcte.machinery.paths import code_commit
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.safetensors"
+WEIGHTS_META = "cpfcte"      # one metadata key, a JSON object: one key keeps the file's bytes fixed
 LOG = "log.jsonl"
 TEXT_LOG = "log.txt"
 SUMMARY = "summary.json"
@@ -98,6 +104,7 @@ class RunFolder:
         if stage not in STAGES:
             raise ValueError(stage)
         self.refuse_foreign()                         # before anything is written
+        self.refuse_bundle(stage)
         digest = short_digest(digest_of)
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock()
@@ -118,8 +125,20 @@ class RunFolder:
                                   f"another config (differs in {', '.join(changed) or 'version'}"
                                   "); use another run name or delete the folder to start over")
         write_json(path, {"stage": stage, "digest": digest, "digest_of": digest_of,
-                          "config": cfg.to_dict(), **extra})
+                          "config": cfg.to_dict(), "code": code_commit(), **extra})
         return self
+
+    def from_bundle(self) -> bool:
+        """Whether the folder is a run made from a release bundle (``cpfcte.stages.bundle``)."""
+        return (self.path / CONFIG).is_file() and "bundle" in read_json(self.path / CONFIG)
+
+    def refuse_bundle(self, stage: str) -> None:
+        """A run made from a release bundle holds weights, not a checkpoint to go on from: no
+        stage trains in it again."""
+        if self.from_bundle():
+            raise CpfcteError(f"{self.path}: a run made from a release bundle (weights only, "
+                              f"no optimizer state); {stage} cannot run in it again. Use it "
+                              "as an input, or give another run name")
 
     def refuse_foreign(self) -> None:
         """Refuse, before any write, a run folder that is a file, a dataset's ground truth,
@@ -252,7 +271,7 @@ class RunFolder:
 
         path = self.path / CHECKPOINT
         if not path.exists():
-            return None
+            return self.load_weights(digest)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -264,6 +283,32 @@ class RunFolder:
         if digest is not None and state.get("digest") != digest:
             raise CpfcteError(f"{path}: checkpoint was trained with another config; use another "
                               "run folder")
+        return state
+
+    def load_weights(self, digest: str | None = None) -> dict[str, Any] | None:
+        """A run made from a bundle: its ``weights.safetensors`` as a checkpoint without the
+        optimizer ({"model", "digest", "epoch" or "iteration"}, from the JSON object under the
+        metadata key ``cpfcte``); None when there is none."""
+        path = self.path / WEIGHTS
+        if not path.exists():
+            return None
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get(WEIGHTS_META, "{}"))
+                model = {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CpfcteError(f"{path}: cannot read the weights ({e}); fetch the bundle "
+                              "again") from None
+        state: dict[str, Any] = {"model": model, "digest": meta.get("digest")}
+        for key in ("epoch", "iteration"):
+            if key in meta:
+                state[key] = int(meta[key])
+        if digest is not None and state["digest"] != digest:
+            raise CpfcteError(f"{path}: the weights were trained with another config (digest "
+                              f"{state['digest']}, the run's is {digest}); fetch the bundle "
+                              "again")
         return state
 
     # --- logs, summary, metrics -----------------------------------------------------------------

@@ -48,6 +48,10 @@ def write(profile: str = "toy", names: str | list[str] | None = None) -> dict[st
         if paths:
             record_written(name, profile, paths)
             out[name] = paths
+    if out:                               # the README's Results table follows the tables
+        from cpfcte.report.readme import update_readme
+
+        update_readme()
     return out
 
 

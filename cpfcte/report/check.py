@@ -191,6 +191,11 @@ def check(profile: str = "toy") -> tuple[bool, list[str]]:
         head = f"reproduced: every cell of every table as committed ({counts})"
     else:
         head = f"NOT reproduced: {counts}"
+    from cpfcte.report.readme import in_step
+
+    if in_step() is False:
+        lines.append("README.md: its Results table is not what tables/ gives; cpfcte report "
+                     "writes it again")
     from cpfcte.machinery.numerics import native_reason
 
     reason = native_reason()

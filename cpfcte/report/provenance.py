@@ -5,22 +5,10 @@ digests, seeds, hardware and run time of the runs it reads (from their ``run.jso
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass
 
 from cpfcte.batch import catalog
-from cpfcte.machinery.paths import project_root
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(),
-                             capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpfcte", "notebooks"],
-                               cwd=project_root(), capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from cpfcte.machinery.paths import code_commit
 
 
 def dataset_fingerprint(profile: str) -> str:
@@ -69,7 +57,7 @@ def provenance(profile: str, runs: list[str]) -> Provenance:
     ran_with = (f" (runs with {', '.join(sorted(nb_profiles))})"
                 if nb_profiles - {profile} else "")
     dataset = ", ".join(dataset_fingerprint(p) for p in sorted(nb_profiles or {profile}))
-    head = f"provenance: code {git_commit()}; profile {profile}{ran_with}; dataset {dataset}"
+    head = f"provenance: code {code_commit()}; profile {profile}{ran_with}; dataset {dataset}"
     full = (f"{head}; config {', '.join(sorted(digests)) or '—'}; seeds {sorted(seeds)}; "
             f"hardware {', '.join(sorted(hardware)) or '—'}; weights "
             f"{'; '.join(sorted(inits)) or '—'}; run time {seconds / 60:.1f} min; runs: "

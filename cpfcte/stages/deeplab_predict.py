@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cpfcte.machinery import numerics
+from cpfcte.machinery.capacity import peak_memory
 from cpfcte.machinery.config import Config
 from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.runfolder import RunFolder, releases_locks
@@ -155,7 +156,10 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
 
     cfg = detect_backbone(cfg)
     folder = RunFolder(run_dir)
-    summary = train_deeplab(cfg, pseudo_dir, folder.path, progress=progress)
+    if folder.from_bundle():            # a release bundle's DeepLabv2: trained, weights only
+        summary = folder.summary()
+    else:
+        summary = train_deeplab(cfg, pseudo_dir, folder.path, progress=progress)
     model = load_deeplab(folder.path, cfg)
     voc = open_split(cfg, cfg.val_split)
     pred = predict_split(model, voc, folder.path / voc.split, cfg, progress=progress)
@@ -180,7 +184,8 @@ def deeplab_stage(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
                "levels": {k: {"label": labels[k], "miou": v["miou"],
                               "iou": v["iou"]} for k, v in levels.items()},
                "no_crf": {k: levels["multi_scale"][k] for k in ("miou", "iou")},
-               "timing": {"predict_seconds": pred["seconds"]},
+               "timing": {"predict_seconds": pred["seconds"],
+                          "peak_memory_mib": peak_memory(model.device)},
                "weights": cfg.init_stamp(),
                "numerics": numerics.describe(model.device),
                **levels[last],

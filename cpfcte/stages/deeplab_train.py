@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cpfcte.machinery import numerics
-from cpfcte.machinery.capacity import check_cuda_batch
+from cpfcte.machinery.capacity import check_cuda_batch, peak_memory
 from cpfcte.machinery.config import Config
 from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.finite import FiniteGuard
@@ -151,7 +151,7 @@ def train_deeplab(cfg: Config, pseudo_dir: str | Path, run_dir: str | Path, *,
     bar.close()
     summary = {"iterations_done": it, "iterations": total, "complete": it >= total,
                "history": history, "parameters": count_parameters(model), "digest": digest,
-               "processes": world}
+               "processes": world, "peak_memory_mib": peak_memory(device)}
     if rank == 0:
         folder.write_summary(summary)
     barrier(world)

@@ -23,6 +23,7 @@ import torch
 from cpfcte.data.transforms import resized_input
 from cpfcte.data.voc import VOCDataset
 from cpfcte.machinery import numerics
+from cpfcte.machinery.capacity import peak_memory
 from cpfcte.machinery.config import BPM_NORMS, Config, derive
 from cpfcte.machinery.guard import refuse_ground_truth
 from cpfcte.machinery.io import save_label_png
@@ -207,6 +208,7 @@ def pseudo_stage(cfg: Config, train_run: str | Path, run_dir: str | Path, *, crf
         metrics["baselines"] = {
             kind: evaluate_dirs(path, gt, len(voc.classes), ids=voc.ids)["miou"]
             for kind, path in write_baselines(voc, folder.path / "baselines").items()}
+    metrics["timing"]["peak_memory_mib"] = peak_memory(next(model.parameters()).device)
     folder.write_metrics(metrics)
     return metrics
 

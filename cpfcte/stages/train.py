@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cpfcte.data import classes_of, open_split
 from cpfcte.data.voc import VOCDataset
 from cpfcte.machinery import numerics
-from cpfcte.machinery.capacity import check_cuda_batch
+from cpfcte.machinery.capacity import check_cuda_batch, peak_memory
 from cpfcte.machinery.config import Config, derive
 from cpfcte.machinery.distributed import barrier, check_nproc, dist_info, gather, resolve_device
 from cpfcte.machinery.errors import CpfcteError
@@ -400,7 +400,7 @@ def train(cfg: Config, run_dir: str | Path, *, max_epochs: int | None = None,
                "trainable_parameters": trainable,
                "mechanisms": next((r["mechanisms"] for r in reversed(history)
                                    if "mechanisms" in r), None),
-               "numerics": numerics.describe(device)}
+               "numerics": numerics.describe(device), "peak_memory_mib": peak_memory(device)}
     if world > 1:
         (folder.path / f"rank{rank}.digest").write_text(state_digest(model) + "\n")
     if rank == 0:
