@@ -305,3 +305,23 @@ def test_an_archive_with_a_path_outside_its_folders_is_refused(released, tmp_pat
         open_bundle(bundle, "toy", progress=False)
     assert not (tmp_path / "escape.png").exists()
     assert not list((tmp_path / "runs" / "toy" / "bundles").glob("toy-pseudo_x-*"))
+
+
+def test_without_runs_named_every_complete_run_of_the_batch_is_released(made, tmp_path,
+                                                                         capsys):
+    from cpfcte.cli import main
+
+    runs = tmp_path / "runs" / "toy"
+    shutil.copytree(made / "train_x", runs / "train_full")
+    shutil.copytree(made / "pseudo_x", runs / "pseudo_full")
+    (runs / "pseudo_full" / "metrics.json").unlink()          # a stage that did not finish
+    main(["release", "--out", str(tmp_path / "rel")])
+    captured = capsys.readouterr()
+    assert [Path(b).name for b in json.loads(captured.out[captured.out.index("{"):])[
+        "bundles"]] == ["toy-train_full"]
+    assert "not released: pseudo_full" in captured.err and "did not finish" in captured.err
+    info = json.loads((tmp_path / "rel" / "toy-train_full" / "bundle.json").read_text())
+    assert "Table 1 (its stage 1)" in info["table_rows"]
+    with pytest.raises(SystemExit):
+        main(["release", "--profile", "voc", "--out", str(tmp_path / "rel_voc")])
+    assert "no complete run of the voc batch" in capsys.readouterr().err

@@ -184,7 +184,8 @@ def _write_weights(folder: RunFolder, stage: str, path: Path) -> None:
 
     state = folder.load_checkpoint()
     progress = "epoch" if stage == "train" else "iteration"
-    meta = {"stage": stage, "digest": state["digest"], progress: int(state[progress])}
+    meta = {"stage": stage, "digest": state["digest"], progress: int(state[progress]),
+            "commit": folder.record().get("code", "not recorded")}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state["model"].items()}
     save_file(tensors, str(path), metadata={WEIGHTS_META: json.dumps(meta, sort_keys=True)})
 

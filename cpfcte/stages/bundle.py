@@ -21,6 +21,7 @@ trains in it again (``RunFolder.refuse_bundle``).
 from __future__ import annotations
 
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     if (target / "config.json").is_file():
         _check_made(target, files, wanted)
         print(f"bundle {info['name']}: using {target} (checked against its manifest)",
-              flush=True)
+              file=sys.stderr, flush=True)
         return target
     partial = target.with_name(f".{name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -116,7 +117,7 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     partial.rename(target)
     print(f"bundle {info['name']} ({info['stage']} run, made at commit "
           f"{info.get('commit', 'unknown')}): {len(files)} files checked against its manifest; "
-          f"run folder {target}", flush=True)
+          f"run folder {target}", file=sys.stderr, flush=True)
     return target
 
 
