@@ -159,7 +159,8 @@ def test_a_bundle_describes_its_run_and_its_manifest_holds(made, released):
 def test_a_release_is_the_same_bytes_again(made, released, tmp_path):
     from cpfcte.report.release import release
 
-    release([made / "pseudo_x", made / "deeplab_x"], tmp_path / "again", profile="toy")
+    release([made / "pseudo_x", made / "deeplab_x"], tmp_path / "again", profile="toy",
+            url="https://example.org/cpfcte/v1")
     for bundle in ("toy-pseudo_x", "toy-deeplab_x"):
         assert ((tmp_path / "again" / bundle / "MANIFEST.sha256").read_text()
                 == (released / bundle / "MANIFEST.sha256").read_text())
@@ -325,3 +326,21 @@ def test_without_runs_named_every_complete_run_of_the_batch_is_released(made, tm
     with pytest.raises(SystemExit):
         main(["release", "--profile", "voc", "--out", str(tmp_path / "rel_voc")])
     assert "no complete run of the voc batch" in capsys.readouterr().err
+
+
+def test_a_killed_set_up_leaves_nothing_that_the_next_one_trips_on(released, tmp_path):
+    from cpfcte.stages.bundle import open_bundle
+
+    bundles = tmp_path / "runs" / "toy" / "bundles"
+    manifest = (released / "toy-train_x" / "MANIFEST.sha256").read_bytes()
+    name = f"toy-train_x-{hashlib.sha256(manifest).hexdigest()[:12]}"
+    stale = bundles / f".{name}.999999999.partial"             # a process that is gone
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{half")
+    run = open_bundle(released / "toy-train_x", "toy", progress=False)
+    assert run == bundles / name and not stale.exists()
+    assert sorted(p.name for p in bundles.iterdir()) == [name]
+    with pytest.raises(CpfcteError, match="--url 'ftp://x'"):
+        from cpfcte.report.release import release
+
+        release([run], tmp_path / "r", profile="toy", url="ftp://x")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -39,6 +40,7 @@ from cpfcte.machinery.fetch import (
     MANIFEST,
     PSEUDO_ARCHIVE,
     RUN_METRICS,
+    URL_SCHEMES,
     manifest_text,
 )
 from cpfcte.machinery.io import read_json, sha256_file, write_json, write_text
@@ -51,7 +53,13 @@ from cpfcte.machinery.runfolder import (
     WEIGHTS_META,
     RunFolder,
 )
-from cpfcte.machinery.safety import check_folder, mark, plain_name
+from cpfcte.machinery.safety import (
+    check_folder,
+    mark,
+    plain_name,
+    refuse_alias,
+    refuse_inside_dataset,
+)
 
 ZOO = "zoo.yaml"
 AS_WRITTEN = ("config.json", "log.jsonl", "log.txt", "summary.json", "run.json",
@@ -67,8 +75,13 @@ def release(runs: list[str | Path], out: str | Path, *, profile: str, url: str |
     bundles will be uploaded under (each at ``<url>/<bundle name>/``), for the zoo file."""
     out = Path(out)
     folders = [RunFolder(r) for r in runs]
+    if url is not None and not url.startswith(URL_SCHEMES):
+        raise CpfcteError(f"--url {url!r}: give the http(s):// (or file://) URL the bundles "
+                          "will be uploaded under")
     for folder in folders:                      # every refusal before the first write
         _check_releasable(folder)
+    refuse_alias([out], [f.path for f in folders], "cpfcte release")
+    refuse_inside_dataset(out, "release folder")
     check_folder(out, "release", force=force)
     mark(out, "release")
     zoo_path = out / ZOO
@@ -135,40 +148,49 @@ def write_bundle(folder: RunFolder, out: Path, profile: str, url: str | None) ->
     name = plain_name(f"{profile}-{folder.path.name}", "bundle name")
     metrics = folder.metrics() if (folder.path / METRICS).is_file() else {}
     summary = folder.summary() if (folder.path / SUMMARY).is_file() else {}
-    partial = out / f".{name}.partial"
+    partial = out / f".{name}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    try:
+        _copy_run(folder, stage, partial)
+        classes = (record.get("classes") or metrics.get("classes") or _classes(cfg))
+        info = {"format": FORMAT, "name": name, "stage": stage, "profile": profile,
+                "dataset": cfg.dataset, "classes": list(classes),
+                "dataset_fingerprint": record.get("dataset_fingerprint", "not recorded"),
+                "commit": record.get("code", "not recorded (the run predates the record)"),
+                "released_at_commit": code_commit(), "config_digest": record.get("digest"),
+                "run_dir": str(folder.path.resolve()), "table_rows": table_rows(profile,
+                                                                               folder.path.name)}
+        numbers = labelled_metrics(stage, metrics, summary, cfg, classes)
+        write_json(partial / BUNDLE, info)
+        write_json(partial / "metrics.json", numbers)
+        numerics = summary.get("numerics") or metrics.get("numerics") or "not recorded"
+        where = f"{url.rstrip('/')}/{name}/" if url else "URL_OF_THIS_BUNDLE"
+        write_text(partial / "README.md", model_card(info, numbers, cfg, numerics, where))
+        names = sorted(p.name for p in partial.iterdir())
+        write_text(partial / MANIFEST, manifest_text(partial, names))
+        target = out / name
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target, zoo_entry(info, numbers, folder, summary, metrics, target, url)
+
+
+def _copy_run(folder: RunFolder, stage: str, partial: Path) -> None:
+    """The run's own files, as it wrote them, and its weights or pseudo-label archive."""
     for file in AS_WRITTEN:
         if (folder.path / file).is_file():
             shutil.copyfile(folder.path / file, partial / file)
     for file in (sorted(folder.path.glob("*.png")) + sorted(folder.path.glob("evidence_*.json"))
-                 + sorted(folder.path.glob("*.ipynb"))):     # the batch's executed notebook
+                 + sorted(folder.path.glob("*.ipynb"))):         # the batch's executed notebook
         shutil.copyfile(file, partial / file.name)
-    if metrics:
+    if (folder.path / METRICS).is_file():
         shutil.copyfile(folder.path / METRICS, partial / RUN_METRICS)
     if stage in ("train", "deeplab"):
         _write_weights(folder, stage, partial / WEIGHTS)
     if stage == "pseudo":
         _write_archive(folder.path, partial / PSEUDO_ARCHIVE)
-    classes = (record.get("classes") or metrics.get("classes") or _classes(cfg))
-    info = {"format": FORMAT, "name": name, "stage": stage, "profile": profile,
-            "dataset": cfg.dataset, "classes": list(classes),
-            "dataset_fingerprint": record.get("dataset_fingerprint", "not recorded"),
-            "commit": record.get("code", "not recorded (the run predates the record)"),
-            "released_at_commit": code_commit(), "config_digest": record.get("digest"),
-            "run_dir": str(folder.path.resolve()), "table_rows": table_rows(profile,
-                                                                           folder.path.name)}
-    numbers = labelled_metrics(stage, metrics, summary, cfg, classes)
-    write_json(partial / BUNDLE, info)
-    write_json(partial / "metrics.json", numbers)
-    numerics = summary.get("numerics") or metrics.get("numerics") or "not recorded"
-    write_text(partial / "README.md", model_card(info, numbers, cfg, numerics))
-    names = sorted(p.name for p in partial.iterdir())
-    write_text(partial / MANIFEST, manifest_text(partial, names))
-    target = out / name
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target, zoo_entry(info, numbers, folder, summary, metrics, target, url)
 
 
 def _classes(cfg) -> tuple[str, ...]:
@@ -330,7 +352,7 @@ USE = {"train": ["cpfcte predict --profile {p} --run {u} --images DIR --out DIR"
                    "cpfcte deeplab predict --profile {p} --run {u}"]}
 
 
-def model_card(info: dict, numbers: dict, cfg, numerics: str) -> str:
+def model_card(info: dict, numbers: dict, cfg, numerics: str, where: str) -> str:
     """The bundle's README.md."""
     lines = [f"# {info['name']}", "", f"A {info['profile']}-profile {STAGE_WHAT[info['stage']]}.",
              "It is a release bundle of cpfcte, the reproducible companion to *Context Patch "
@@ -373,7 +395,7 @@ def model_card(info: dict, numbers: dict, cfg, numerics: str) -> str:
                      f"{t.get('mechanisms_alive')}. Its pseudo labels are scored by the pseudo-"
                      "label bundles made from it.")
     lines += ["", "## Use", "", "```"]
-    lines += [c.format(p=info["profile"], u="URL_OF_THIS_FOLDER") for c in USE[info["stage"]]]
+    lines += [c.format(p=info["profile"], u=where) for c in USE[info["stage"]]]
     lines += ["```", "", "Each file is checked against `MANIFEST.sha256` before use "
               "(docs/releasing.md).", "", "## Provenance", "",
               f"- made at commit {info['commit']}; released at {info['released_at_commit']}",

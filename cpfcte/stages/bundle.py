@@ -13,13 +13,16 @@ profile or class list in one line, and sets it up as a run folder,
 * the run's ``metrics.json``, ``summary.json`` and ``threshold.json``, its paths moved to the
   new folder, and a pseudo-label run's PNG folders, unpacked from its archive.
 
-The folder is made under a temporary name and renamed when complete, so a killed set-up leaves
-nothing half made; a second call finds it and checks it again against the manifest. No stage
+The folder is made under a temporary name of the process and renamed when complete, so a
+killed set-up leaves nothing half made (and its leftovers are removed by the next call) and two
+processes setting the same bundle up at once both end with the one folder; a later call finds
+it and checks its weights again against the manifest. No stage
 trains in it again (``RunFolder.refuse_bundle``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tarfile
@@ -90,15 +93,34 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     refuse_mismatch(info, profile, where)
     name = plain_name(f"{info['name']}-{manifest_sha[:12]}", "bundle name")
     target = runs_dir() / profile / "bundles" / name
-    wanted = {n: sha256_file(p) for n, p in files.items()}   # the manifest's, checked above
+    wanted = {n: p.name for n, p in files.items()}     # cached under their checked sha256
     if (target / "config.json").is_file():
         _check_made(target, files, wanted)
         print(f"bundle {info['name']}: using {target} (checked against its manifest)",
               file=sys.stderr, flush=True)
         return target
-    partial = target.with_name(f".{name}.partial")
+    _clean_stale(target.parent, name)
+    partial = target.with_name(f".{name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    try:
+        _set_up(partial, files, wanted, info, where, manifest_sha, target)
+        try:
+            partial.rename(target)
+        except OSError:          # another process set the same bundle up first: use its folder
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"bundle {info['name']} ({info['stage']} run, made at commit "
+          f"{info.get('commit', 'unknown')}): {len(files)} files checked against its manifest; "
+          f"run folder {target}", file=sys.stderr, flush=True)
+    return target
+
+
+def _set_up(partial: Path, files: dict[str, Path], wanted: dict[str, str], info: dict,
+            where: str, manifest_sha: str, target: Path) -> None:
+    """The run folder's files in ``partial``: the run's own, its paths moved to ``target``."""
     for src, dst in RUN_FILES.items():
         if src in files:
             place(files[src], partial / dst, wanted[src])
@@ -106,19 +128,23 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     record["bundle"] = {"source": where if is_url(where) else str(Path(where).resolve()),
                         "manifest_sha256": manifest_sha, "name": info["name"],
                         "made_at_commit": info.get("commit"), "run_dir": info["run_dir"]}
-    write_json(partial / "config.json", record)
+    write_json(partial / "config.json", record)     # a new file: the cached one stays as it is
     for moved in ("metrics.json", "summary.json"):
         if (partial / moved).is_file():
             write_json(partial / moved, _moved(read_json(partial / moved), info["run_dir"],
                                                str(target)))
     if PSEUDO_ARCHIVE in files:
         _unpack(files[PSEUDO_ARCHIVE], partial, where)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    print(f"bundle {info['name']} ({info['stage']} run, made at commit "
-          f"{info.get('commit', 'unknown')}): {len(files)} files checked against its manifest; "
-          f"run folder {target}", file=sys.stderr, flush=True)
-    return target
+
+
+def _clean_stale(folder: Path, name: str) -> None:
+    """Remove the set-up folders of processes that were killed before they finished."""
+    from cpfcte.machinery.io import pid_alive
+
+    for stale in folder.glob(f".{name}.*.partial") if folder.is_dir() else []:
+        pid = stale.name[len(name) + 2:-len(".partial")]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_made(target: Path, files: dict[str, Path], wanted: dict[str, str]) -> None:
