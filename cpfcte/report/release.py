@@ -72,7 +72,8 @@ def release(runs: list[str | Path], out: str | Path, *, profile: str, url: str |
             force: bool = False) -> dict:
     """Write a bundle for each run folder in ``runs`` into ``out`` and its entries into
     ``out/zoo.yaml``; returns {"bundles": [folders], "zoo": path}. ``url``: the base URL the
-    bundles will be uploaded under (each at ``<url>/<bundle name>/``), for the zoo file."""
+    bundles will be uploaded under (each at ``<url>/<bundle name>/``), for the zoo file;
+    ``profile``: the batch profile whose table rows the runs feed."""
     out = Path(out)
     folders = [RunFolder(r) for r in runs]
     if url is not None and not url.startswith(URL_SCHEMES):
@@ -137,14 +138,14 @@ def _check_releasable(folder: RunFolder) -> None:
                           "it again before releasing it")
 
 
-def write_bundle(folder: RunFolder, out: Path, profile: str, url: str | None) -> tuple[Path, dict]:
-    """One run's bundle in ``out/<profile>-<run>/`` (made under a temporary name, then
-    renamed); returns its folder and its zoo entry."""
+def write_bundle(folder: RunFolder, out: Path, batch_profile: str,
+                 url: str | None) -> tuple[Path, dict]:
+    """One run's bundle in ``out/<profile>-<run>/``, the profile being the run's own (made under
+    a temporary name, then renamed); returns its folder and its zoo entry. ``batch_profile``
+    names the table rows it feeds."""
     record = folder.record()
     stage, cfg = record["stage"], folder.config()
-    if cfg.profile != profile:
-        raise CpfcteError(f"{folder.path}: a run of profile {cfg.profile!r}, not {profile!r}; "
-                          f"pass --profile {cfg.profile}")
+    profile = cfg.profile            # the run's own (the toy batch's COCO runs: toy_coco)
     name = plain_name(f"{profile}-{folder.path.name}", "bundle name")
     metrics = folder.metrics() if (folder.path / METRICS).is_file() else {}
     summary = folder.summary() if (folder.path / SUMMARY).is_file() else {}
@@ -159,8 +160,8 @@ def write_bundle(folder: RunFolder, out: Path, profile: str, url: str | None) ->
                 "dataset_fingerprint": record.get("dataset_fingerprint", "not recorded"),
                 "commit": record.get("code", "not recorded (the run predates the record)"),
                 "released_at_commit": code_commit(), "config_digest": record.get("digest"),
-                "run_dir": str(folder.path.resolve()), "table_rows": table_rows(profile,
-                                                                               folder.path.name)}
+                "run_dir": str(folder.path.resolve()),
+                "table_rows": table_rows(batch_profile, folder.path.name)}
         numbers = labelled_metrics(stage, metrics, summary, cfg, classes)
         write_json(partial / BUNDLE, info)
         write_json(partial / "metrics.json", numbers)
