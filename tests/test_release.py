@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import json
 import shutil
+import subprocess
 import tarfile
 import threading
 from pathlib import Path
@@ -108,6 +109,9 @@ def test_a_bundle_describes_its_run_and_its_manifest_holds(made, released):
         listed = {line.split("  ")[1]: line.split("  ")[0] for line in lines}
         assert set(listed) == {p.name for p in bundle.iterdir()} - {"MANIFEST.sha256"}
         assert all(_sha(bundle / n) == h for n, h in listed.items())
+        if shutil.which("sha256sum"):                 # the format coreutils checks
+            subprocess.run(["sha256sum", "--quiet", "-c", "MANIFEST.sha256"], cwd=bundle,
+                           check=True)
         info = json.loads((bundle / "bundle.json").read_text())
         assert info["profile"] == "toy" and info["classes"][0] == "background"
         assert info["commit"] != "not recorded"            # runs now record their commit
@@ -164,6 +168,10 @@ def test_a_release_is_the_same_bytes_again(made, released, tmp_path):
     for bundle in ("toy-pseudo_x", "toy-deeplab_x"):
         assert ((tmp_path / "again" / bundle / "MANIFEST.sha256").read_text()
                 == (released / bundle / "MANIFEST.sha256").read_text())
+    release([made / "deeplab_x"], released, profile="toy")   # again into the same folder
+    zoo = yaml.safe_load((released / "zoo.yaml").read_text())["models"]
+    assert [m["name"] for m in zoo] == ["toy-train_x", "toy-pseudo_x", "toy-deeplab_x"]
+    assert zoo[2]["url"] is None                               # this release gave no URL
 
 
 def test_stages_start_from_a_bundle_over_http_and_predict_the_same_bits(made, server,
