@@ -408,13 +408,10 @@ def _release(args: argparse.Namespace) -> None:
             raise CpfcteError(f"no complete run of the {args.profile} batch in "
                               f"runs/{args.profile}: make them (make paper PROFILE="
                               f"{args.profile}), or name runs: cpfcte release RUN ... --out DIR")
-    from cpfcte.machinery.runfolder import RunFolder
     from cpfcte.stages.threshold import calibrated_threshold
 
-    for run in runs:          # a training bundle carries its calibrated threshold
-        if RunFolder(run).stage == "train" and not RunFolder(run).from_bundle():
-            calibrated_threshold(run, progress=sys.stderr.isatty())
-    done = release(runs, args.out, profile=args.profile, url=args.url, force=args.force)
+    done = release(runs, args.out, profile=args.profile, url=args.url, force=args.force,
+                   prepare=lambda run: calibrated_threshold(run, sys.stderr.isatty()))
     print(json.dumps({"bundles": [str(b) for b in done["bundles"]], "zoo": str(done["zoo"])},
                      indent=2))
 

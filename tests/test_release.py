@@ -251,14 +251,20 @@ def test_a_damaged_cache_entry_is_fetched_again(released, server, tmp_path):
     assert _sha(run / "weights.safetensors") == want
 
 
-def _edit(bundle: Path, name: str, change) -> None:
-    """Change a bundle's JSON file and write its manifest again (a consistent bundle)."""
+def _remanifest(bundle: Path) -> None:
+    """Write a changed bundle's manifest again: a consistent bundle, its change not caught by
+    the hashes."""
     from cpfcte.machinery.fetch import manifest_text
 
-    path = bundle / name
-    path.write_text(json.dumps(change(json.loads(path.read_text()))))
     names = [p.name for p in bundle.iterdir() if p.name != "MANIFEST.sha256"]
     (bundle / "MANIFEST.sha256").write_text(manifest_text(bundle, names))
+
+
+def _edit(bundle: Path, name: str, change) -> None:
+    """Change a bundle's JSON file and write its manifest again."""
+    path = bundle / name
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    _remanifest(bundle)
 
 
 def test_a_bundle_of_another_profile_or_class_list_is_refused_in_one_line(released):
@@ -275,6 +281,7 @@ def test_a_bundle_of_another_profile_or_class_list_is_refused_in_one_line(releas
 
 
 def test_what_cannot_be_released_or_trained_again_is_refused(made, released, tmp_path):
+    from cpfcte.cli import main
     from cpfcte.machinery.config import load_config
     from cpfcte.report.release import release
     from cpfcte.stages.bundle import open_bundle
@@ -294,6 +301,12 @@ def test_what_cannot_be_released_or_trained_again_is_refused(made, released, tmp
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(CpfcteError, match="not empty"):
         release([made / "train_x"], tmp_path / "mine", profile="toy")
+    # the command line calibrates a training run's threshold only after every refusal
+    shutil.copytree(made / "train_x", tmp_path / "uncalibrated")
+    (tmp_path / "uncalibrated" / "threshold.json").unlink(missing_ok=True)
+    with pytest.raises(SystemExit):
+        main(["release", str(tmp_path / "uncalibrated"), "--out", str(tmp_path / "mine")])
+    assert not (tmp_path / "uncalibrated" / "threshold.json").exists()
 
 
 def test_an_archive_with_a_path_outside_its_folders_is_refused(released, tmp_path):
@@ -306,10 +319,7 @@ def test_an_archive_with_a_path_outside_its_folders_is_refused(released, tmp_pat
         info = tarfile.TarInfo("../escape.png")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"png"))
-    names = [p.name for p in bundle.iterdir() if p.name != "MANIFEST.sha256"]
-    from cpfcte.machinery.fetch import manifest_text
-
-    (bundle / "MANIFEST.sha256").write_text(manifest_text(bundle, names))
+    _remanifest(bundle)
     with pytest.raises(CpfcteError, match="refused, nothing unpacked"):
         open_bundle(bundle, "toy", progress=False)
     assert not (tmp_path / "escape.png").exists()

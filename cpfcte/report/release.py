@@ -23,6 +23,7 @@ bundle's hashes identify the run. ``DIR/zoo.yaml`` gets one entry per bundle.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -30,9 +31,11 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
+from cpfcte.data import classes_of
 from cpfcte.machinery.errors import CpfcteError
 from cpfcte.machinery.fetch import (
     BUNDLE,
@@ -42,8 +45,9 @@ from cpfcte.machinery.fetch import (
     RUN_METRICS,
     URL_SCHEMES,
     manifest_text,
+    parse_manifest,
 )
-from cpfcte.machinery.io import read_json, sha256_file, write_json, write_text
+from cpfcte.machinery.io import read_json, write_json, write_text
 from cpfcte.machinery.paths import code_commit
 from cpfcte.machinery.runfolder import (
     CHECKPOINT,
@@ -62,18 +66,20 @@ from cpfcte.machinery.safety import (
 )
 
 ZOO = "zoo.yaml"
-AS_WRITTEN = ("config.json", "log.jsonl", "log.txt", "summary.json", "run.json",
-              "threshold.json")
+RUN = "run.json"                     # the batch runner's record around a run
+AS_WRITTEN = ("config.json", "log.jsonl", "log.txt", "summary.json", RUN, "threshold.json")
 PNG_FOLDERS = re.compile(r"^(bpm|crf)_")
 SEEDED = re.compile(r"_s\d+$")
 
 
 def release(runs: list[str | Path], out: str | Path, *, profile: str, url: str | None = None,
-            force: bool = False) -> dict:
+            force: bool = False, prepare: Callable[[Path], object] | None = None) -> dict:
     """Write a bundle for each run folder in ``runs`` into ``out`` and its entries into
     ``out/zoo.yaml``; returns {"bundles": [folders], "zoo": path}. ``url``: the base URL the
     bundles will be uploaded under (each at ``<url>/<bundle name>/``), for the zoo file;
-    ``profile``: the batch profile whose table rows the runs feed."""
+    ``profile``: the batch profile whose table rows the runs feed; ``prepare``: called with
+    each training run's folder after every refusal, before its bundle is written (the command
+    line calibrates its threshold there, so that the bundle carries it)."""
     out = Path(out)
     folders = [RunFolder(r) for r in runs]
     if url is not None and not url.startswith(URL_SCHEMES):
@@ -89,6 +95,8 @@ def release(runs: list[str | Path], out: str | Path, *, profile: str, url: str |
     zoo = read_zoo(zoo_path)
     made = []
     for folder in folders:
+        if prepare is not None and folder.stage == "train":
+            prepare(folder.path)
         bundle, entry = write_bundle(folder, out, profile, url)
         zoo[entry["name"]] = entry
         made.append(bundle)
@@ -149,12 +157,15 @@ def write_bundle(folder: RunFolder, out: Path, batch_profile: str,
     name = plain_name(f"{profile}-{folder.path.name}", "bundle name")
     metrics = folder.metrics() if (folder.path / METRICS).is_file() else {}
     summary = folder.summary() if (folder.path / SUMMARY).is_file() else {}
+    run = read_json(folder.path / RUN) if (folder.path / RUN).is_file() else {}
+    numerics = summary.get("numerics") or metrics.get("numerics") or "not recorded"
+    bundle_url = f"{url.rstrip('/')}/{name}/" if url else None
     partial = out / f".{name}.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         _copy_run(folder, stage, partial)
-        classes = (record.get("classes") or metrics.get("classes") or _classes(cfg))
+        classes = record.get("classes") or metrics.get("classes") or classes_of(cfg)
         info = {"format": FORMAT, "name": name, "stage": stage, "profile": profile,
                 "dataset": cfg.dataset, "classes": list(classes),
                 "dataset_fingerprint": record.get("dataset_fingerprint", "not recorded"),
@@ -165,17 +176,19 @@ def write_bundle(folder: RunFolder, out: Path, batch_profile: str,
         numbers = labelled_metrics(stage, metrics, summary, cfg, classes)
         write_json(partial / BUNDLE, info)
         write_json(partial / "metrics.json", numbers)
-        numerics = summary.get("numerics") or metrics.get("numerics") or "not recorded"
-        where = f"{url.rstrip('/')}/{name}/" if url else "URL_OF_THIS_BUNDLE"
-        write_text(partial / "README.md", model_card(info, numbers, cfg, numerics, where))
-        names = sorted(p.name for p in partial.iterdir())
-        write_text(partial / MANIFEST, manifest_text(partial, names))
+        write_text(partial / "README.md", model_card(info, numbers, cfg, numerics,
+                                                     bundle_url or "URL_OF_THIS_BUNDLE"))
+        manifest = manifest_text(partial, sorted(p.name for p in partial.iterdir()))
+        write_text(partial / MANIFEST, manifest)
+        hashes = parse_manifest(manifest, str(partial / MANIFEST)) | {
+            MANIFEST: hashlib.sha256(manifest.encode()).hexdigest()}
         target = out / name
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return target, zoo_entry(info, numbers, folder, summary, metrics, target, url)
+    return target, zoo_entry(info, numbers, cfg, run, summary, metrics, numerics, hashes,
+                             bundle_url)
 
 
 def _copy_run(folder: RunFolder, stage: str, partial: Path) -> None:
@@ -192,12 +205,6 @@ def _copy_run(folder: RunFolder, stage: str, partial: Path) -> None:
         _write_weights(folder, stage, partial / WEIGHTS)
     if stage == "pseudo":
         _write_archive(folder.path, partial / PSEUDO_ARCHIVE)
-
-
-def _classes(cfg) -> tuple[str, ...]:
-    from cpfcte.data import classes_of
-
-    return classes_of(cfg)
 
 
 def _write_weights(folder: RunFolder, stage: str, path: Path) -> None:
@@ -296,11 +303,11 @@ def labelled_metrics(stage: str, m: dict, summary: dict, cfg, classes) -> dict:
     return out
 
 
-def wall_seconds(folder: RunFolder, summary: dict, metrics: dict) -> float | None:
-    """The run's wall time: the batch runner's record, else the stage's own timings."""
-    run = folder.path / "run.json"
-    if run.is_file() and read_json(run).get("seconds") is not None:
-        return read_json(run)["seconds"]
+def wall_seconds(run: dict, summary: dict, metrics: dict) -> float | None:
+    """The run's wall time: the batch runner's record (``run.json``), else the stage's own
+    timings."""
+    if run.get("seconds") is not None:
+        return run["seconds"]
     history = summary.get("history") or []
     seconds = history[-1].get("seconds") if history else None
     timing = metrics.get("timing") or {}
@@ -309,25 +316,20 @@ def wall_seconds(folder: RunFolder, summary: dict, metrics: dict) -> float | Non
     return round(sum(parts), 1) if parts else None
 
 
-def zoo_entry(info: dict, numbers: dict, folder: RunFolder, summary: dict, metrics: dict,
-              bundle: Path, url: str | None) -> dict:
-    hardware = None
-    if (folder.path / "run.json").is_file():
-        hardware = read_json(folder.path / "run.json").get("hardware")
-    peak = (summary.get("peak_memory_mib") or (metrics.get("timing") or {}).get("peak_memory_mib"))
-    files = {n: sha256_file(bundle / n) for n in sorted(p.name for p in bundle.iterdir())}
+def zoo_entry(info: dict, numbers: dict, cfg, run: dict, summary: dict, metrics: dict,
+              numerics: str, hashes: dict[str, str], url: str | None) -> dict:
+    """A bundle's entry in zoo.yaml; ``hashes``: its files' sha256 (from its manifest)."""
+    peak = summary.get("peak_memory_mib") or (metrics.get("timing") or {}).get("peak_memory_mib")
     return {"name": info["name"], "stage": info["stage"], "profile": info["profile"],
             "dataset": info["dataset"], "table_rows": info["table_rows"],
             "metrics": [{k: n[k] for k in ("split", "level", "percent") if k in n}
                         | ({"bpm_norm": n["bpm_norm"]} if "bpm_norm" in n else {})
                         for n in numbers["numbers"]],
-            "init": folder.config().init_stamp(), "commit": info["commit"],
-            "hardware": hardware or summary.get("device") or "not recorded",
-            "numerics": summary.get("numerics") or metrics.get("numerics"),
-            "wall_seconds": wall_seconds(folder, summary, metrics),
-            "peak_memory_mib": peak or "not recorded",
-            "url": f"{url.rstrip('/')}/{info['name']}/" if url else None,
-            "files": files}
+            "init": cfg.init_stamp(), "commit": info["commit"],
+            "hardware": run.get("hardware") or summary.get("device") or "not recorded",
+            "numerics": numerics, "wall_seconds": wall_seconds(run, summary, metrics),
+            "peak_memory_mib": peak or "not recorded", "url": url,
+            "files": dict(sorted(hashes.items()))}
 
 
 def read_zoo(path: Path) -> dict[str, dict]:

@@ -93,9 +93,8 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     refuse_mismatch(info, profile, where)
     name = plain_name(f"{info['name']}-{manifest_sha[:12]}", "bundle name")
     target = runs_dir() / profile / "bundles" / name
-    wanted = {n: p.name for n, p in files.items()}     # cached under their checked sha256
     if (target / "config.json").is_file():
-        _check_made(target, files, wanted)
+        _check_made(target, files)
         print(f"bundle {info['name']}: using {target} (checked against its manifest)",
               file=sys.stderr, flush=True)
         return target
@@ -104,7 +103,7 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        _set_up(partial, files, wanted, info, where, manifest_sha, target)
+        _set_up(partial, files, info, where, manifest_sha, target)
         try:
             partial.rename(target)
         except OSError:          # another process set the same bundle up first: use its folder
@@ -118,12 +117,12 @@ def open_bundle(source: str | Path, profile: str, progress: bool = True) -> Path
     return target
 
 
-def _set_up(partial: Path, files: dict[str, Path], wanted: dict[str, str], info: dict,
-            where: str, manifest_sha: str, target: Path) -> None:
+def _set_up(partial: Path, files: dict[str, Path], info: dict, where: str, manifest_sha: str,
+            target: Path) -> None:
     """The run folder's files in ``partial``: the run's own, its paths moved to ``target``."""
     for src, dst in RUN_FILES.items():
         if src in files:
-            place(files[src], partial / dst, wanted[src])
+            place(files[src], partial / dst)
     record = read_json(partial / "config.json")
     record["bundle"] = {"source": where if is_url(where) else str(Path(where).resolve()),
                         "manifest_sha256": manifest_sha, "name": info["name"],
@@ -147,13 +146,16 @@ def _clean_stale(folder: Path, name: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _check_made(target: Path, files: dict[str, Path], wanted: dict[str, str]) -> None:
-    """A run folder made before: its weights must still be the manifest's."""
+def _check_made(target: Path, files: dict[str, Path]) -> None:
+    """A run folder made before: its weights must still be the manifest's (the name of the
+    cached file is its checked sha256)."""
     weights = target / "weights.safetensors"
-    if "weights.safetensors" in files and sha256_file(weights) != wanted["weights.safetensors"]:
-        raise CpfcteError(f"{weights}: not the weights of the bundle's manifest (sha256 "
-                          f"{sha256_file(weights)}, the manifest says "
-                          f"{wanted['weights.safetensors']}); delete {target} and run again")
+    if "weights.safetensors" in files:
+        want, got = files["weights.safetensors"].name, sha256_file(weights)
+        if got != want:
+            raise CpfcteError(f"{weights}: not the weights of the bundle's manifest (sha256 "
+                              f"{got}, the manifest says {want}); delete {target} and run "
+                              "again")
 
 
 def _moved(value, old: str, new: str):
